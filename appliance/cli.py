@@ -1,0 +1,451 @@
+"""The `appliance` command: the same services as the web, split by noun.
+
+Model-store commands (create, list, show, rm, cp) work on APPLIANCE_HOME directly; commands that
+need loaded models (run, ps, stop) talk to the running server, authenticated with APPLIANCE_API_KEY
+or the local CLI token the server leaves in APPLIANCE_HOME/run (readable only by its own OS user).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__
+from appliance.config import Settings, load_settings
+from appliance.errors import ApplianceError, BadRequest
+
+log = logging.getLogger("appliance")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _store(settings: Settings):
+    from appliance.models.store import ModelStore
+
+    settings.ensure_dirs()
+    return ModelStore(settings.models_dir)
+
+
+def _db(settings: Settings):
+    from appliance.db import create_db_engine
+
+    settings.ensure_dirs()
+    return create_db_engine(settings.resolved_database_url)
+
+
+class ServerClient:
+    """A small HTTP client for the running server (used by run, ps, stop)."""
+
+    def __init__(self, settings: Settings):
+        import httpx
+
+        host = settings.server.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
+        self.base = os.environ.get("APPLIANCE_URL") or f"http://{host}:{settings.server.port}"
+        key = os.environ.get("APPLIANCE_API_KEY")
+        token_file = settings.run_dir / "cli.token"
+        if not key and token_file.is_file():
+            key = token_file.read_text().strip()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.base, headers=headers, timeout=httpx.Timeout(600, connect=5))
+
+    def _check(self, response) -> None:
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("error") or response.text
+            except ValueError:
+                message = response.text
+            error = ApplianceError(str(message))
+            error.status = response.status_code
+            raise error
+
+    def call(self, method: str, path: str, body: dict | None = None) -> Any:
+        import httpx
+
+        try:
+            response = self.http.request(method, path, json=body)
+        except httpx.ConnectError:
+            raise ApplianceError(f"could not reach the server at {self.base}; start it with `appliance serve`") from None
+        self._check(response)
+        return response.json() if response.content else None
+
+    def stream(self, path: str, body: dict):
+        import httpx
+
+        try:
+            with self.http.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._check(response)
+                for line in response.iter_lines():
+                    if line.strip():
+                        item = json.loads(line)
+                        if "error" in item:
+                            raise ApplianceError(item["error"])
+                        yield item
+        except httpx.ConnectError:
+            raise ApplianceError(f"could not reach the server at {self.base}; start it with `appliance serve`") from None
+
+
+# --- server --------------------------------------------------------------------------------------
+def cmd_serve(settings: Settings, args) -> int:
+    import uvicorn
+
+    from web.app import create_app
+
+    if args.host:
+        settings.server.host = args.host
+    if args.port:
+        settings.server.port = args.port
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.server.host, port=settings.server.port,
+                log_level=settings.log_level.lower(), access_log=False)
+    return 0
+
+
+# --- models --------------------------------------------------------------------------------------
+def cmd_create(settings: Settings, args) -> int:
+    from rich.console import Console
+
+    from appliance.models.create import create_model
+    from appliance.models.modelfile import Modelfile, parse_modelfile
+
+    if bool(args.file) == bool(args.from_file):
+        raise BadRequest("give either -f MODELFILE or --from FILE.gguf")
+    if args.file:
+        path = Path(args.file).expanduser()
+        if not path.is_file():
+            raise BadRequest(f"Modelfile not found: {path}")
+        spec, base_dir = parse_modelfile(path.read_text()), path.resolve().parent
+    else:
+        spec, base_dir = Modelfile(from_=str(Path(args.from_file).expanduser().resolve())), Path.cwd()
+    console = Console(stderr=True)
+    with console.status("creating model") as status:
+        record = create_model(_store(settings), args.name, spec, base_dir=base_dir, quantize=args.quantize,
+                              progress=lambda message: status.update(message))
+    print(f"created {record.name.display} (sha256:{record.model_digest[:12]}, {record.details['quantization_level']})")
+    return 0
+
+
+def cmd_list(settings: Settings, args) -> int:
+    records = _store(settings).list()
+    if args.json:
+        _print_json([{"name": r.name.display, "digest": r.digest, "size": r.size,
+                      "modified_at": r.modified_at.isoformat(), "details": r.details} for r in records])
+        return 0
+    print(f"{'NAME':<40} {'ID':<14} {'SIZE':>10}  {'QUANT':<8} MODIFIED")
+    for r in records:
+        print(f"{r.name.display:<40} {r.digest[:12]:<14} {r.size / 1e6:>8.1f}MB  "
+              f"{r.details['quantization_level']:<8} {r.modified_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def cmd_show(settings: Settings, args) -> int:
+    from appliance.models.modelfile import render_modelfile
+
+    store = _store(settings)
+    record = store.resolve(args.name)
+    info = store.gguf_info(record.model_digest)
+    template = record.template or info.chat_template or ""
+    if args.modelfile:
+        print(render_modelfile(record.name.display, str(record.model_path), record.parameters, record.template,
+                               record.system, record.license))
+        return 0
+    if args.template:
+        print(template)
+        return 0
+    summary = {
+        "name": record.name.display, "architecture": info.architecture,
+        "parameters": record.details["parameter_size"], "parameter_count": info.parameter_count,
+        "quantization": info.quantization, "context_length": info.context_length,
+        "embedding_length": info.arch_value("embedding_length"), "chat_template": template,
+        "system": record.system, "parameters_set": record.parameters, "digest": record.model_digest,
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    print("  Model")
+    for label, key in (("architecture", "architecture"), ("parameters", "parameters"),
+                       ("context length", "context_length"), ("embedding length", "embedding_length"),
+                       ("quantization", "quantization")):
+        print(f"    {label:<20}{summary[key]}")
+    if record.parameters:
+        print("\n  Parameters")
+        for key, value in record.parameters.items():
+            print(f"    {key:<20}{value}")
+    if record.system:
+        print(f"\n  System\n    {record.system}")
+    print(f"\n  Chat template\n    {template[:300] + ('...' if len(template) > 300 else '') if template else '(none)'}")
+    return 0
+
+
+def cmd_rm(settings: Settings, args) -> int:
+    store = _store(settings)
+    for name in args.names:
+        store.remove(name)
+        print(f"deleted '{name}'")
+    return 0
+
+
+def cmd_cp(settings: Settings, args) -> int:
+    record = _store(settings).copy(args.source, args.destination)
+    print(f"copied '{args.source}' to '{record.name.display}'")
+    return 0
+
+
+def cmd_ps(settings: Settings, args) -> int:
+    models = ServerClient(settings).call("GET", "/api/ps")["models"]
+    if args.json:
+        _print_json(models)
+        return 0
+    print(f"{'NAME':<40} {'SIZE':>10}  {'PROCESSOR':<10} {'CONTEXT':>7}  {'PID':>7}  UNTIL")
+    for m in models:
+        processor = "GPU" if m["size_vram"] >= m["size"] else ("CPU" if not m["size_vram"] else "CPU/GPU")
+        print(f"{m['name']:<40} {m['size'] / 1e6:>8.1f}MB  {processor:<10} {m['context_length']:>7}  "
+              f"{m['runner']['pid']:>7}  {m['expires_at']}")
+    return 0
+
+
+def cmd_stop(settings: Settings, args) -> int:
+    ServerClient(settings).call("POST", "/api/generate", {"model": args.name, "keep_alive": 0})
+    return 0
+
+
+# --- chat ----------------------------------------------------------------------------------------
+RUN_HELP = """Commands:
+  /set parameter NAME VALUE   set a model option (e.g. temperature 0.2, num_predict 128)
+  /set system TEXT            set the system message
+  /show parameters            show the options set in this session
+  /save NAME                  save the model with this session's options and system message as NAME
+  /clear                      forget the conversation
+  /bye                        exit"""
+
+
+def cmd_run(settings: Settings, args) -> int:
+    from appliance.models.modelfile import coerce_parameter
+
+    client = ServerClient(settings)
+    options: dict[str, Any] = {}
+    system: str | None = None
+    history: list[dict[str, str]] = []
+    client.call("POST", "/api/chat", {"model": args.name, "messages": [], "stream": False})  # load or fail early
+
+    def ask(text: str) -> None:
+        messages = ([{"role": "system", "content": system}] if system else []) + history + [
+            {"role": "user", "content": text}]
+        reply: list[str] = []
+        for item in client.stream("/api/chat", {"model": args.name, "messages": messages, "options": options}):
+            piece = item.get("message", {}).get("content", "")
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n\n")
+        history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": "".join(reply)}])
+
+    if args.prompt:
+        ask(" ".join(args.prompt))
+        return 0
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/bye", "/exit"):
+            break
+        if text in ("/?", "/help"):
+            print(RUN_HELP)
+        elif text.startswith("/set parameter "):
+            parts = text.split(None, 3)
+            if len(parts) < 4:
+                print("usage: /set parameter NAME VALUE")
+                continue
+            try:
+                name = parts[2]
+                options[name] = coerce_parameter(name, parts[3].split() if name == "stop" else parts[3])
+                print(f"Set parameter '{name}' to '{parts[3]}'")
+            except ApplianceError as exc:
+                print(f"error: {exc.message}")
+        elif text.startswith("/set system "):
+            system = text.removeprefix("/set system ").strip()
+            print("Set system message.")
+        elif text == "/show parameters":
+            print(json.dumps(options, indent=2) if options else "no parameters set in this session")
+        elif text.startswith("/save "):
+            target = text.split(None, 1)[1].strip()
+            body: dict[str, Any] = {"model": target, "from": args.name, "parameters": options, "stream": False}
+            if system:
+                body["system"] = system
+            try:
+                client.call("POST", "/api/create", body)
+                print(f"Created new model '{target}'")
+            except ApplianceError as exc:
+                print(f"error: {exc.message}")
+        elif text == "/clear":
+            history.clear()
+            print("Cleared session context")
+        elif text.startswith("/"):
+            print(f"Unknown command '{text.split()[0]}'. Type /? for help")
+        else:
+            try:
+                ask(text)
+            except ApplianceError as exc:
+                print(f"error: {exc.message}")
+    return 0
+
+
+# --- users and keys ------------------------------------------------------------------------------
+def cmd_users_add(settings: Settings, args) -> int:
+    from appliance.users import add_user
+
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
+    user = add_user(_db(settings), args.name, args.role, password)
+    print(f"created user '{user.name}' with role {user.role}")
+    return 0
+
+
+def cmd_users_list(settings: Settings, args) -> int:
+    from appliance.users import list_users
+
+    users = [{"name": u.name, "role": u.role, "disabled": u.disabled, "created_at": u.created_at.isoformat()}
+             for u in list_users(_db(settings))]
+    if args.json:
+        _print_json(users)
+    else:
+        for u in users:
+            print(f"{u['name']:<32} {u['role']:<8} {'disabled' if u['disabled'] else ''}")
+    return 0
+
+
+def cmd_keys_create(settings: Settings, args) -> int:
+    from appliance.users import create_key
+
+    print(create_key(_db(settings), args.user, args.label or ""))
+    return 0
+
+
+def cmd_keys_list(settings: Settings, args) -> int:
+    from appliance.users import list_keys
+
+    for key, user in list_keys(_db(settings), args.user):
+        state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+        print(f"{key.prefix:<14} {user:<24} {state:<20} {key.label}")
+    return 0
+
+
+def cmd_keys_revoke(settings: Settings, args) -> int:
+    from appliance.users import revoke_key
+
+    count = revoke_key(_db(settings), args.prefix)
+    print(f"revoked {count} key(s)")
+    return 0
+
+
+def cmd_version(settings: Settings, args) -> int:
+    print(f"appliance {__version__}")
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description="Private knowledge appliance")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="start the server")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("create", help="create a model from a Modelfile or a GGUF file")
+    p.add_argument("name")
+    p.add_argument("-f", "--file", help="Modelfile (FROM ./file.gguf, PARAMETER, TEMPLATE, SYSTEM)")
+    p.add_argument("--from", dest="from_file", help="a GGUF file")
+    p.add_argument("-q", "--quantize", help="re-quantize an F16/F32/Q8_0 model, e.g. q4_K_M")
+    p.set_defaults(func=cmd_create)
+
+    for name in ("list", "ls"):
+        p = sub.add_parser(name, help="list models")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="show a model's metadata")
+    p.add_argument("name")
+    p.add_argument("--modelfile", action="store_true")
+    p.add_argument("--template", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("rm", help="remove models")
+    p.add_argument("names", nargs="+")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("cp", help="copy a model")
+    p.add_argument("source")
+    p.add_argument("destination")
+    p.set_defaults(func=cmd_cp)
+
+    p = sub.add_parser("ps", help="list loaded models (asks the server)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ps)
+
+    p = sub.add_parser("stop", help="unload a model (asks the server)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("run", help="chat with a model in the terminal (through the server)")
+    p.add_argument("name")
+    p.add_argument("prompt", nargs="*")
+    p.set_defaults(func=cmd_run)
+
+    users = sub.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
+    p = users.add_parser("add")
+    p.add_argument("name")
+    p.add_argument("--role", required=True, choices=["admin", "editor", "reader"])
+    p.add_argument("--password-stdin", action="store_true", help="read a password from the first stdin line")
+    p.set_defaults(func=cmd_users_add)
+    p = users.add_parser("list")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_users_list)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    p = keys.add_parser("create", help="issue a key (printed once, stored hashed)")
+    p.add_argument("--user", required=True)
+    p.add_argument("--label")
+    p.set_defaults(func=cmd_keys_create)
+    p = keys.add_parser("list")
+    p.add_argument("--user")
+    p.set_defaults(func=cmd_keys_list)
+    p = keys.add_parser("revoke")
+    p.add_argument("prefix", help="the key's prefix as `keys list` shows it")
+    p.set_defaults(func=cmd_keys_revoke)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        return int(args.func(settings, args) or 0)
+    except ApplianceError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

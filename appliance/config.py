@@ -1,0 +1,117 @@
+"""Settings: one object, read once at the entry point and passed down.
+
+Every field has a description and bounds; environment variables use the `APPLIANCE_` prefix
+(`APPLIANCE_HOME`, `APPLIANCE_MAX_LOADED_MODELS`, ...). Nested groups keep the same flat names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "APPLIANCE_"
+
+
+def _group_config() -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+
+class ServerSettings(BaseSettings):
+    model_config = _group_config()
+
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
+    port: int = Field(11434, ge=1, le=65535, description="TCP port of the HTTP server.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Extra Host header values accepted (besides loopback names and the bind address).",
+    )
+    max_request_bytes: int = Field(
+        1_048_576 * 16, ge=1024, description="Largest JSON request body accepted, in bytes."
+    )
+    max_blob_bytes: int = Field(
+        1 << 40, ge=1024, description="Largest model blob accepted by POST /api/blobs, in bytes."
+    )
+
+
+class SchedulerSettings(BaseSettings):
+    model_config = _group_config()
+
+    max_loaded_models: int = Field(
+        3, ge=1, le=64, description="Most models held loaded at once (least recently used unloads first)."
+    )
+    max_queue: int = Field(
+        512, ge=1, le=100_000, description="Most requests waiting for a runner before 503 is answered."
+    )
+    max_memory_bytes: int = Field(
+        0,
+        ge=0,
+        description="Memory budget for loaded models in bytes; 0 means 90% of the memory found at start.",
+    )
+    keep_alive: str = Field(
+        "5m", description="Default time a model stays loaded after its last request (0 unloads, <0 keeps)."
+    )
+    num_ctx: int = Field(4096, ge=256, le=1_048_576, description="Default context length of a runner.")
+    num_thread: int = Field(0, ge=0, le=1024, description="Threads per runner; 0 chooses from the CPU cores.")
+    num_gpu: int = Field(
+        -1, ge=-1, le=100_000, description="Layers offloaded to the GPU; -1 chooses from free GPU memory."
+    )
+    load_timeout_s: float = Field(300.0, gt=0, description="Longest time a runner may take to load a model.")
+
+
+class EmbeddingSettings(BaseSettings):
+    model_config = _group_config()
+
+    embedding_model_path: str = Field(
+        "",
+        description="Directory of the default sentence-transformers model; empty uses the bundled MiniLM.",
+    )
+    embedding_batch_size: int = Field(64, ge=1, le=4096, description="Texts encoded per batch.")
+    embedding_threads: int = Field(0, ge=0, le=1024, description="torch threads for embeddings; 0 = default.")
+
+
+class Settings(BaseSettings):
+    model_config = _group_config()
+
+    home: Path = Field(
+        default_factory=lambda: Path("~/.appliance").expanduser(),
+        description="Directory holding all data (database, index, model blobs, originals).",
+    )
+    database_url: str = Field(
+        "", description="SQLAlchemy URL of the metadata database; empty uses SQLite in the home directory."
+    )
+    log_level: str = Field("INFO", description="Logging level of the server.")
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    embeddings: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return Path(value).expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'appliance.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def chroma_dir(self) -> Path:
+        return self.home / "chroma"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    def ensure_dirs(self) -> None:
+        for path in (self.home, self.models_dir, self.chroma_dir, self.run_dir):
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def load_settings(**overrides) -> Settings:
+    """Read settings from the environment (the entry points call this once)."""
+    return Settings(**overrides)

@@ -1,0 +1,52 @@
+"""Domain errors: each carries an HTTP-like status and a message meant for people.
+
+They are translated once at each edge (the HTTP exception handlers in `web/`, the CLI exit code).
+"""
+
+
+class ApplianceError(Exception):
+    status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ApplianceError):
+    status = 400
+
+
+class Unauthorized(ApplianceError):
+    status = 401
+
+
+class Forbidden(ApplianceError):
+    status = 403
+
+
+class NotFound(ApplianceError):
+    status = 404
+
+
+class Conflict(ApplianceError):
+    status = 409
+
+
+class PayloadTooLarge(ApplianceError):
+    status = 413
+
+
+class Busy(ApplianceError):
+    """The server is at its queue bound; the client should retry later."""
+
+    status = 503
+
+
+class InsufficientMemory(ApplianceError):
+    status = 507
+
+
+class RunnerFailed(ApplianceError):
+    """The model runner process failed (crashed, could not load, died mid-request)."""
+
+    status = 500

@@ -1,0 +1,1 @@
+"""Inference: runner processes (llama-cpp-python), the scheduler, hardware detection, embeddings."""

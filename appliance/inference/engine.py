@@ -1,0 +1,192 @@
+"""The inference service: turns chat, generate and embed requests into runner work.
+
+Shared by the Ollama API, the OpenAI API and the CLI, so they cannot disagree: option merging
+(model PARAMETERs, then the request's options; unknown keys ignored), templating, JSON/grammar
+output constraints, tool-call parsing, the bundled embedding model, timings in nanoseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.embeddings import DEFAULT_EMBEDDING_MODEL, EmbeddingResult, SentenceEmbedder
+from appliance.errors import BadRequest
+from appliance.inference.scheduler import Scheduler, parse_keep_alive
+from appliance.models.modelfile import PARAMETER_TYPES, coerce_parameter
+from appliance.models.names import parse_name
+from appliance.models.store import ModelRecord, ModelStore
+from appliance.models.template import parse_tool_calls, render_chat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRequest:
+    model: str
+    messages: list[dict[str, Any]] | None = None  # chat
+    prompt: str | None = None  # generate
+    system: str | None = None
+    template: str | None = None
+    raw: bool = False
+    format: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+    keep_alive: Any = None
+    tools: list[dict[str, Any]] | None = None
+    truncate: bool = True
+
+
+@dataclass
+class Token:
+    text: str
+
+
+@dataclass
+class Finished:
+    done_reason: str
+    total_duration: int
+    load_duration: int
+    prompt_eval_count: int = 0
+    prompt_eval_duration: int = 0
+    eval_count: int = 0
+    eval_duration: int = 0
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def timings(self) -> dict[str, int]:
+        return {"total_duration": self.total_duration, "load_duration": self.load_duration,
+                "prompt_eval_count": self.prompt_eval_count, "prompt_eval_duration": self.prompt_eval_duration,
+                "eval_count": self.eval_count, "eval_duration": self.eval_duration}
+
+
+def merge_options(model_parameters: dict[str, Any], request_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Model PARAMETERs overlaid by the request's options; unknown keys are ignored, bad types rejected."""
+    if request_options is not None and not isinstance(request_options, dict):
+        raise BadRequest("options must be an object")
+    merged = dict(model_parameters)
+    for key, value in (request_options or {}).items():
+        if key in PARAMETER_TYPES and value is not None:
+            merged[key] = coerce_parameter(key, value)
+    return merged
+
+
+def grammar_for(output_format: Any) -> str | None:
+    """GBNF for Ollama's `format`: "json" or a JSON schema object."""
+    if output_format in (None, ""):
+        return None
+    from llama_cpp import llama_grammar
+
+    if output_format == "json":
+        return llama_grammar.JSON_GBNF
+    if isinstance(output_format, dict):
+        try:
+            return llama_grammar.json_schema_to_gbnf(json.dumps(output_format))
+        except Exception as exc:
+            raise BadRequest(f"invalid JSON schema in format: {exc}") from None
+    raise BadRequest('format must be "json" or a JSON schema object')
+
+
+class Engine:
+    def __init__(self, store: ModelStore, scheduler: Scheduler, embedder: SentenceEmbedder):
+        self.store = store
+        self.scheduler = scheduler
+        self.embedder = embedder
+
+    def resolve(self, name: str) -> ModelRecord:
+        if parse_name(name).display == f"{DEFAULT_EMBEDDING_MODEL}:latest":
+            raise BadRequest(f"'{DEFAULT_EMBEDDING_MODEL}' is an embedding model and does not generate text")
+        return self.store.resolve(name)
+
+    def _prompt(self, record: ModelRecord, request: GenerationRequest) -> str:
+        info = self.store.gguf_info(record.model_digest)
+        template = request.template or record.template or info.chat_template
+        if request.messages is not None:
+            messages = list(record.messages)
+            system = request.system if request.system is not None else record.system
+            if system and not any(m.get("role") == "system" for m in request.messages):
+                messages.insert(0, {"role": "system", "content": system})
+            messages += request.messages
+        else:
+            if request.raw:
+                return request.prompt or ""
+            system = request.system if request.system is not None else record.system
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": request.prompt or ""}]
+        return render_chat(template, messages, tools=request.tools,
+                           bos_token=info.token_string("tokenizer.ggml.bos_token_id"),
+                           eos_token=info.token_string("tokenizer.ggml.eos_token_id"))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Token | Finished]:
+        """Stream tokens, then one Finished. An empty prompt/message list only loads (or unloads)."""
+        started = time.perf_counter_ns()
+        record = self.resolve(request.model)
+        options = merge_options(record.parameters, request.options)
+        grammar = grammar_for(request.format)
+        empty = (request.messages is not None and not request.messages) or (
+            request.messages is None and not request.prompt)
+        if empty:
+            model = await self.scheduler.load_only(record, options, request.keep_alive)
+            unload = request.keep_alive is not None and parse_keep_alive(request.keep_alive) == 0
+            yield Finished("unload" if unload else "load", time.perf_counter_ns() - started,
+                           model.load_duration_ns)
+            return
+        prompt = await asyncio.to_thread(self._prompt, record, request)
+        async with self.scheduler.use(record, options, request.keep_alive) as model:
+            load_duration = time.perf_counter_ns() - started
+            pieces: list[str] = []
+            payload = {"prompt": prompt, "options": options, "grammar": grammar, "truncate": request.truncate}
+            async for event in model.runner.request("complete", payload):
+                if event["event"] == "token":
+                    pieces.append(event["text"])
+                    yield Token(event["text"])
+                elif event["event"] == "done":
+                    tool_calls = []
+                    if request.tools:
+                        names = {t.get("function", {}).get("name") for t in request.tools if isinstance(t, dict)}
+                        tool_calls = parse_tool_calls("".join(pieces), names)
+                    yield Finished(
+                        done_reason=event["done_reason"] if event["done_reason"] != "cancelled" else "stop",
+                        total_duration=time.perf_counter_ns() - started, load_duration=load_duration,
+                        prompt_eval_count=event["prompt_eval_count"],
+                        prompt_eval_duration=event["prompt_eval_duration"],
+                        eval_count=event["eval_count"], eval_duration=event["eval_duration"],
+                        tool_calls=tool_calls)
+
+    async def embed(self, model_name: str, inputs: list[str], *, truncate: bool = True,
+                    dimensions: int | None = None, options: dict[str, Any] | None = None,
+                    keep_alive: Any = None) -> tuple[EmbeddingResult, int]:
+        """Embeddings for `inputs`; returns the result and the load duration in ns."""
+        if not all(isinstance(text, str) for text in inputs):
+            raise BadRequest("input must be a string or a list of strings")
+        if parse_name(model_name).display == f"{DEFAULT_EMBEDDING_MODEL}:latest":
+            started = time.perf_counter_ns()
+            await asyncio.to_thread(self.embedder.load)
+            load_ns = time.perf_counter_ns() - started
+            result = await asyncio.to_thread(self.embedder.encode, inputs, truncate=truncate, dimensions=dimensions)
+            return result, load_ns
+        record = self.store.resolve(model_name)
+        merged = merge_options(record.parameters, options)
+        started = time.perf_counter_ns()
+        async with self.scheduler.use(record, merged, keep_alive, embedding=True) as model:
+            load_ns = time.perf_counter_ns() - started
+            async for event in model.runner.request("embed", {"texts": inputs, "truncate": truncate}):
+                vectors = event["embeddings"]
+                if dimensions is not None:
+                    vectors = _shorten(vectors, dimensions)
+                return EmbeddingResult(vectors, event["prompt_eval_count"],
+                                       time.perf_counter_ns() - started - load_ns), load_ns
+        raise BadRequest("the runner returned no embeddings")
+
+
+def _shorten(vectors: list[list[float]], dimensions: int) -> list[list[float]]:
+    import numpy as np
+
+    array = np.asarray(vectors, dtype=np.float32)
+    if not 1 <= dimensions <= array.shape[1]:
+        raise BadRequest(f"dimensions must be between 1 and {array.shape[1]}")
+    array = array[:, :dimensions]
+    return (array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)).tolist()

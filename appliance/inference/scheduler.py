@@ -1,0 +1,255 @@
+"""The scheduler: which models are loaded, in which runner, for how long, and who waits.
+
+Loads on demand, keeps a model loaded for its `keep_alive` (0 unloads after the request, a negative
+value keeps it), bounds the number of loaded models and their estimated memory (least recently
+used idle model unloads first), serialises requests per runner, and answers `Busy` (503) once more
+than `max_queue` requests are waiting. A runner that crashes is discarded; the next request for that
+model starts a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from appliance.config import SchedulerSettings
+from appliance.errors import BadRequest, Busy, InsufficientMemory, RunnerFailed
+from appliance.inference.hardware import Hardware, gpu_layers_for
+from appliance.inference.runner_process import RunnerProcess
+from appliance.models.modelfile import LOAD_OPTIONS
+from appliance.models.store import ModelRecord, ModelStore
+
+log = logging.getLogger(__name__)
+FOREVER = datetime(2318, 1, 1, tzinfo=UTC)  # what /api/ps shows for a model kept loaded indefinitely
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_keep_alive(value: Any) -> float | None:
+    """Seconds to stay loaded: None means forever (negative), 0 means unload after the request.
+
+    Accepts numbers (seconds) and Go-style durations ("5m", "1h30m", "-1", "-1m", "0").
+    """
+    if isinstance(value, bool):
+        raise BadRequest("keep_alive must be a duration like '5m' or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        negative = text.startswith("-")
+        body = text.lstrip("-+")
+        if re.fullmatch(r"\d+(\.\d+)?", body):
+            seconds = float(body)
+        else:
+            parts = _DURATION_PART.findall(body)
+            if not parts or "".join(n + u for n, u in parts) != body:
+                raise BadRequest(f"invalid keep_alive duration '{value}'")
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+        seconds = -seconds if negative else seconds
+    else:
+        raise BadRequest("keep_alive must be a duration like '5m' or a number of seconds")
+    return None if seconds < 0 else seconds
+
+
+@dataclass
+class LoadedModel:
+    slot: tuple[str, bool]  # (model name, embedding runner?)
+    key: tuple
+    record: ModelRecord
+    runner: RunnerProcess
+    size: int
+    n_ctx: int
+    gpu_layers: int
+    load_duration_ns: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    expires_at: datetime | None = None
+    _expiry: asyncio.TimerHandle | None = None
+
+    def cancel_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+
+class Scheduler:
+    def __init__(self, settings: SchedulerSettings, store: ModelStore, hardware: Hardware):
+        self.settings = settings
+        self.store = store
+        self.hardware = hardware
+        self.memory_budget = settings.max_memory_bytes or int(hardware.available_memory * 0.9)
+        self.default_keep_alive = parse_keep_alive(settings.keep_alive)
+        self._models: dict[tuple[str, bool], LoadedModel] = {}
+        self._changed = asyncio.Condition()
+        self._queued = 0
+
+    # --- public ----------------------------------------------------------------------------------
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._models.values())
+
+    @asynccontextmanager
+    async def use(self, record: ModelRecord, options: dict[str, Any], keep_alive: Any = None,
+                  embedding: bool = False) -> AsyncIterator[LoadedModel]:
+        """Hold a loaded runner for one request (loading it first if needed)."""
+        keep = self.default_keep_alive if keep_alive is None else parse_keep_alive(keep_alive)
+        if self._queued >= self.settings.max_queue:
+            raise Busy(f"server busy: {self._queued} requests are already waiting; retry later")
+        self._queued += 1
+        queued = True
+        model: LoadedModel | None = None
+        try:
+            model = await self._obtain(record, options, embedding)
+            async with model.lock:
+                self._queued -= 1
+                queued = False
+                model.cancel_expiry()
+                if not model.runner.alive:
+                    await self._discard(model)
+                    raise RunnerFailed("the model runner died before the request started; retry")
+                try:
+                    yield model
+                except RunnerFailed:
+                    await self._discard(model)
+                    raise
+        finally:
+            if queued:
+                self._queued -= 1
+            if model is not None:
+                model.users -= 1
+                model.last_used = time.monotonic()
+                self._schedule_expiry(model, keep)
+                async with self._changed:
+                    self._changed.notify_all()
+
+    async def load_only(self, record: ModelRecord, options: dict[str, Any], keep_alive: Any = None) -> LoadedModel:
+        """Load (or keep loaded) without running anything: Ollama's empty-prompt request."""
+        async with self.use(record, options, keep_alive) as model:
+            return model
+
+    async def unload(self, name: str) -> bool:
+        async with self._changed:
+            victims = [m for m in self._models.values() if m.slot[0] == name]
+            for model in victims:
+                await self._unload_locked(model)
+            return bool(victims)
+
+    async def shutdown(self) -> None:
+        async with self._changed:
+            for model in list(self._models.values()):
+                await self._unload_locked(model)
+
+    # --- loading ---------------------------------------------------------------------------------
+    def _load_config(self, record: ModelRecord, options: dict[str, Any], embedding: bool) -> tuple[dict, int]:
+        info = self.store.gguf_info(record.model_digest)
+        n_ctx_train = info.context_length or 0
+        n_ctx = int(options.get("num_ctx") or self.settings.num_ctx)
+        if n_ctx_train:
+            n_ctx = min(n_ctx, n_ctx_train)
+        n_layers = int(info.arch_value("block_count", 0) or 0)
+        n_embd = int(info.arch_value("embedding_length", 0) or 0)
+        n_head = int(info.arch_value("attention.head_count", 1) or 1)
+        n_head_kv = int(info.arch_value("attention.head_count_kv", n_head) or n_head)
+        kv_bytes = n_ctx * n_layers * (n_embd // max(n_head, 1) * n_head_kv) * 2 * 2  # K and V, f16
+        size = record.model_path.stat().st_size + kv_bytes + 64 * 1024 * 1024
+        threads = int(options.get("num_thread") or self.settings.num_thread or self.hardware.physical_cores)
+        requested_gpu = int(options["num_gpu"]) if "num_gpu" in options else self.settings.num_gpu
+        config = {
+            "model_path": str(record.model_path),
+            "n_ctx": n_ctx,
+            "n_batch": int(options.get("num_batch") or 512),
+            "n_threads": threads,
+            "n_gpu_layers": gpu_layers_for(self.hardware, size, n_layers, requested_gpu),
+            "use_mmap": bool(options.get("use_mmap", True)),
+            "embedding": embedding,
+        }
+        return config, size
+
+    async def _obtain(self, record: ModelRecord, options: dict[str, Any], embedding: bool) -> LoadedModel:
+        slot = (record.name.display, embedding)
+        key = (record.model_digest, embedding, tuple((k, options.get(k)) for k in LOAD_OPTIONS))
+        async with self._changed:
+            while True:
+                current = self._models.get(slot)
+                if current is not None and current.key == key and current.runner.alive:
+                    current.users += 1
+                    return current
+                if current is not None and current.users == 0:
+                    await self._unload_locked(current)  # changed model or options, or a dead runner
+                    continue
+                if current is not None:
+                    await self._changed.wait()  # a reload must wait for the current users
+                    continue
+                config, size = self._load_config(record, options, embedding)
+                if size > self.memory_budget:
+                    raise InsufficientMemory(
+                        f"model requires more memory ({size / 2**30:.1f} GiB) than the appliance may use "
+                        f"({self.memory_budget / 2**30:.1f} GiB, APPLIANCE_MAX_MEMORY_BYTES)")
+                if not self._make_room(size):
+                    await self._changed.wait()
+                    continue
+                model = await self._start(slot, key, record, config, size)
+                model.users += 1
+                self._models[slot] = model
+                return model
+
+    def _make_room(self, size: int) -> bool:
+        """Evict idle models, least recently used first, until `size` fits; False if it cannot yet."""
+        while (len(self._models) >= self.settings.max_loaded_models
+               or sum(m.size for m in self._models.values()) + size > self.memory_budget):
+            idle = [m for m in self._models.values() if m.users == 0]
+            if not idle:
+                return False
+            victim = min(idle, key=lambda m: m.last_used)
+            log.info("unloading %s to make room", victim.slot[0])
+            victim.cancel_expiry()
+            del self._models[victim.slot]
+            asyncio.get_running_loop().create_task(victim.runner.stop())
+        return True
+
+    async def _start(self, slot, key, record: ModelRecord, config: dict, size: int) -> LoadedModel:
+        started = time.perf_counter_ns()
+        await asyncio.to_thread(self.store.verify_blob, record.model_digest)
+        runner = RunnerProcess(config)
+        info = await runner.start(self.settings.load_timeout_s)
+        log.info("loaded %s in runner pid %s (ctx %s, gpu layers %s)", slot[0], runner.pid, info.get("n_ctx"),
+                 config["n_gpu_layers"])
+        return LoadedModel(slot=slot, key=key, record=record, runner=runner, size=size,
+                           n_ctx=int(info.get("n_ctx", config["n_ctx"])), gpu_layers=config["n_gpu_layers"],
+                           load_duration_ns=time.perf_counter_ns() - started)
+
+    # --- unloading -------------------------------------------------------------------------------
+    async def _unload_locked(self, model: LoadedModel) -> None:
+        model.cancel_expiry()
+        if self._models.get(model.slot) is model:
+            del self._models[model.slot]
+        await model.runner.stop()
+        self._changed.notify_all()
+
+    async def _discard(self, model: LoadedModel) -> None:
+        async with self._changed:
+            await self._unload_locked(model)
+
+    def _schedule_expiry(self, model: LoadedModel, keep: float | None) -> None:
+        model.cancel_expiry()
+        if self._models.get(model.slot) is not model:
+            return
+        if keep is None:
+            model.expires_at = FOREVER
+            return
+        model.expires_at = datetime.now(UTC) + timedelta(seconds=keep)
+        model._expiry = asyncio.get_running_loop().call_later(
+            keep, lambda: asyncio.ensure_future(self._expire(model)))
+
+    async def _expire(self, model: LoadedModel) -> None:
+        async with self._changed:
+            if model.users == 0 and self._models.get(model.slot) is model:
+                log.info("keep_alive expired: unloading %s", model.slot[0])
+                await self._unload_locked(model)

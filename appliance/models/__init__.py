@@ -1,0 +1,1 @@
+"""The model store and everything about GGUF files: names, metadata, Modelfiles, templates."""

@@ -1,0 +1,133 @@
+"""Users and API keys: creation, password hashing (argon2id), key issue, lookup and revocation.
+
+API keys are 256-bit random tokens; only their SHA-256 is stored (a slow hash buys nothing for a
+random secret of that size and would slow every request).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from appliance.db import ApiKey, User, session, utcnow
+from appliance.errors import BadRequest, Conflict, NotFound, Unauthorized
+
+ROLES = ("admin", "editor", "reader")
+KEY_PREFIX = "apk_"
+_USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the user behind an API key (or the local CLI token)."""
+
+    user_id: int
+    name: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def _hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def add_user(engine: Engine, name: str, role: str, password: str | None = None) -> User:
+    if not _USER_NAME.match(name):
+        raise BadRequest("user name must be 1-64 letters, digits or _.@- and start with a letter or digit")
+    if role not in ROLES:
+        raise BadRequest(f"role must be one of {', '.join(ROLES)}")
+    if password is not None and len(password) < 8:
+        raise BadRequest("password must be at least 8 characters")
+    with session(engine) as db:
+        if db.exec(select(User).where(User.name == name)).first():
+            raise Conflict(f"user '{name}' already exists")
+        user = User(name=name, role=role, password_hash=_hasher.hash(password) if password else None)
+        db.add(user)
+        db.commit()
+        db.refresh(user)
+        return user
+
+
+def get_user(engine: Engine, name: str) -> User:
+    with session(engine) as db:
+        user = db.exec(select(User).where(User.name == name)).first()
+    if user is None:
+        raise NotFound(f"user '{name}' not found")
+    return user
+
+
+def list_users(engine: Engine) -> list[User]:
+    with session(engine) as db:
+        return list(db.exec(select(User).order_by(User.name)))
+
+
+def verify_password(engine: Engine, name: str, password: str) -> Principal:
+    with session(engine) as db:
+        user = db.exec(select(User).where(User.name == name)).first()
+    try:
+        ok = bool(user and user.password_hash and not user.disabled and _hasher.verify(user.password_hash, password))
+    except Exception:
+        ok = False
+    if not ok or user is None or user.id is None:
+        raise Unauthorized("invalid user name or password")
+    return Principal(user.id, user.name, user.role)
+
+
+def create_key(engine: Engine, user_name: str, label: str = "") -> str:
+    """Issue a key for a user and return it; it is shown this once and stored only hashed."""
+    user = get_user(engine, user_name)
+    if user.disabled:
+        raise BadRequest(f"user '{user_name}' is disabled")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    assert user.id is not None
+    with session(engine) as db:
+        db.add(ApiKey(user_id=user.id, prefix=key[:12], key_hash=_hash_key(key), label=label[:128]))
+        db.commit()
+    return key
+
+
+def list_keys(engine: Engine, user_name: str | None = None) -> list[tuple[ApiKey, str]]:
+    with session(engine) as db:
+        query = select(ApiKey, User.name).join(User, ApiKey.user_id == User.id)
+        if user_name:
+            query = query.where(User.name == user_name)
+        return [(key, name) for key, name in db.exec(query.order_by(ApiKey.id))]
+
+
+def revoke_key(engine: Engine, prefix: str) -> int:
+    """Revoke every live key whose prefix matches; returns how many were revoked."""
+    with session(engine) as db:
+        keys = db.exec(select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at == None)).all()  # noqa: E711
+        for key in keys:
+            key.revoked_at = utcnow()
+            db.add(key)
+        db.commit()
+    if not keys:
+        raise NotFound(f"no live key with prefix '{prefix}'")
+    return len(keys)
+
+
+def authenticate_key(engine: Engine, key: str) -> Principal:
+    if not key.startswith(KEY_PREFIX) or len(key) > 128:
+        raise Unauthorized("invalid API key")
+    with session(engine) as db:
+        row = db.exec(
+            select(ApiKey, User).join(User, ApiKey.user_id == User.id).where(ApiKey.key_hash == _hash_key(key))
+        ).first()
+        if row is None:
+            raise Unauthorized("invalid API key")
+        api_key, user = row
+        if api_key.revoked_at is not None or user.disabled:
+            raise Unauthorized("API key revoked or user disabled")
+        assert user.id is not None
+        return Principal(user.id, user.name, user.role)

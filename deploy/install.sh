@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs the appliance from this source tree into a virtualenv (default ./.venv).
+#
+#   bash deploy/install.sh            # CPU build (CUDA build automatically when nvidia-smi sees a GPU)
+#
+# Environment:
+#   APPLIANCE_VENV        where the virtualenv goes (default .venv in the source tree)
+#   APPLIANCE_TORCH_INDEX a package index for torch, e.g. a local mirror of the PyTorch CPU wheels;
+#                         unset, torch==2.13.0 comes from the configured pip index
+#   APPLIANCE_CUDA        1 forces the CUDA build of llama.cpp, 0 forbids it (default: detect a GPU)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=${APPLIANCE_VENV:-.venv}
+python=${PYTHON:-$(command -v python3.11 || command -v python3)}
+
+"$python" -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is required"'
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip)
+"${pip[@]}" install --quiet --upgrade pip wheel setuptools
+
+# torch first and pinned: an unpinned torch pulls the newest release with GBs of CUDA packages.
+torch_args=()
+[ -n "${APPLIANCE_TORCH_INDEX:-}" ] && torch_args=(--index-url "$APPLIANCE_TORCH_INDEX")
+"${pip[@]}" install --quiet "torch==2.13.0" "${torch_args[@]}"
+
+# llama.cpp with the RPC backend (multi-node), and CUDA when a GPU is actually present
+# (a CUDA toolkit without a GPU would only make the build slow).
+cuda=${APPLIANCE_CUDA:-auto}
+if [ "$cuda" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then cuda=1; else cuda=0; fi
+fi
+cmake_args="-DGGML_RPC=on"
+[ "$cuda" = 1 ] && cmake_args="$cmake_args -DGGML_CUDA=on"
+if ! "$venv/bin/python" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == "0.3.36" else 1)' 2>/dev/null \
+   || [ "${APPLIANCE_REBUILD_LLAMA:-0}" = 1 ]; then
+  echo "Building llama-cpp-python with CMAKE_ARGS='$cmake_args' (a few minutes)..."
+  CMAKE_ARGS="$cmake_args" FORCE_CMAKE=1 "${pip[@]}" install --quiet --no-binary llama-cpp-python "llama-cpp-python==0.3.36"
+fi
+
+"${pip[@]}" install --quiet -e ".[test]"
+echo "Installed. Activate with: source $venv/bin/activate   (then: appliance --help)"

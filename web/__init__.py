@@ -1,0 +1,1 @@
+"""The HTTP layer: the FastAPI app, the Ollama- and OpenAI-compatible APIs, authentication."""

@@ -1,0 +1,109 @@
+"""`create_app(settings)`: wires the database, model store, scheduler and embeddings into FastAPI.
+
+Heavy things start in the lifespan. Domain errors are translated here, once: Ollama's
+`{"error": "..."}` under /api and elsewhere, OpenAI's error object under /v1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from appliance import __version__
+from appliance.config import Settings
+from appliance.db import create_db_engine
+from appliance.embeddings import SentenceEmbedder, bundled_model_path
+from appliance.errors import ApplianceError
+from appliance.index import open_vector_store
+from appliance.inference import hardware
+from appliance.inference.engine import Engine
+from appliance.inference.scheduler import Scheduler
+from appliance.models.store import ModelStore
+from web import ollama_api, openai_api
+from web.auth import host_allowed, issue_cli_token
+
+log = logging.getLogger(__name__)
+
+
+def _error_response(request: Request, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    if request.url.path.startswith("/v1"):
+        return JSONResponse(openai_api.error_body(message, status), status_code=status, headers=headers)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        settings.ensure_dirs()
+        state = app.state
+        state.settings = settings
+        state.db = create_db_engine(settings.resolved_database_url)
+        state.store = ModelStore(settings.models_dir)
+        state.hardware = await asyncio.to_thread(hardware.detect)
+        state.scheduler = Scheduler(settings.scheduler, state.store, state.hardware)
+        state.embedder = SentenceEmbedder(settings.embeddings)
+        state.embedding_path = bundled_model_path()
+        state.engine = Engine(state.store, state.scheduler, state.embedder)
+        state.vectors = await asyncio.to_thread(open_vector_store, settings.chroma_dir)
+        state.cli_token_hash = issue_cli_token(settings.run_dir)
+        state.started_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        warm = asyncio.create_task(asyncio.to_thread(state.embedder.load))
+        log.info("appliance %s ready: %d CPU cores, %.1f GiB memory, %d GPU(s)", __version__,
+                 state.hardware.physical_cores, state.hardware.total_memory / 2**30,
+                 len(state.hardware.gpu_free_memory))
+        try:
+            yield
+        finally:
+            warm.cancel()
+            await state.scheduler.shutdown()
+            (settings.run_dir / "cli.token").unlink(missing_ok=True)
+
+    app = FastAPI(title="Knowledge appliance", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def check_host(request: Request, call_next):
+        host = request.headers.get("host", "")
+        if not host_allowed(host, settings.server.host, settings.server.allowed_hosts):
+            return _error_response(request, 403, "forbidden host header")
+        return await call_next(request)
+
+    @app.exception_handler(ApplianceError)
+    async def appliance_error(request: Request, exc: ApplianceError):
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        headers = {"Retry-After": "5"} if exc.status == 503 else None
+        return _error_response(request, exc.status, exc.message, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = "not found" if exc.status_code == 404 else str(exc.detail)
+        return _error_response(request, exc.status_code, message)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return _error_response(request, 400, f"invalid request: {exc.errors()}")
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error_response(request, 500, "internal server error")
+
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root():
+        return PlainTextResponse("Ollama is running")
+
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(status_code=204)
+
+    app.include_router(ollama_api.router)
+    app.include_router(openai_api.router)
+    return app

@@ -1,0 +1,93 @@
+"""API authentication: bearer keys on every /api and /v1 route, the local CLI token, Host checks."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import secrets
+from pathlib import Path
+
+from fastapi import Request
+
+from appliance.errors import Forbidden, Unauthorized
+from appliance.users import Principal, authenticate_key
+
+CLI_TOKEN_FILE = "cli.token"
+LOCAL_ADMIN = Principal(user_id=0, name="local-cli", role="admin")
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def issue_cli_token(run_dir: Path) -> str:
+    """A fresh token for the local CLI, readable only by the appliance's own OS user (mode 0600).
+
+    Whoever can read APPLIANCE_HOME can read the database and the models anyway, so this grants
+    nothing new; it lets `appliance run` and `appliance ps` talk to the server without a key.
+    Returns the token's SHA-256, which is all the server keeps.
+    """
+    token = "cli_" + secrets.token_urlsafe(32)
+    path = run_dir / CLI_TOKEN_FILE
+    path.unlink(missing_ok=True)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(token)
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def principal_for(request: Request) -> Principal:
+    """The caller behind the request's key; raises Unauthorized."""
+    token = bearer_token(request)
+    if not token:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' (create one with "
+                           "`appliance keys create --user NAME`)")
+    state = request.app.state
+    if token.startswith("cli_"):
+        if hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), state.cli_token_hash):
+            return LOCAL_ADMIN
+        raise Unauthorized("invalid API key")
+    return authenticate_key(state.db, token)
+
+
+def require_user(request: Request) -> Principal:
+    principal = principal_for(request)
+    request.state.principal = principal
+    return principal
+
+
+def require_admin(request: Request) -> Principal:
+    principal = require_user(request)
+    if not principal.is_admin:
+        raise Forbidden("this operation requires the admin role")
+    return principal
+
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_allowed(host_header: str, bind_host: str, extra: list[str]) -> bool:
+    """Against DNS rebinding: when bound to loopback, only loopback names may appear in Host."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[: host.find("]") + 1] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    allowed = {h.lower() for h in extra}
+    if host in allowed:
+        return True
+    if not _is_loopback(bind_host) and bind_host != "localhost":
+        return not allowed  # on a LAN address the reverse proxy / allowed_hosts decide
+    return _is_loopback(host.strip("[]")) or host in LOOPBACK_NAMES or host.endswith(".localhost")

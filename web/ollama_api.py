@@ -1,0 +1,335 @@
+"""The Ollama-compatible API (/api/*), wire-compatible with the official clients.
+
+Routes parse and authorize, then call the inference engine or the model store; nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from appliance import __version__
+from appliance.embeddings import DEFAULT_EMBEDDING_MODEL
+from appliance.errors import BadRequest
+from appliance.inference.engine import Finished, GenerationRequest, Token
+from appliance.models.create import create_model, modelfile_from_api
+from appliance.models.modelfile import parse_modelfile, render_modelfile
+from appliance.models.names import parse_digest, parse_name
+from appliance.models.store import ModelRecord
+from appliance.models.template import is_go_template
+from appliance.users import Principal
+from web.auth import require_admin, require_user
+from web.body import get, model_name, read_json
+from web.streaming import ndjson_response, primed
+
+router = APIRouter(prefix="/api")
+EMBEDDING_DISPLAY = f"{DEFAULT_EMBEDDING_MODEL}:latest"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _state(request: Request):
+    return request.app.state
+
+
+# --- generation --------------------------------------------------------------------------------
+def _messages(raw: Any) -> list[dict[str, Any]]:
+    if not isinstance(raw, list):
+        raise BadRequest("'messages' must be a list")
+    messages = []
+    for index, message in enumerate(raw):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"messages[{index}] must be an object with a 'role'")
+        content = message.get("content") or ""
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{index}].content must be a string")
+        if message.get("images"):
+            raise BadRequest("images are not supported by this server's models")
+        entry: dict[str, Any] = {"role": message["role"], "content": content}
+        if message.get("tool_calls"):
+            entry["tool_calls"] = message["tool_calls"]
+        if message.get("tool_name"):
+            entry["name"] = message["tool_name"]
+        messages.append(entry)
+    return messages
+
+
+def _generation_request(body: dict[str, Any], chat: bool) -> GenerationRequest:
+    tools = get(body, "tools", list)
+    return GenerationRequest(
+        model=model_name(body),
+        messages=_messages(body.get("messages") or []) if chat else None,
+        prompt=None if chat else get(body, "prompt", str, ""),
+        system=None if chat else get(body, "system", str),
+        template=None if chat else _request_template(get(body, "template", str)),
+        raw=bool(get(body, "raw", bool, False)),
+        format=body.get("format"),
+        options=get(body, "options", dict, {}),
+        keep_alive=body.get("keep_alive"),
+        tools=tools,
+        truncate=bool(get(body, "truncate", bool, True)),
+    )
+
+
+def _request_template(template: str | None) -> str | None:
+    if template and is_go_template(template):
+        raise BadRequest("Go-style templates are not supported; send a Jinja2 chat template")
+    return template or None
+
+
+async def _generation(request: Request, chat: bool):
+    body = await read_json(request)
+    generation = _generation_request(body, chat)
+    stream = bool(get(body, "stream", bool, True))
+    engine = _state(request).engine
+    model = parse_name(generation.model).display
+    events = await primed(engine.generate(generation))
+
+    def shape(text: str) -> dict[str, Any]:
+        if chat:
+            return {"model": model, "created_at": now_iso(), "message": {"role": "assistant", "content": text},
+                    "done": False}
+        return {"model": model, "created_at": now_iso(), "response": text, "done": False}
+
+    def final(done: Finished, text: str) -> dict[str, Any]:
+        item = shape(text)
+        if chat and done.tool_calls:
+            item["message"]["tool_calls"] = done.tool_calls
+        item.update(done=True, done_reason=done.done_reason, **done.timings())
+        return item
+
+    if stream:
+        async def items() -> AsyncIterator[dict[str, Any]]:
+            async for event in events:
+                yield shape(event.text) if isinstance(event, Token) else final(event, "")
+
+        return ndjson_response(items())
+    pieces: list[str] = []
+    async for event in events:
+        if isinstance(event, Token):
+            pieces.append(event.text)
+        else:
+            return JSONResponse(final(event, "".join(pieces)))
+    raise BadRequest("no response was generated")
+
+
+@router.post("/generate")
+async def generate(request: Request, _: Principal = Depends(require_user)):
+    return await _generation(request, chat=False)
+
+
+@router.post("/chat")
+async def chat(request: Request, _: Principal = Depends(require_user)):
+    return await _generation(request, chat=True)
+
+
+# --- embeddings --------------------------------------------------------------------------------
+@router.post("/embed")
+async def embed(request: Request, _: Principal = Depends(require_user)):
+    body = await read_json(request)
+    started = datetime.now(UTC)
+    raw_input = body.get("input", [])
+    inputs = [raw_input] if isinstance(raw_input, str) else raw_input
+    if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
+        raise BadRequest("'input' must be a string or a list of strings")
+    name = model_name(body)
+    result, load_ns = await _state(request).engine.embed(
+        name, inputs, truncate=bool(get(body, "truncate", bool, True)), dimensions=get(body, "dimensions", int),
+        options=get(body, "options", dict, {}), keep_alive=body.get("keep_alive"))
+    total = int((datetime.now(UTC) - started).total_seconds() * 1e9)
+    return {"model": parse_name(name).display, "embeddings": result.vectors, "total_duration": total,
+            "load_duration": load_ns, "prompt_eval_count": result.prompt_tokens}
+
+
+@router.post("/embeddings")
+async def embeddings_legacy(request: Request, _: Principal = Depends(require_user)):
+    body = await read_json(request)
+    prompt = get(body, "prompt", str, "")
+    if not prompt:
+        return {"embedding": []}
+    result, _load = await _state(request).engine.embed(
+        model_name(body), [prompt], options=get(body, "options", dict, {}), keep_alive=body.get("keep_alive"))
+    return {"embedding": result.vectors[0]}
+
+
+# --- listing and inspection --------------------------------------------------------------------
+def _embedding_entry(request: Request) -> dict[str, Any]:
+    embedder = _state(request).embedder
+    path = embedder.path or _state(request).embedding_path
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path and path.exists() else 0
+    digest = hashlib.sha256(str(path).encode()).hexdigest()
+    return {"name": EMBEDDING_DISPLAY, "model": EMBEDDING_DISPLAY, "modified_at": _state(request).started_at,
+            "size": size, "digest": digest,
+            "details": {"parent_model": "", "format": "safetensors", "family": "bert", "families": ["bert"],
+                        "parameter_size": "23M", "quantization_level": "F32"}}
+
+
+def _tag_entry(record: ModelRecord) -> dict[str, Any]:
+    name = record.name.display
+    return {"name": name, "model": name, "modified_at": record.modified_at.isoformat().replace("+00:00", "Z"),
+            "size": record.size, "digest": record.digest, "details": record.details}
+
+
+@router.get("/tags")
+async def tags(request: Request, _: Principal = Depends(require_user)):
+    records = await asyncio.to_thread(_state(request).store.list)
+    return {"models": [_tag_entry(r) for r in records] + [_embedding_entry(request)]}
+
+
+def _parameters_text(parameters: dict[str, Any]) -> str:
+    lines = []
+    for key, value in parameters.items():
+        for item in value if isinstance(value, list) else [value]:
+            lines.append(f"{key:<30} {item}")
+    return "\n".join(lines)
+
+
+@router.post("/show")
+async def show(request: Request, _: Principal = Depends(require_user)):
+    body = await read_json(request)
+    name = model_name(body)
+    state = _state(request)
+    if parse_name(name).display == EMBEDDING_DISPLAY:
+        embedder = state.embedder
+        dims, context = await asyncio.to_thread(lambda: (embedder.dimensions, embedder.max_tokens))
+        entry = _embedding_entry(request)
+        return {"modelfile": f"# bundled sentence-transformers model\nFROM {DEFAULT_EMBEDDING_MODEL}\n",
+                "parameters": "", "template": "", "details": entry["details"],
+                "model_info": {"general.architecture": "bert", "general.parameter_count": 22_700_000,
+                               "bert.embedding_length": dims, "bert.context_length": context},
+                "capabilities": ["embedding"], "modified_at": entry["modified_at"]}
+    record = await asyncio.to_thread(state.store.resolve, name)
+    info = await asyncio.to_thread(state.store.gguf_info, record.model_digest)
+    template = record.template or info.chat_template or ""
+    capabilities = ["embedding"] if info.is_embedding_model else ["completion"]
+    if "tools" in template:
+        capabilities.append("tools")
+    result = {
+        "modelfile": render_modelfile(record.name.display, f"sha256-{record.model_digest}", record.parameters,
+                                      record.template, record.system, record.license),
+        "parameters": _parameters_text(record.parameters),
+        "template": template,
+        "details": record.details,
+        "model_info": info.model_info(),
+        "capabilities": capabilities,
+        "modified_at": record.modified_at.isoformat().replace("+00:00", "Z"),
+    }
+    if record.system:
+        result["system"] = record.system
+    if record.license:
+        result["license"] = record.license
+    return result
+
+
+@router.get("/ps")
+async def ps(request: Request, _: Principal = Depends(require_user)):
+    models = []
+    for loaded in _state(request).scheduler.loaded():
+        record = loaded.record
+        n_layers = int(_state(request).store.gguf_info(record.model_digest).arch_value("block_count", 0) or 0)
+        vram = int(loaded.size * min(1.0, loaded.gpu_layers / n_layers)) if n_layers and loaded.gpu_layers else 0
+        models.append({
+            "name": record.name.display, "model": record.name.display, "size": loaded.size,
+            "digest": record.digest, "details": record.details,
+            "expires_at": (loaded.expires_at or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),
+            "size_vram": vram, "context_length": loaded.n_ctx,
+            "runner": {"pid": loaded.runner.pid, "embedding": loaded.slot[1], "gpu_layers": loaded.gpu_layers},
+        })
+    return {"models": models}
+
+
+@router.get("/version")
+async def version():
+    return {"version": __version__}
+
+
+# --- model management (admin) ------------------------------------------------------------------
+@router.post("/copy")
+async def copy(request: Request, _: Principal = Depends(require_admin)):
+    body = await read_json(request)
+    source = get(body, "source", str, required=True)
+    destination = get(body, "destination", str, required=True)
+    await asyncio.to_thread(_state(request).store.copy, source, destination)
+    return Response(status_code=200)
+
+
+@router.delete("/delete")
+async def delete(request: Request, _: Principal = Depends(require_admin)):
+    body = await read_json(request)
+    name = model_name(body)
+    state = _state(request)
+    record = await asyncio.to_thread(state.store.resolve, name)
+    await state.scheduler.unload(record.name.display)
+    await asyncio.to_thread(state.store.remove, name)
+    return Response(status_code=200)
+
+
+@router.post("/create")
+async def create(request: Request, _: Principal = Depends(require_admin)):
+    body = await read_json(request)
+    name = model_name(body)
+    files = get(body, "files", dict)
+    if isinstance(body.get("modelfile"), str) and body["modelfile"].strip():
+        spec = parse_modelfile(body["modelfile"])  # older clients send the Modelfile text
+    else:
+        spec = modelfile_from_api(body)
+    quantize = get(body, "quantize", str)
+    stream = bool(get(body, "stream", bool, True))
+    statuses: list[str] = []
+    store = _state(request).store
+    # Creation is quick unless quantizing; statuses are collected and sent once it is done, so that a
+    # failure is answered with its own status code.
+    await asyncio.to_thread(create_model, store, name, spec, files=files, quantize=quantize,
+                            progress=statuses.append)
+    if not stream:
+        return {"status": "success"}
+
+    async def items() -> AsyncIterator[dict[str, Any]]:
+        for status in statuses:
+            yield {"status": status}
+
+    return ndjson_response(items())
+
+
+@router.api_route("/blobs/{digest}", methods=["HEAD"])
+async def blob_exists(digest: str, request: Request, _: Principal = Depends(require_admin)):
+    parse_digest(digest)
+    return Response(status_code=200 if _state(request).store.has_blob(digest) else 404)
+
+
+@router.post("/blobs/{digest}")
+async def blob_upload(digest: str, request: Request, _: Principal = Depends(require_admin)):
+    expected = parse_digest(digest)
+    state = _state(request)
+    if state.store.has_blob(digest):
+        async for _chunk in request.stream():
+            pass
+        return Response(status_code=201)
+    writer = state.store.blob_writer(state.settings.server.max_blob_bytes)
+    try:
+        async for chunk in request.stream():
+            writer.write(chunk)
+    except BaseException:
+        writer.abort()
+        raise
+    await asyncio.to_thread(writer.commit, expected)
+    return Response(status_code=201)
+
+
+@router.post("/pull")
+async def pull(_: Principal = Depends(require_admin)):
+    raise BadRequest("pulling models is not available: the appliance has no internet access. Import a GGUF "
+                     "with `appliance create NAME --from FILE.gguf` or upload it with /api/blobs and /api/create")
+
+
+@router.post("/push")
+async def push(_: Principal = Depends(require_admin)):
+    raise BadRequest("pushing models is not available on the appliance")
