@@ -129,10 +129,12 @@ class Engine:
         empty = (request.messages is not None and not request.messages) or (
             request.messages is None and not request.prompt)
         if empty:
+            if request.keep_alive is not None and parse_keep_alive(request.keep_alive) == 0:
+                await self.scheduler.unload(record.name.display)  # every runner of the model, chat and embedding
+                yield Finished("unload", time.perf_counter_ns() - started, 0)
+                return
             model = await self.scheduler.load_only(record, options, request.keep_alive)
-            unload = request.keep_alive is not None and parse_keep_alive(request.keep_alive) == 0
-            yield Finished("unload" if unload else "load", time.perf_counter_ns() - started,
-                           model.load_duration_ns)
+            yield Finished("load", time.perf_counter_ns() - started, model.load_duration_ns)
             return
         prompt = await asyncio.to_thread(self._prompt, record, request)
         async with self.scheduler.use(record, options, request.keep_alive) as model:

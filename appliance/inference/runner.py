@@ -54,6 +54,7 @@ class Runner:
             n_gpu_layers=int(config.get("n_gpu_layers", 0)),
             use_mmap=bool(config.get("use_mmap", True)),
             embedding=self.embedding,
+            pooling_type=int(config.get("pooling_type", -1)),
             verbose=bool(config.get("verbose", False)),
         )
         self.cancelled: set[str] = set()

@@ -169,6 +169,8 @@ class Scheduler:
             "n_gpu_layers": gpu_layers_for(self.hardware, size, n_layers, requested_gpu),
             "use_mmap": bool(options.get("use_mmap", True)),
             "embedding": embedding,
+            # Chat models carry no pooling type; mean pooling gives one vector per input for them.
+            "pooling_type": -1 if info.arch_value("pooling_type") is not None else 1,
         }
         return config, size
 

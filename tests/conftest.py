@@ -1,0 +1,163 @@
+"""Fixtures: tiny GGUF models written on the spot, and a real `appliance serve` in a temp home.
+
+The server runs as a subprocess from the real console script, with a network guard
+(tests/netguard/sitecustomize.py) that blocks and records any non-loopback connection or DNS lookup
+in the server and its runner processes; every server fixture asserts at teardown that none happened.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.models.synthetic_gguf import TINY, Shape, write_gguf
+
+HERE = Path(__file__).parent
+APPLIANCE = str(Path(sys.executable).with_name("appliance"))
+# A tiny model with a long context, so a generation runs long enough to be interrupted.
+TINY_LONG = Shape(n_vocab=320, n_embd=64, n_layer=2, n_ff=128, n_head=4, n_head_kv=2, n_ctx=16384)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "OLLAMA_"))}
+    env.update(APPLIANCE_HOME=str(home), HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+def run_cli(home: Path, *args: str, input: str | None = None, check: bool = True, **extra: str):
+    result = subprocess.run([APPLIANCE, *args], env=cli_env(home, **extra), input=input, capture_output=True,
+                            text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"appliance {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(model_dir) -> Path:
+    return write_gguf(model_dir / "tiny.gguf", TINY, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_long_gguf(model_dir) -> Path:
+    return write_gguf(model_dir / "tiny-long.gguf", TINY_LONG, seed=2)
+
+
+@dataclass
+class Server:
+    home: Path
+    url: str
+    port: int
+    admin_key: str
+    reader_key: str
+    process: subprocess.Popen
+    netguard_log: Path
+    log_path: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def auth(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.admin_key}"}
+
+    def http(self, key: str | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.auth(key), timeout=120)
+
+    def assert_alive(self) -> None:
+        assert self.process.poll() is None, "server process died"
+        assert httpx.get(f"{self.url}/api/version", timeout=10).status_code == 200
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(home: Path, models: dict[str, Path], **env: str) -> Server:
+    home.mkdir(parents=True, exist_ok=True)
+    run_cli(home, "users", "add", "admin", "--role", "admin")
+    run_cli(home, "users", "add", "reader", "--role", "reader")
+    admin_key = run_cli(home, "keys", "create", "--user", "admin").stdout.strip()
+    reader_key = run_cli(home, "keys", "create", "--user", "reader").stdout.strip()
+    for name, path in models.items():
+        run_cli(home, "create", name, "--from", str(path))
+    port = free_port()
+    netguard_log = home / "netguard.log"
+    netguard_log.touch()
+    log_path = home / "server.log"
+    server_env = cli_env(home, APPLIANCE_PORT=str(port), APPLIANCE_NETGUARD_LOG=str(netguard_log),
+                         PYTHONPATH=str(HERE / "netguard"), **env)
+    process = subprocess.Popen([APPLIANCE, "serve"], env=server_env, stdout=log_path.open("wb"),
+                               stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited: {log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/api/version", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        process.kill()
+        raise AssertionError("server did not start in time")
+    return Server(home, url, port, admin_key, reader_key, process, netguard_log, log_path, env)
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+    attempts = server.netguard_log.read_text()
+    assert attempts == "", f"the server tried to reach the network:\n{attempts}"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_gguf, tiny_long_gguf):
+    srv = start_server(tmp_path_factory.mktemp("home"), {"tiny": tiny_gguf, "tiny-long": tiny_long_gguf})
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture
+def ollama_client(server):
+    import ollama
+
+    return ollama.Client(host=server.url, headers=server.auth())
+
+
+@pytest.fixture
+def openai_client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.admin_key, max_retries=0)
+
+
+@pytest.fixture
+def fresh_home(tmp_path) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    return home
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copyfile(src, dst)
+    return dst

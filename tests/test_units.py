@@ -1,0 +1,119 @@
+"""Names, digests, Modelfiles, keep_alive durations, stop strings, templates: pure functions."""
+
+import pytest
+
+from appliance.errors import BadRequest
+from appliance.inference.scheduler import parse_keep_alive
+from appliance.inference.stops import StopMatcher
+from appliance.models.modelfile import parse_modelfile
+from appliance.models.names import parse_digest, parse_name
+from appliance.models.template import check_template, parse_tool_calls, render_chat
+
+
+@pytest.mark.parametrize("raw, display", [
+    ("llama3", "llama3:latest"),
+    ("llama3:8b-q4", "llama3:8b-q4"),
+    ("Team/Model:V1", "team/model:v1"),
+    ("host.lan:5000/team/model:tag", "host.lan:5000/team/model:tag"),
+    ("library/llama3", "llama3:latest"),
+])
+def test_names_follow_ollama_grammar(raw, display):
+    assert parse_name(raw).display == display
+
+
+@pytest.mark.parametrize("raw", ["", "../etc/passwd", "a/../b", "..", "a/b/c/d", "x:", ":tag", "a b", "/abs",
+                                 "model:../../x", "a" * 100, "mo\x00del", "a//b"])
+def test_bad_names_are_refused(raw):
+    with pytest.raises(BadRequest):
+        parse_name(raw)
+
+
+def test_digest_grammar():
+    hex64 = "a" * 64
+    assert parse_digest(f"sha256:{hex64}") == hex64
+    assert parse_digest(f"sha256-{hex64}") == hex64
+    for bad in (f"sha256:{hex64[:-1]}", f"sha256:{'A' * 64}", f"md5:{hex64}", f"sha256:{hex64}/../x", ""):
+        with pytest.raises(BadRequest):
+            parse_digest(bad)
+
+
+def test_modelfile_parses_every_command():
+    spec = parse_modelfile('''
+# comment
+FROM ./model.gguf
+PARAMETER temperature 0.2
+PARAMETER stop "<|im_end|>"
+PARAMETER stop "###"
+PARAMETER num_ctx 2048
+TEMPLATE """{% for m in messages %}{{ m['content'] }}
+{% endfor %}"""
+SYSTEM """You are terse.
+Always."""
+MESSAGE user hi
+LICENSE "MIT"
+''')
+    assert spec.from_ == "./model.gguf"
+    assert spec.parameters == {"temperature": 0.2, "stop": ["<|im_end|>", "###"], "num_ctx": 2048}
+    assert spec.template.startswith("{% for m in messages %}") and spec.template.endswith("{% endfor %}")
+    assert spec.system == "You are terse.\nAlways."
+    assert spec.messages == [{"role": "user", "content": "hi"}]
+    assert spec.license == "MIT"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("PARAMETER temperature 0.1", "FROM is required"),
+    ("FROM x\nPARAMETER nonsense 1", "unknown parameter"),
+    ("FROM x\nPARAMETER num_ctx lots", "must be of type int"),
+    ('FROM x\nSYSTEM """never closed', "unterminated"),
+    ("FROM x\nADAPTER ./lora.gguf", "ADAPTER"),
+    ("FROM x\nBOGUS 1", "unknown command"),
+])
+def test_modelfile_errors_are_clear(text, message):
+    with pytest.raises(BadRequest, match=message):
+        parse_modelfile(text)
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("5m", 300), ("1h30m", 5400), ("10s", 10), (0, 0), ("0", 0), (30, 30), (-1, None), ("-1m", None),
+    ("1.5s", 1.5), ("250ms", 0.25),
+])
+def test_keep_alive_durations(value, seconds):
+    assert parse_keep_alive(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "5 minutes", True, [], "m"])
+def test_bad_keep_alive(value):
+    with pytest.raises(BadRequest):
+        parse_keep_alive(value)
+
+
+def test_stop_strings_hold_back_partial_matches():
+    matcher = StopMatcher(["###", "END"])
+    assert matcher.feed("hello #") == ("hello ", False)
+    assert matcher.feed("#") == ("", False)
+    assert matcher.feed("x") == ("##x", False)
+    assert matcher.feed(" and EN") == (" and ", False)
+    assert matcher.feed("D more") == ("", True)
+
+
+def test_chat_template_renders_in_a_sandbox():
+    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    assert render_chat(template, [{"role": "user", "content": "hi"}]) == "[user]hi[assistant]"
+    hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(BadRequest):
+        render_chat(hostile, [])
+
+
+def test_go_templates_are_refused_clearly():
+    with pytest.raises(BadRequest, match="Go-style"):
+        check_template("{{ if .System }}{{ .System }}{{ end }}{{ .Prompt }}")
+    with pytest.raises(BadRequest, match="invalid chat template"):
+        check_template("{% for x in %}")
+
+
+def test_tool_calls_are_parsed_from_output():
+    text = 'sure <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    calls = parse_tool_calls(text, {"get_weather"})
+    assert [c["function"] for c in calls] == [{"name": "get_weather", "arguments": {"city": "Oslo"}}]
+    assert parse_tool_calls(text, {"other_tool"}) == []
+    assert parse_tool_calls("no calls here", {"get_weather"}) == []
