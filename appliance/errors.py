@@ -43,7 +43,7 @@ class Busy(ApplianceError):
 
 
 class InsufficientMemory(ApplianceError):
-    status = 507
+    status = 500
 
 
 class RunnerFailed(ApplianceError):

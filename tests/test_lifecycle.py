@@ -1,0 +1,139 @@
+"""Runner processes under the scheduler: crashes, eviction, keep_alive expiry, the queue bound."""
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import ollama
+import pytest
+
+from appliance.config import SchedulerSettings
+from appliance.errors import InsufficientMemory
+from appliance.inference.hardware import detect
+from appliance.inference.scheduler import Scheduler
+from appliance.models.create import create_model
+from appliance.models.modelfile import Modelfile
+from appliance.models.store import ModelStore
+from tests.conftest import start_server, stop_server
+
+# Greedy decoding of the synthetic model never samples its end-of-generation token: a long, steady stream.
+LONG = {"num_predict": 2500, "temperature": 0, "repeat_penalty": 1.0}
+LONG_PROMPT = "tell me a story"
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory, tiny_gguf, tiny_long_gguf):
+    srv = start_server(tmp_path_factory.mktemp("lifecycle"), {"tiny": tiny_gguf, "tiny-long": tiny_long_gguf},
+                       APPLIANCE_MAX_LOADED_MODELS="1", APPLIANCE_MAX_QUEUE="1", APPLIANCE_NUM_CTX="16384")
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture
+def client(small_server):
+    return ollama.Client(host=small_server.url, headers=small_server.auth(), timeout=300)
+
+
+def _runner_pid(server, name="tiny-long:latest") -> int:
+    for _ in range(100):
+        for model in httpx.get(f"{server.url}/api/ps", headers=server.auth()).json()["models"]:
+            if model["name"] == name:
+                return model["runner"]["pid"]
+        time.sleep(0.05)
+    raise AssertionError("runner never appeared")
+
+
+def test_runner_crash_mid_stream_ends_with_error_line_and_next_request_works(client, small_server):
+    stream = client.generate(model="tiny-long", prompt=LONG_PROMPT, stream=True, options=LONG)
+    first = next(stream)
+    assert not first.done
+    pid = _runner_pid(small_server)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ollama.ResponseError) as error:
+        for _chunk in stream:
+            pass
+    assert "runner process died (SIGKILL)" in error.value.error
+    small_server.assert_alive()
+    again = client.generate(model="tiny-long", prompt="again", options={"num_predict": 3})
+    assert again.done and again.eval_count <= 3
+    assert _runner_pid(small_server) != pid
+
+
+def test_runner_crash_without_streaming_is_a_500(client, small_server):
+    client.generate(model="tiny-long", prompt="", keep_alive="5m")  # load first, so the pid is known
+    pid = _runner_pid(small_server)
+    result: dict = {}
+
+    def ask():
+        with small_server.http() as http:
+            result["response"] = http.post("/api/generate", json={"model": "tiny-long", "prompt": LONG_PROMPT,
+                                                                   "stream": False, "options": LONG})
+
+    worker = threading.Thread(target=ask)
+    worker.start()
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGKILL)
+    worker.join(120)
+    response = result["response"]
+    assert response.status_code == 500
+    assert "runner" in response.json()["error"]
+    small_server.assert_alive()
+    assert client.chat(model="tiny-long", messages=[{"role": "user", "content": "hi"}],
+                       options={"num_predict": 2}).done
+
+
+def test_only_max_loaded_models_stay_loaded(client):
+    client.generate(model="tiny", prompt="a", options={"num_predict": 1})
+    assert [m.model for m in client.ps().models] == ["tiny:latest"]
+    client.generate(model="tiny-long", prompt="b", options={"num_predict": 1})
+    assert [m.model for m in client.ps().models] == ["tiny-long:latest"]
+
+
+def test_keep_alive_expiry_unloads(client):
+    client.generate(model="tiny", prompt="a", options={"num_predict": 1}, keep_alive="1s")
+    assert "tiny:latest" in {m.model for m in client.ps().models}
+    deadline = time.time() + 30
+    while time.time() < deadline and client.ps().models:
+        time.sleep(0.2)
+    assert client.ps().models == []
+
+
+def test_queue_bound_answers_503_and_a_disconnect_frees_the_runner(client, small_server):
+    running = client.generate(model="tiny-long", prompt=LONG_PROMPT, stream=True, options=LONG)
+    next(running)  # the first request holds the runner
+    second: dict = {}
+
+    def wait_in_queue():
+        with small_server.http() as http:
+            second["response"] = http.post("/api/generate", json={
+                "model": "tiny-long", "prompt": "second", "stream": False, "options": {"num_predict": 4}})
+
+    waiter = threading.Thread(target=wait_in_queue)
+    waiter.start()
+    time.sleep(1.0)  # the second request is now waiting: the queue (bound 1) is full
+    with small_server.http() as http:
+        third = http.post("/api/generate", json={"model": "tiny-long", "prompt": "third", "stream": False})
+    assert third.status_code == 503
+    assert "busy" in third.json()["error"] and third.headers["retry-after"]
+    running.close()  # the client goes away: its generation is cancelled and the waiting request runs
+    waiter.join(120)
+    assert second["response"].status_code == 200
+    assert second["response"].json()["eval_count"] <= 4
+
+
+def test_model_larger_than_the_memory_budget_is_refused(tmp_path, tiny_gguf):
+    store = ModelStore(tmp_path / "models")
+    record = create_model(store, "tiny", Modelfile(from_=str(tiny_gguf)), base_dir=Path("/"))
+    scheduler = Scheduler(SchedulerSettings(max_memory_bytes=1024 * 1024), store, detect())
+
+    async def attempt():
+        async with scheduler.use(record, {}):
+            pass
+
+    with pytest.raises(InsufficientMemory, match="requires more memory"):
+        asyncio.run(attempt())
+    assert scheduler.loaded() == []
