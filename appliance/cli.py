@@ -73,7 +73,9 @@ class ServerClient:
         try:
             response = self.http.request(method, path, json=body)
         except httpx.ConnectError:
-            raise ApplianceError(f"could not reach the server at {self.base}; start it with `appliance serve`") from None
+            raise ApplianceError(
+                f"could not reach the server at {self.base}; start it with `appliance serve`"
+            ) from None
         self._check(response)
         return response.json() if response.content else None
 
@@ -92,7 +94,9 @@ class ServerClient:
                             raise ApplianceError(item["error"])
                         yield item
         except httpx.ConnectError:
-            raise ApplianceError(f"could not reach the server at {self.base}; start it with `appliance serve`") from None
+            raise ApplianceError(
+                f"could not reach the server at {self.base}; start it with `appliance serve`"
+            ) from None
 
 
 # --- server --------------------------------------------------------------------------------------
@@ -106,8 +110,13 @@ def cmd_serve(settings: Settings, args) -> int:
     if args.port:
         settings.server.port = args.port
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.server.host, port=settings.server.port,
-                log_level=settings.log_level.lower(), access_log=False)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
     return 0
 
 
@@ -129,8 +138,14 @@ def cmd_create(settings: Settings, args) -> int:
         spec, base_dir = Modelfile(from_=str(Path(args.from_file).expanduser().resolve())), Path.cwd()
     console = Console(stderr=True)
     with console.status("creating model") as status:
-        record = create_model(_store(settings), args.name, spec, base_dir=base_dir, quantize=args.quantize,
-                              progress=lambda message: status.update(message))
+        record = create_model(
+            _store(settings),
+            args.name,
+            spec,
+            base_dir=base_dir,
+            quantize=args.quantize,
+            progress=lambda message: status.update(message),
+        )
     print(f"created {record.name.display} (sha256:{record.model_digest[:12]}, {record.details['quantization_level']})")
     return 0
 
@@ -138,13 +153,25 @@ def cmd_create(settings: Settings, args) -> int:
 def cmd_list(settings: Settings, args) -> int:
     records = _store(settings).list()
     if args.json:
-        _print_json([{"name": r.name.display, "digest": r.digest, "size": r.size,
-                      "modified_at": r.modified_at.isoformat(), "details": r.details} for r in records])
+        _print_json(
+            [
+                {
+                    "name": r.name.display,
+                    "digest": r.digest,
+                    "size": r.size,
+                    "modified_at": r.modified_at.isoformat(),
+                    "details": r.details,
+                }
+                for r in records
+            ]
+        )
         return 0
     print(f"{'NAME':<40} {'ID':<14} {'SIZE':>10}  {'QUANT':<8} MODIFIED")
     for r in records:
-        print(f"{r.name.display:<40} {r.digest[:12]:<14} {r.size / 1e6:>8.1f}MB  "
-              f"{r.details['quantization_level']:<8} {r.modified_at:%Y-%m-%d %H:%M}")
+        print(
+            f"{r.name.display:<40} {r.digest[:12]:<14} {r.size / 1e6:>8.1f}MB  "
+            f"{r.details['quantization_level']:<8} {r.modified_at:%Y-%m-%d %H:%M}"
+        )
     return 0
 
 
@@ -156,26 +183,44 @@ def cmd_show(settings: Settings, args) -> int:
     info = store.gguf_info(record.model_digest)
     template = record.template or info.chat_template or ""
     if args.modelfile:
-        print(render_modelfile(record.name.display, str(record.model_path), record.parameters, record.template,
-                               record.system, record.license))
+        print(
+            render_modelfile(
+                record.name.display,
+                str(record.model_path),
+                record.parameters,
+                record.template,
+                record.system,
+                record.license,
+            )
+        )
         return 0
     if args.template:
         print(template)
         return 0
     summary = {
-        "name": record.name.display, "architecture": info.architecture,
-        "parameters": record.details["parameter_size"], "parameter_count": info.parameter_count,
-        "quantization": info.quantization, "context_length": info.context_length,
-        "embedding_length": info.arch_value("embedding_length"), "chat_template": template,
-        "system": record.system, "parameters_set": record.parameters, "digest": record.model_digest,
+        "name": record.name.display,
+        "architecture": info.architecture,
+        "parameters": record.details["parameter_size"],
+        "parameter_count": info.parameter_count,
+        "quantization": info.quantization,
+        "context_length": info.context_length,
+        "embedding_length": info.arch_value("embedding_length"),
+        "chat_template": template,
+        "system": record.system,
+        "parameters_set": record.parameters,
+        "digest": record.model_digest,
     }
     if args.json:
         _print_json(summary)
         return 0
     print("  Model")
-    for label, key in (("architecture", "architecture"), ("parameters", "parameters"),
-                       ("context length", "context_length"), ("embedding length", "embedding_length"),
-                       ("quantization", "quantization")):
+    for label, key in (
+        ("architecture", "architecture"),
+        ("parameters", "parameters"),
+        ("context length", "context_length"),
+        ("embedding length", "embedding_length"),
+        ("quantization", "quantization"),
+    ):
         print(f"    {label:<20}{summary[key]}")
     if record.parameters:
         print("\n  Parameters")
@@ -209,8 +254,10 @@ def cmd_ps(settings: Settings, args) -> int:
     print(f"{'NAME':<40} {'SIZE':>10}  {'PROCESSOR':<10} {'CONTEXT':>7}  {'PID':>7}  UNTIL")
     for m in models:
         processor = "GPU" if m["size_vram"] >= m["size"] else ("CPU" if not m["size_vram"] else "CPU/GPU")
-        print(f"{m['name']:<40} {m['size'] / 1e6:>8.1f}MB  {processor:<10} {m['context_length']:>7}  "
-              f"{m['runner']['pid']:>7}  {m['expires_at']}")
+        print(
+            f"{m['name']:<40} {m['size'] / 1e6:>8.1f}MB  {processor:<10} {m['context_length']:>7}  "
+            f"{m['runner']['pid']:>7}  {m['expires_at']}"
+        )
     return 0
 
 
@@ -239,8 +286,9 @@ def cmd_run(settings: Settings, args) -> int:
     client.call("POST", "/api/chat", {"model": args.name, "messages": [], "stream": False})  # load or fail early
 
     def ask(text: str) -> None:
-        messages = ([{"role": "system", "content": system}] if system else []) + history + [
-            {"role": "user", "content": text}]
+        messages = (
+            ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": text}]
+        )
         reply: list[str] = []
         for item in client.stream("/api/chat", {"model": args.name, "messages": messages, "options": options}):
             piece = item.get("message", {}).get("content", "")
@@ -318,8 +366,10 @@ def cmd_users_add(settings: Settings, args) -> int:
 def cmd_users_list(settings: Settings, args) -> int:
     from appliance.users import list_users
 
-    users = [{"name": u.name, "role": u.role, "disabled": u.disabled, "created_at": u.created_at.isoformat()}
-             for u in list_users(_db(settings))]
+    users = [
+        {"name": u.name, "role": u.role, "disabled": u.disabled, "created_at": u.created_at.isoformat()}
+        for u in list_users(_db(settings))
+    ]
     if args.json:
         _print_json(users)
     else:

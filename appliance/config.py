@@ -27,9 +27,7 @@ class ServerSettings(BaseSettings):
         default_factory=list,
         description="Extra Host header values accepted (besides loopback names and the bind address).",
     )
-    max_request_bytes: int = Field(
-        1_048_576 * 16, ge=1024, description="Largest JSON request body accepted, in bytes."
-    )
+    max_request_bytes: int = Field(1_048_576 * 16, ge=1024, description="Largest JSON request body accepted, in bytes.")
     max_blob_bytes: int = Field(
         1 << 40, ge=1024, description="Largest model blob accepted by POST /api/blobs, in bytes."
     )

@@ -71,18 +71,28 @@ class SentenceEmbedder:
         if not truncate:
             for index, count in enumerate(counts):
                 if count > limit:
-                    raise BadRequest(f"input {index} is {count} tokens long, more than the model's context "
-                                     f"length ({limit} tokens); set truncate to true to cut it")
+                    raise BadRequest(
+                        f"input {index} is {count} tokens long, more than the model's context "
+                        f"length ({limit} tokens); set truncate to true to cut it"
+                    )
         full = self.dimensions
         if dimensions is not None and not 1 <= dimensions <= full:
             raise BadRequest(f"dimensions must be between 1 and {full}")
         with self._lock:
-            array = model.encode(texts, batch_size=self.settings.embedding_batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False)
+            array = model.encode(
+                texts,
+                batch_size=self.settings.embedding_batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
         if dimensions is not None and dimensions < full:
             import numpy as np
 
             array = array[:, :dimensions]
             array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
-        return EmbeddingResult(vectors=array.tolist(), prompt_tokens=sum(min(c, limit) for c in counts),
-                               duration_ns=time.perf_counter_ns() - started)
+        return EmbeddingResult(
+            vectors=array.tolist(),
+            prompt_tokens=sum(min(c, limit) for c in counts),
+            duration_ns=time.perf_counter_ns() - started,
+        )

@@ -40,8 +40,9 @@ def cli_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def run_cli(home: Path, *args: str, input: str | None = None, check: bool = True, **extra: str):
-    result = subprocess.run([APPLIANCE, *args], env=cli_env(home, **extra), input=input, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [APPLIANCE, *args], env=cli_env(home, **extra), input=input, capture_output=True, text=True, timeout=300
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"appliance {' '.join(args)} failed ({result.returncode}): {result.stderr}")
     return result
@@ -100,10 +101,16 @@ def start_server(home: Path, models: dict[str, Path], **env: str) -> Server:
     netguard_log = home / "netguard.log"
     netguard_log.touch()
     log_path = home / "server.log"
-    server_env = cli_env(home, APPLIANCE_PORT=str(port), APPLIANCE_NETGUARD_LOG=str(netguard_log),
-                         PYTHONPATH=str(HERE / "netguard"), **env)
-    process = subprocess.Popen([APPLIANCE, "serve"], env=server_env, stdout=log_path.open("wb"),
-                               stderr=subprocess.STDOUT)
+    server_env = cli_env(
+        home,
+        APPLIANCE_PORT=str(port),
+        APPLIANCE_NETGUARD_LOG=str(netguard_log),
+        PYTHONPATH=str(HERE / "netguard"),
+        **env,
+    )
+    process = subprocess.Popen(
+        [APPLIANCE, "serve"], env=server_env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -13,8 +13,11 @@ READ_ROUTES = [
     ("GET", "/api/tags", None),
     ("POST", "/api/show", {"model": "tiny"}),
     ("GET", "/api/ps", None),
-    ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                      "max_tokens": 1}),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
+    ),
     ("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}),
     ("POST", "/v1/embeddings", {"model": "all-minilm", "input": "x"}),
     ("GET", "/v1/models", None),

@@ -15,8 +15,10 @@ def api(server):
     server.assert_alive()
 
 
-@pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/api/embed", "/api/show", "/api/create",
-                                  "/v1/chat/completions", "/v1/embeddings"])
+@pytest.mark.parametrize(
+    "path",
+    ["/api/chat", "/api/generate", "/api/embed", "/api/show", "/api/create", "/v1/chat/completions", "/v1/embeddings"],
+)
 def test_malformed_json(api, path):
     response = api.post(path, content=b'{"model": "tiny", "messages": [', headers={"Content-Type": "application/json"})
     assert response.status_code == 400
@@ -25,35 +27,41 @@ def test_malformed_json(api, path):
     assert "invalid JSON" in message
 
 
-@pytest.mark.parametrize("path, body, fragment", [
-    ("/api/chat", {"model": "tiny", "messages": "hello"}, "messages"),
-    ("/api/chat", {"model": 42, "messages": []}, "model"),
-    ("/api/chat", {"model": "tiny", "messages": [{"content": "no role"}]}, "role"),
-    ("/api/generate", {"model": "tiny", "prompt": ["not", "a", "string"]}, "prompt"),
-    ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"num_predict": "many"}}, "num_predict"),
-    ("/api/generate", {"model": "tiny", "prompt": "x", "options": []}, "options"),
-    ("/api/generate", {"model": "tiny", "prompt": "x", "format": "yaml"}, "format"),
-    ("/api/generate", {"model": "tiny", "prompt": "x", "keep_alive": "forever"}, "keep_alive"),
-    ("/api/generate", {"model": "tiny", "prompt": "x", "stream": "yes"}, "stream"),
-    ("/api/embed", {"model": "all-minilm", "input": [1, 2]}, "input"),
-    ("/api/embed", {"model": "all-minilm", "input": "x", "dimensions": 5000}, "dimensions"),
-    ("/api/generate", {"prompt": "x"}, "model"),
-    ("/api/chat", [1, 2, 3], "JSON object"),
-    ("/api/generate", {"model": "tiny", "prompt": "x", "template": "{{ .Prompt }}"}, "Go-style"),
-])
+@pytest.mark.parametrize(
+    "path, body, fragment",
+    [
+        ("/api/chat", {"model": "tiny", "messages": "hello"}, "messages"),
+        ("/api/chat", {"model": 42, "messages": []}, "model"),
+        ("/api/chat", {"model": "tiny", "messages": [{"content": "no role"}]}, "role"),
+        ("/api/generate", {"model": "tiny", "prompt": ["not", "a", "string"]}, "prompt"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"num_predict": "many"}}, "num_predict"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "options": []}, "options"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "format": "yaml"}, "format"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "keep_alive": "forever"}, "keep_alive"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "stream": "yes"}, "stream"),
+        ("/api/embed", {"model": "all-minilm", "input": [1, 2]}, "input"),
+        ("/api/embed", {"model": "all-minilm", "input": "x", "dimensions": 5000}, "dimensions"),
+        ("/api/generate", {"prompt": "x"}, "model"),
+        ("/api/chat", [1, 2, 3], "JSON object"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "template": "{{ .Prompt }}"}, "Go-style"),
+    ],
+)
 def test_wrong_types_are_400(api, path, body, fragment):
     response = api.post(path, json=body)
     assert response.status_code == 400, response.text
     assert fragment in response.json()["error"]
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/api/chat", {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}),
-    ("/api/generate", {"model": "no-such-model", "prompt": "x"}),
-    ("/api/show", {"model": "no-such-model"}),
-    ("/api/embed", {"model": "no-such-model", "input": "x"}),
-    ("/api/copy", {"source": "no-such-model", "destination": "y"}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/api/chat", {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}),
+        ("/api/generate", {"model": "no-such-model", "prompt": "x"}),
+        ("/api/show", {"model": "no-such-model"}),
+        ("/api/embed", {"model": "no-such-model", "input": "x"}),
+        ("/api/copy", {"source": "no-such-model", "destination": "y"}),
+    ],
+)
 def test_unknown_model_is_404(api, path, body):
     response = api.post(path, json=body)
     assert response.status_code == 404 and "not found" in response.json()["error"]
@@ -61,8 +69,9 @@ def test_unknown_model_is_404(api, path, body):
 
 def test_prompt_longer_than_context(api, ollama_client):
     long_prompt = "hello world " * 600  # far beyond the tiny model's 512-token context
-    response = api.post("/api/generate", json={"model": "tiny", "prompt": long_prompt, "raw": True,
-                                                "truncate": False, "stream": False})
+    response = api.post(
+        "/api/generate", json={"model": "tiny", "prompt": long_prompt, "raw": True, "truncate": False, "stream": False}
+    )
     assert response.status_code == 400 and "exceeds the context length" in response.json()["error"]
     truncated = ollama_client.generate(model="tiny", prompt=long_prompt, raw=True, options={"num_predict": 2})
     assert truncated.done and truncated.prompt_eval_count < 512
@@ -76,11 +85,15 @@ def _upload(api, data: bytes) -> str:
 
 def test_corrupt_and_truncated_ggufs_are_refused(api, tiny_gguf, server):
     data = tiny_gguf.read_bytes()
-    for label, broken in {"truncated": data[: len(data) // 2], "header only": data[:64],
-                          "garbage": os.urandom(4096)}.items():
+    for label, broken in {
+        "truncated": data[: len(data) // 2],
+        "header only": data[:64],
+        "garbage": os.urandom(4096),
+    }.items():
         digest = _upload(api, broken)
-        response = api.post("/api/create", json={"model": f"broken-{label.replace(' ', '-')}",
-                                                  "files": {"model.gguf": digest}})
+        response = api.post(
+            "/api/create", json={"model": f"broken-{label.replace(' ', '-')}", "files": {"model.gguf": digest}}
+        )
         assert response.status_code == 400, (label, response.text)
         assert "GGUF" in response.json()["error"]
     names = {m["name"] for m in api.get("/api/tags").json()["models"]}
@@ -105,9 +118,11 @@ def test_bad_digest_in_path(api, digest):
 def test_names_with_dot_dot_are_refused(api, server, name):
     outside = server.home.parent
     before = set(outside.rglob("*"))
-    for path, body in (("/api/copy", {"source": "tiny", "destination": name}),
-                       ("/api/create", {"model": name, "from": "tiny"}),
-                       ("/api/show", {"model": name})):
+    for path, body in (
+        ("/api/copy", {"source": "tiny", "destination": name}),
+        ("/api/create", {"model": name, "from": "tiny"}),
+        ("/api/show", {"model": name}),
+    ):
         response = api.post(path, json=body)
         assert response.status_code == 400 and "invalid model name" in response.json()["error"]
     created_outside = {p for p in set(outside.rglob("*")) - before if not p.is_relative_to(server.home)}

@@ -27,8 +27,13 @@ LONG_PROMPT = "tell me a story"
 
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory, tiny_gguf, tiny_long_gguf):
-    srv = start_server(tmp_path_factory.mktemp("lifecycle"), {"tiny": tiny_gguf, "tiny-long": tiny_long_gguf},
-                       APPLIANCE_MAX_LOADED_MODELS="1", APPLIANCE_MAX_QUEUE="1", APPLIANCE_NUM_CTX="16384")
+    srv = start_server(
+        tmp_path_factory.mktemp("lifecycle"),
+        {"tiny": tiny_gguf, "tiny-long": tiny_long_gguf},
+        APPLIANCE_MAX_LOADED_MODELS="1",
+        APPLIANCE_MAX_QUEUE="1",
+        APPLIANCE_NUM_CTX="16384",
+    )
     yield srv
     stop_server(srv)
 
@@ -70,8 +75,9 @@ def test_runner_crash_without_streaming_is_a_500(client, small_server):
 
     def ask():
         with small_server.http() as http:
-            result["response"] = http.post("/api/generate", json={"model": "tiny-long", "prompt": LONG_PROMPT,
-                                                                   "stream": False, "options": LONG})
+            result["response"] = http.post(
+                "/api/generate", json={"model": "tiny-long", "prompt": LONG_PROMPT, "stream": False, "options": LONG}
+            )
 
     worker = threading.Thread(target=ask)
     worker.start()
@@ -82,8 +88,7 @@ def test_runner_crash_without_streaming_is_a_500(client, small_server):
     assert response.status_code == 500
     assert "runner" in response.json()["error"]
     small_server.assert_alive()
-    assert client.chat(model="tiny-long", messages=[{"role": "user", "content": "hi"}],
-                       options={"num_predict": 2}).done
+    assert client.chat(model="tiny-long", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 2}).done
 
 
 def test_only_max_loaded_models_stay_loaded(client):
@@ -109,8 +114,10 @@ def test_queue_bound_answers_503_and_a_disconnect_frees_the_runner(client, small
 
     def wait_in_queue():
         with small_server.http() as http:
-            second["response"] = http.post("/api/generate", json={
-                "model": "tiny-long", "prompt": "second", "stream": False, "options": {"num_predict": 4}})
+            second["response"] = http.post(
+                "/api/generate",
+                json={"model": "tiny-long", "prompt": "second", "stream": False, "options": {"num_predict": 4}},
+            )
 
     waiter = threading.Thread(target=wait_in_queue)
     waiter.start()

@@ -24,8 +24,14 @@ def test_tags_list_models_and_the_bundled_embedder(ollama_client):
 
 
 def test_chat_streams_tokens_with_timings(ollama_client):
-    chunks = list(ollama_client.chat(model="tiny", messages=[{"role": "user", "content": "Hello"}], stream=True,
-                                     options={"num_predict": 8, "seed": 42, "unknown_option": 1}))
+    chunks = list(
+        ollama_client.chat(
+            model="tiny",
+            messages=[{"role": "user", "content": "Hello"}],
+            stream=True,
+            options={"num_predict": 8, "seed": 42, "unknown_option": 1},
+        )
+    )
     assert chunks[-1].done and not any(c.done for c in chunks[:-1])
     final = chunks[-1]
     assert final.done_reason in ("length", "stop")
@@ -37,13 +43,19 @@ def test_chat_streams_tokens_with_timings(ollama_client):
 
 def test_chat_non_streaming_is_deterministic_with_a_seed(ollama_client):
     def ask():
-        return ollama_client.chat(model="tiny", messages=[{"role": "user", "content": "Hi"}], stream=False,
-                                  options={"num_predict": 12, "seed": 7, "temperature": 0.7})
+        return ollama_client.chat(
+            model="tiny",
+            messages=[{"role": "user", "content": "Hi"}],
+            stream=False,
+            options={"num_predict": 12, "seed": 7, "temperature": 0.7},
+        )
 
     first, second = ask(), ask()
     assert first.done and first.message.content == second.message.content
-    greedy = [ollama_client.generate(model="tiny", prompt="abc", options={"num_predict": 6, "temperature": 0})
-              .response for _ in range(2)]
+    greedy = [
+        ollama_client.generate(model="tiny", prompt="abc", options={"num_predict": 6, "temperature": 0}).response
+        for _ in range(2)
+    ]
     assert greedy[0] == greedy[1]
 
 
@@ -55,33 +67,48 @@ def test_generate_with_system_and_raw(ollama_client):
 
 
 def test_stop_sequences_end_generation(ollama_client):
-    text = ollama_client.generate(model="tiny", prompt="x", raw=True,
-                                  options={"num_predict": 40, "temperature": 0, "seed": 1}).response
+    text = ollama_client.generate(
+        model="tiny", prompt="x", raw=True, options={"num_predict": 40, "temperature": 0, "seed": 1}
+    ).response
     assert len(text) > 4
     stop = text[2:4]
-    stopped = ollama_client.generate(model="tiny", prompt="x", raw=True,
-                                     options={"num_predict": 40, "temperature": 0, "seed": 1, "stop": [stop]})
+    stopped = ollama_client.generate(
+        model="tiny", prompt="x", raw=True, options={"num_predict": 40, "temperature": 0, "seed": 1, "stop": [stop]}
+    )
     assert stopped.done_reason == "stop"
     assert stop not in stopped.response and text.startswith(stopped.response)
 
 
 def test_format_json_schema_constrains_output(ollama_client):
     schema = {"type": "object", "properties": {"urgent": {"type": "boolean"}}, "required": ["urgent"]}
-    reply = ollama_client.chat(model="tiny", messages=[{"role": "user", "content": "Urgent?"}], format=schema,
-                               options={"num_predict": 200, "seed": 3})
+    reply = ollama_client.chat(
+        model="tiny",
+        messages=[{"role": "user", "content": "Urgent?"}],
+        format=schema,
+        options={"num_predict": 200, "seed": 3},
+    )
     assert isinstance(json.loads(reply.message.content)["urgent"], bool)
-    generic = ollama_client.generate(model="tiny", prompt="json please", format="json",
-                                     options={"num_predict": 200, "seed": 4})
+    generic = ollama_client.generate(
+        model="tiny", prompt="json please", format="json", options={"num_predict": 200, "seed": 4}
+    )
     assert generic.response.lstrip().startswith(("{", "["))
 
 
 def test_tools_are_passed_through_the_template(ollama_client):
-    tools = [{"type": "function", "function": {"name": "lookup_patient", "description": "Find a patient",
-                                                "parameters": {"type": "object", "properties": {}}}}]
-    with_tools = ollama_client.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], tools=tools,
-                                    options={"num_predict": 1})
-    without = ollama_client.chat(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                 options={"num_predict": 1})
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup_patient",
+                "description": "Find a patient",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
+    with_tools = ollama_client.chat(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], tools=tools, options={"num_predict": 1}
+    )
+    without = ollama_client.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 1})
     assert with_tools.prompt_eval_count > without.prompt_eval_count + 10
 
 
@@ -123,8 +150,11 @@ def test_show_always_has_model_info(ollama_client):
 
 def test_ps_and_keep_alive(ollama_client):
     ollama_client.generate(model="tiny", prompt="hi", options={"num_predict": 1}, keep_alive=-1)
-    chat_runners = [m for m in ollama_client.ps().models if m.model == "tiny:latest" and m.size_vram == 0
-                    and m.expires_at.year > 2100]
+    chat_runners = [
+        m
+        for m in ollama_client.ps().models
+        if m.model == "tiny:latest" and m.size_vram == 0 and m.expires_at.year > 2100
+    ]
     assert len(chat_runners) == 1, ollama_client.ps()
     assert chat_runners[0].context_length == 512
     # An empty prompt with keep_alive 0 unloads the model.
@@ -147,17 +177,26 @@ def test_copy_create_from_blob_and_delete(ollama_client, tiny_gguf):
 
     digest = ollama_client.create_blob(tiny_gguf)  # HEAD then POST /api/blobs/sha256:...
     assert digest == "sha256:" + hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
-    statuses = [p.status for p in ollama_client.create(model="uploaded", files={"tiny.gguf": digest},
-                                                       system="You answer in one word.",
-                                                       parameters={"temperature": 0.1}, stream=True)]
+    statuses = [
+        p.status
+        for p in ollama_client.create(
+            model="uploaded",
+            files={"tiny.gguf": digest},
+            system="You answer in one word.",
+            parameters={"temperature": 0.1},
+            stream=True,
+        )
+    ]
     assert statuses[-1] == "success"
     shown = ollama_client.show("uploaded")
     assert "temperature" in shown.parameters and "one word" in shown.modelfile
-    reply = ollama_client.chat(model="uploaded", messages=[{"role": "user", "content": "hi"}],
-                               options={"num_predict": 2})
+    reply = ollama_client.chat(
+        model="uploaded", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 2}
+    )
     assert reply.done
-    derived = ollama_client.create(model="uploaded-derived", from_="uploaded", template=(
-        "{% for m in messages %}{{ m['content'] }}{% endfor %}"))
+    derived = ollama_client.create(
+        model="uploaded-derived", from_="uploaded", template=("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    )
     assert derived.status == "success"
     ollama_client.delete("uploaded-derived")
     ollama_client.delete("uploaded")

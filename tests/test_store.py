@@ -34,8 +34,12 @@ def test_gguf_metadata_is_read(tiny_gguf):
 
 
 def test_create_list_show_copy_remove(store, tiny_gguf):
-    record = create_model(store, "clinic/tiny:v1", Modelfile(from_=str(tiny_gguf), parameters={"temperature": 0.1},
-                                                               system="Be brief."), base_dir=Path("/"))
+    record = create_model(
+        store,
+        "clinic/tiny:v1",
+        Modelfile(from_=str(tiny_gguf), parameters={"temperature": 0.1}, system="Be brief."),
+        base_dir=Path("/"),
+    )
     assert record.name.display == "clinic/tiny:v1"
     blob = store.blob_path(record.model_digest)
     assert blob.name == f"sha256-{record.model_digest}" and blob.read_bytes() == tiny_gguf.read_bytes()
@@ -96,7 +100,7 @@ def test_truncated_and_corrupt_ggufs_are_refused(store, tiny_gguf, tmp_path):
         "not gguf": tmp_path / "c.gguf",
     }
     cases["not gguf"].write_bytes(b"PK\x03\x04" + b"\x00" * 100)
-    for label, path in cases.items():
+    for path in cases.values():
         with pytest.raises(InvalidGGUF):
             create_model(store, "broken", Modelfile(from_=str(path)), base_dir=Path("/"))
     assert store.list() == [] and list(store.blobs_dir.iterdir()) == []

@@ -10,19 +10,38 @@ from appliance.models.names import parse_digest, parse_name
 from appliance.models.template import check_template, parse_tool_calls, render_chat
 
 
-@pytest.mark.parametrize("raw, display", [
-    ("llama3", "llama3:latest"),
-    ("llama3:8b-q4", "llama3:8b-q4"),
-    ("Team/Model:V1", "team/model:v1"),
-    ("host.lan:5000/team/model:tag", "host.lan:5000/team/model:tag"),
-    ("library/llama3", "llama3:latest"),
-])
+@pytest.mark.parametrize(
+    "raw, display",
+    [
+        ("llama3", "llama3:latest"),
+        ("llama3:8b-q4", "llama3:8b-q4"),
+        ("Team/Model:V1", "team/model:v1"),
+        ("host.lan:5000/team/model:tag", "host.lan:5000/team/model:tag"),
+        ("library/llama3", "llama3:latest"),
+    ],
+)
 def test_names_follow_ollama_grammar(raw, display):
     assert parse_name(raw).display == display
 
 
-@pytest.mark.parametrize("raw", ["", "../etc/passwd", "a/../b", "..", "a/b/c/d", "x:", ":tag", "a b", "/abs",
-                                 "model:../../x", "a" * 100, "mo\x00del", "a//b"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "../etc/passwd",
+        "a/../b",
+        "..",
+        "a/b/c/d",
+        "x:",
+        ":tag",
+        "a b",
+        "/abs",
+        "model:../../x",
+        "a" * 100,
+        "mo\x00del",
+        "a//b",
+    ],
+)
 def test_bad_names_are_refused(raw):
     with pytest.raises(BadRequest):
         parse_name(raw)
@@ -60,23 +79,37 @@ LICENSE "MIT"
     assert spec.license == "MIT"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("PARAMETER temperature 0.1", "FROM is required"),
-    ("FROM x\nPARAMETER nonsense 1", "unknown parameter"),
-    ("FROM x\nPARAMETER num_ctx lots", "must be of type int"),
-    ('FROM x\nSYSTEM """never closed', "unterminated"),
-    ("FROM x\nADAPTER ./lora.gguf", "ADAPTER"),
-    ("FROM x\nBOGUS 1", "unknown command"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("PARAMETER temperature 0.1", "FROM is required"),
+        ("FROM x\nPARAMETER nonsense 1", "unknown parameter"),
+        ("FROM x\nPARAMETER num_ctx lots", "must be of type int"),
+        ('FROM x\nSYSTEM """never closed', "unterminated"),
+        ("FROM x\nADAPTER ./lora.gguf", "ADAPTER"),
+        ("FROM x\nBOGUS 1", "unknown command"),
+    ],
+)
 def test_modelfile_errors_are_clear(text, message):
     with pytest.raises(BadRequest, match=message):
         parse_modelfile(text)
 
 
-@pytest.mark.parametrize("value, seconds", [
-    ("5m", 300), ("1h30m", 5400), ("10s", 10), (0, 0), ("0", 0), (30, 30), (-1, None), ("-1m", None),
-    ("1.5s", 1.5), ("250ms", 0.25),
-])
+@pytest.mark.parametrize(
+    "value, seconds",
+    [
+        ("5m", 300),
+        ("1h30m", 5400),
+        ("10s", 10),
+        (0, 0),
+        ("0", 0),
+        (30, 30),
+        (-1, None),
+        ("-1m", None),
+        ("1.5s", 1.5),
+        ("250ms", 0.25),
+    ],
+)
 def test_keep_alive_durations(value, seconds):
     assert parse_keep_alive(value) == seconds
 
@@ -97,7 +130,10 @@ def test_stop_strings_hold_back_partial_matches():
 
 
 def test_chat_template_renders_in_a_sandbox():
-    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
     assert render_chat(template, [{"role": "user", "content": "hi"}]) == "[user]hi[assistant]"
     hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(BadRequest):
@@ -117,3 +153,42 @@ def test_tool_calls_are_parsed_from_output():
     assert [c["function"] for c in calls] == [{"name": "get_weather", "arguments": {"city": "Oslo"}}]
     assert parse_tool_calls(text, {"other_tool"}) == []
     assert parse_tool_calls("no calls here", {"get_weather"}) == []
+
+
+def test_settings_defaults_and_environment(monkeypatch, tmp_path):
+    from appliance.config import Settings
+
+    for key in ("APPLIANCE_HOME", "APPLIANCE_PORT", "APPLIANCE_HOST", "APPLIANCE_MAX_LOADED_MODELS"):
+        monkeypatch.delenv(key, raising=False)
+    defaults = Settings()
+    assert (defaults.server.host, defaults.server.port) == ("127.0.0.1", 11434)
+    assert defaults.home.name == ".appliance" and defaults.scheduler.keep_alive == "5m"
+    assert defaults.resolved_database_url.endswith("/.appliance/appliance.db")
+    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path))
+    monkeypatch.setenv("APPLIANCE_MAX_LOADED_MODELS", "2")
+    configured = Settings()
+    assert configured.home == tmp_path and configured.scheduler.max_loaded_models == 2
+    monkeypatch.setenv("APPLIANCE_MAX_LOADED_MODELS", "0")
+    with pytest.raises(ValueError):
+        Settings()
+
+
+def test_network_guard_blocks_and_records(tmp_path):
+    """The guard the server tests run under really blocks: a non-loopback connect fails and is logged."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    log = tmp_path / "attempts.log"
+    code = (
+        "import socket\n"
+        "s = socket.socket()\n"
+        "s.settimeout(1)\n"
+        "try:\n    s.connect(('192.0.2.1', 80))\nexcept OSError as e:\n    print('blocked', e)\n"
+        "try:\n    socket.getaddrinfo('huggingface.co', 443)\nexcept OSError as e:\n    print('blocked', e)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent / "netguard"), APPLIANCE_NETGUARD_LOG=str(log))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout
+    assert out.count("network blocked by test guard") == 2
+    assert "192.0.2.1" in log.read_text() and "huggingface.co" in log.read_text()

@@ -55,9 +55,13 @@ def create_app(settings: Settings) -> FastAPI:
         state.cli_token_hash = issue_cli_token(settings.run_dir)
         state.started_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         warm = asyncio.create_task(asyncio.to_thread(state.embedder.load))
-        log.info("appliance %s ready: %d CPU cores, %.1f GiB memory, %d GPU(s)", __version__,
-                 state.hardware.physical_cores, state.hardware.total_memory / 2**30,
-                 len(state.hardware.gpu_free_memory))
+        log.info(
+            "appliance %s ready: %d CPU cores, %.1f GiB memory, %d GPU(s)",
+            __version__,
+            state.hardware.physical_cores,
+            state.hardware.total_memory / 2**30,
+            len(state.hardware.gpu_free_memory),
+        )
         try:
             yield
         finally:
@@ -65,8 +69,14 @@ def create_app(settings: Settings) -> FastAPI:
             await state.scheduler.shutdown()
             (settings.run_dir / "cli.token").unlink(missing_ok=True)
 
-    app = FastAPI(title="Knowledge appliance", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="Knowledge appliance",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
 
     @app.middleware("http")
     async def check_host(request: Request, call_next):

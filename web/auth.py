@@ -14,7 +14,7 @@ from fastapi import Request
 from appliance.errors import Forbidden, Unauthorized
 from appliance.users import Principal, authenticate_key
 
-CLI_TOKEN_FILE = "cli.token"
+CLI_TOKEN_FILE = "cli.token"  # noqa: S105 (a file name, not a secret)
 LOCAL_ADMIN = Principal(user_id=0, name="local-cli", role="admin")
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
@@ -46,8 +46,9 @@ def principal_for(request: Request) -> Principal:
     """The caller behind the request's key; raises Unauthorized."""
     token = bearer_token(request)
     if not token:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' (create one with "
-                           "`appliance keys create --user NAME`)")
+        raise Unauthorized(
+            "missing API key: send 'Authorization: Bearer <key>' (create one with `appliance keys create --user NAME`)"
+        )
     state = request.app.state
     if token.startswith("cli_"):
         if hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), state.cli_token_hash):

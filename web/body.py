@@ -31,8 +31,9 @@ async def read_json(request: Request) -> dict[str, Any]:
     return body
 
 
-def get(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None, *,
-        required: bool = False) -> Any:
+def get(
+    body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None, *, required: bool = False
+) -> Any:
     """body[key] checked against `kind`; None/missing gives `default` (or a 400 if required)."""
     value = body.get(key)
     if value is None:

@@ -95,8 +95,12 @@ async def _generation(request: Request, chat: bool):
 
     def shape(text: str) -> dict[str, Any]:
         if chat:
-            return {"model": model, "created_at": now_iso(), "message": {"role": "assistant", "content": text},
-                    "done": False}
+            return {
+                "model": model,
+                "created_at": now_iso(),
+                "message": {"role": "assistant", "content": text},
+                "done": False,
+            }
         return {"model": model, "created_at": now_iso(), "response": text, "done": False}
 
     def final(done: Finished, text: str) -> dict[str, Any]:
@@ -107,6 +111,7 @@ async def _generation(request: Request, chat: bool):
         return item
 
     if stream:
+
         async def items() -> AsyncIterator[dict[str, Any]]:
             async for event in events:
                 yield shape(event.text) if isinstance(event, Token) else final(event, "")
@@ -142,11 +147,21 @@ async def embed(request: Request, _: Principal = Depends(require_user)):
         raise BadRequest("'input' must be a string or a list of strings")
     name = model_name(body)
     result, load_ns = await _state(request).engine.embed(
-        name, inputs, truncate=bool(get(body, "truncate", bool, True)), dimensions=get(body, "dimensions", int),
-        options=get(body, "options", dict, {}), keep_alive=body.get("keep_alive"))
+        name,
+        inputs,
+        truncate=bool(get(body, "truncate", bool, True)),
+        dimensions=get(body, "dimensions", int),
+        options=get(body, "options", dict, {}),
+        keep_alive=body.get("keep_alive"),
+    )
     total = int((datetime.now(UTC) - started).total_seconds() * 1e9)
-    return {"model": parse_name(name).display, "embeddings": result.vectors, "total_duration": total,
-            "load_duration": load_ns, "prompt_eval_count": result.prompt_tokens}
+    return {
+        "model": parse_name(name).display,
+        "embeddings": result.vectors,
+        "total_duration": total,
+        "load_duration": load_ns,
+        "prompt_eval_count": result.prompt_tokens,
+    }
 
 
 @router.post("/embeddings")
@@ -156,7 +171,8 @@ async def embeddings_legacy(request: Request, _: Principal = Depends(require_use
     if not prompt:
         return {"embedding": []}
     result, _load = await _state(request).engine.embed(
-        model_name(body), [prompt], options=get(body, "options", dict, {}), keep_alive=body.get("keep_alive"))
+        model_name(body), [prompt], options=get(body, "options", dict, {}), keep_alive=body.get("keep_alive")
+    )
     return {"embedding": result.vectors[0]}
 
 
@@ -166,16 +182,33 @@ def _embedding_entry(request: Request) -> dict[str, Any]:
     path = embedder.path or _state(request).embedding_path
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path and path.exists() else 0
     digest = hashlib.sha256(str(path).encode()).hexdigest()
-    return {"name": EMBEDDING_DISPLAY, "model": EMBEDDING_DISPLAY, "modified_at": _state(request).started_at,
-            "size": size, "digest": digest,
-            "details": {"parent_model": "", "format": "safetensors", "family": "bert", "families": ["bert"],
-                        "parameter_size": "23M", "quantization_level": "F32"}}
+    return {
+        "name": EMBEDDING_DISPLAY,
+        "model": EMBEDDING_DISPLAY,
+        "modified_at": _state(request).started_at,
+        "size": size,
+        "digest": digest,
+        "details": {
+            "parent_model": "",
+            "format": "safetensors",
+            "family": "bert",
+            "families": ["bert"],
+            "parameter_size": "23M",
+            "quantization_level": "F32",
+        },
+    }
 
 
 def _tag_entry(record: ModelRecord) -> dict[str, Any]:
     name = record.name.display
-    return {"name": name, "model": name, "modified_at": record.modified_at.isoformat().replace("+00:00", "Z"),
-            "size": record.size, "digest": record.digest, "details": record.details}
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": record.modified_at.isoformat().replace("+00:00", "Z"),
+        "size": record.size,
+        "digest": record.digest,
+        "details": record.details,
+    }
 
 
 @router.get("/tags")
@@ -201,11 +234,20 @@ async def show(request: Request, _: Principal = Depends(require_user)):
         embedder = state.embedder
         dims, context = await asyncio.to_thread(lambda: (embedder.dimensions, embedder.max_tokens))
         entry = _embedding_entry(request)
-        return {"modelfile": f"# bundled sentence-transformers model\nFROM {DEFAULT_EMBEDDING_MODEL}\n",
-                "parameters": "", "template": "", "details": entry["details"],
-                "model_info": {"general.architecture": "bert", "general.parameter_count": 22_700_000,
-                               "bert.embedding_length": dims, "bert.context_length": context},
-                "capabilities": ["embedding"], "modified_at": entry["modified_at"]}
+        return {
+            "modelfile": f"# bundled sentence-transformers model\nFROM {DEFAULT_EMBEDDING_MODEL}\n",
+            "parameters": "",
+            "template": "",
+            "details": entry["details"],
+            "model_info": {
+                "general.architecture": "bert",
+                "general.parameter_count": 22_700_000,
+                "bert.embedding_length": dims,
+                "bert.context_length": context,
+            },
+            "capabilities": ["embedding"],
+            "modified_at": entry["modified_at"],
+        }
     record = await asyncio.to_thread(state.store.resolve, name)
     info = await asyncio.to_thread(state.store.gguf_info, record.model_digest)
     template = record.template or info.chat_template or ""
@@ -213,8 +255,14 @@ async def show(request: Request, _: Principal = Depends(require_user)):
     if "tools" in template:
         capabilities.append("tools")
     result = {
-        "modelfile": render_modelfile(record.name.display, f"sha256-{record.model_digest}", record.parameters,
-                                      record.template, record.system, record.license),
+        "modelfile": render_modelfile(
+            record.name.display,
+            f"sha256-{record.model_digest}",
+            record.parameters,
+            record.template,
+            record.system,
+            record.license,
+        ),
         "parameters": _parameters_text(record.parameters),
         "template": template,
         "details": record.details,
@@ -236,13 +284,19 @@ async def ps(request: Request, _: Principal = Depends(require_user)):
         record = loaded.record
         n_layers = int(_state(request).store.gguf_info(record.model_digest).arch_value("block_count", 0) or 0)
         vram = int(loaded.size * min(1.0, loaded.gpu_layers / n_layers)) if n_layers and loaded.gpu_layers else 0
-        models.append({
-            "name": record.name.display, "model": record.name.display, "size": loaded.size,
-            "digest": record.digest, "details": record.details,
-            "expires_at": (loaded.expires_at or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),
-            "size_vram": vram, "context_length": loaded.n_ctx,
-            "runner": {"pid": loaded.runner.pid, "embedding": loaded.slot[1], "gpu_layers": loaded.gpu_layers},
-        })
+        models.append(
+            {
+                "name": record.name.display,
+                "model": record.name.display,
+                "size": loaded.size,
+                "digest": record.digest,
+                "details": record.details,
+                "expires_at": (loaded.expires_at or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),
+                "size_vram": vram,
+                "context_length": loaded.n_ctx,
+                "runner": {"pid": loaded.runner.pid, "embedding": loaded.slot[1], "gpu_layers": loaded.gpu_layers},
+            }
+        )
     return {"models": models}
 
 
@@ -287,8 +341,7 @@ async def create(request: Request, _: Principal = Depends(require_admin)):
     store = _state(request).store
     # Creation is quick unless quantizing; statuses are collected and sent once it is done, so that a
     # failure is answered with its own status code.
-    await asyncio.to_thread(create_model, store, name, spec, files=files, quantize=quantize,
-                            progress=statuses.append)
+    await asyncio.to_thread(create_model, store, name, spec, files=files, quantize=quantize, progress=statuses.append)
     if not stream:
         return {"status": "success"}
 
@@ -326,8 +379,10 @@ async def blob_upload(digest: str, request: Request, _: Principal = Depends(requ
 
 @router.post("/pull")
 async def pull(_: Principal = Depends(require_admin)):
-    raise BadRequest("pulling models is not available: the appliance has no internet access. Import a GGUF "
-                     "with `appliance create NAME --from FILE.gguf` or upload it with /api/blobs and /api/create")
+    raise BadRequest(
+        "pulling models is not available: the appliance has no internet access. Import a GGUF "
+        "with `appliance create NAME --from FILE.gguf` or upload it with /api/blobs and /api/create"
+    )
 
 
 @router.post("/push")

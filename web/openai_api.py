@@ -28,8 +28,14 @@ FINGERPRINT = "fp_appliance"
 
 
 def error_body(message: str, status: int = 500) -> dict[str, Any]:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-            404: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}.get(status, "api_error")
+    kind = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "invalid_request_error",
+        413: "invalid_request_error",
+        503: "server_error",
+    }.get(status, "api_error")
     code = {401: "invalid_api_key", 404: "model_not_found"}.get(status)
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
@@ -54,8 +60,13 @@ def _options(body: dict[str, Any], default_max_tokens: int | None = None) -> dic
         if max_tokens < 1:
             raise BadRequest("max_tokens must be at least 1")
         options["num_predict"] = max_tokens
-    for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"),
-                         ("frequency_penalty", "frequency_penalty"), ("presence_penalty", "presence_penalty")):
+    for ours, theirs in (
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("seed", "seed"),
+        ("frequency_penalty", "frequency_penalty"),
+        ("presence_penalty", "presence_penalty"),
+    ):
         value = get(body, theirs, (int, float))
         if value is not None:
             options[ours] = value
@@ -92,14 +103,23 @@ def _finish_reason(done: Finished) -> str:
 
 
 def _usage(done: Finished) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_eval_count, "completion_tokens": done.eval_count,
-            "total_tokens": done.prompt_eval_count + done.eval_count}
+    return {
+        "prompt_tokens": done.prompt_eval_count,
+        "completion_tokens": done.eval_count,
+        "total_tokens": done.prompt_eval_count + done.eval_count,
+    }
 
 
 def _openai_tool_calls(done: Finished) -> list[dict[str, Any]]:
-    return [{"id": call["id"], "type": "function", "index": i,
-             "function": {"name": call["function"]["name"], "arguments": json.dumps(call["function"]["arguments"])}}
-            for i, call in enumerate(done.tool_calls)]
+    return [
+        {
+            "id": call["id"],
+            "type": "function",
+            "index": i,
+            "function": {"name": call["function"]["name"], "arguments": json.dumps(call["function"]["arguments"])},
+        }
+        for i, call in enumerate(done.tool_calls)
+    ]
 
 
 @router.post("/chat/completions")
@@ -113,8 +133,13 @@ async def chat_completions(request: Request, _: Principal = Depends(require_user
         role = "system" if message["role"] == "developer" else message["role"]
         messages.append({"role": role, "content": _text_content(message.get("content"), index)})
     model = get(body, "model", str, required=True)
-    generation = GenerationRequest(model=model, messages=messages, format=_response_format(body),
-                                   options=_options(body), tools=get(body, "tools", list))
+    generation = GenerationRequest(
+        model=model,
+        messages=messages,
+        format=_response_format(body),
+        options=_options(body),
+        tools=get(body, "tools", list),
+    )
     events = await primed(request.app.state.engine.generate(generation))
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
@@ -124,9 +149,14 @@ async def chat_completions(request: Request, _: Principal = Depends(require_user
         include_usage = bool((get(body, "stream_options", dict) or {}).get("include_usage"))
 
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-            return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": display,
-                    "system_fingerprint": FINGERPRINT,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            return {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": display,
+                "system_fingerprint": FINGERPRINT,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            }
 
         async def items() -> AsyncIterator[dict[str, Any]]:
             first = True
@@ -141,9 +171,15 @@ async def chat_completions(request: Request, _: Principal = Depends(require_user
                         delta["tool_calls"] = _openai_tool_calls(event)
                     yield chunk(delta, _finish_reason(event))
                     if include_usage:
-                        yield {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                               "model": display, "system_fingerprint": FINGERPRINT, "choices": [],
-                               "usage": _usage(event)}
+                        yield {
+                            "id": completion_id,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": display,
+                            "system_fingerprint": FINGERPRINT,
+                            "choices": [],
+                            "usage": _usage(event),
+                        }
 
         return sse_response(items(), error_body)
 
@@ -155,12 +191,17 @@ async def chat_completions(request: Request, _: Principal = Depends(require_user
         message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
         if event.tool_calls:
             message["tool_calls"] = _openai_tool_calls(event)
-        return JSONResponse({
-            "id": completion_id, "object": "chat.completion", "created": created, "model": display,
-            "system_fingerprint": FINGERPRINT,
-            "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(event), "logprobs": None}],
-            "usage": _usage(event),
-        })
+        return JSONResponse(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": display,
+                "system_fingerprint": FINGERPRINT,
+                "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(event), "logprobs": None}],
+                "usage": _usage(event),
+            }
+        )
     raise BadRequest("no response was generated")
 
 
@@ -180,9 +221,14 @@ async def completions(request: Request, _: Principal = Depends(require_user)):
     display = parse_name(model).display
 
     def shaped(text: str, finish: str | None) -> dict[str, Any]:
-        return {"id": completion_id, "object": "text_completion", "created": created, "model": display,
-                "system_fingerprint": FINGERPRINT,
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": display,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+        }
 
     if get(body, "stream", bool, False):
         include_usage = bool((get(body, "stream_options", dict) or {}).get("include_usage"))
@@ -224,16 +270,28 @@ async def embeddings(request: Request, _: Principal = Depends(require_user)):
         if encoding == "base64":
             value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
         data.append({"object": "embedding", "embedding": value, "index": index})
-    return {"object": "list", "data": data, "model": model,
-            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}}
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+    }
 
 
 async def _model_entries(request: Request) -> list[dict[str, Any]]:
     records = await asyncio.to_thread(request.app.state.store.list)
-    entries = [{"id": r.name.display, "object": "model", "created": int(r.modified_at.timestamp()),
-                "owned_by": r.name.namespace} for r in records]
-    entries.append({"id": f"{DEFAULT_EMBEDDING_MODEL}:latest", "object": "model", "created": 0,
-                    "owned_by": "appliance"})
+    entries = [
+        {
+            "id": r.name.display,
+            "object": "model",
+            "created": int(r.modified_at.timestamp()),
+            "owned_by": r.name.namespace,
+        }
+        for r in records
+    ]
+    entries.append(
+        {"id": f"{DEFAULT_EMBEDDING_MODEL}:latest", "object": "model", "created": 0, "owned_by": "appliance"}
+    )
     return entries
 
 

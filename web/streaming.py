@@ -68,5 +68,6 @@ def sse_response(items: AsyncIterator[dict[str, Any]], error_body: Callable[[str
             yield f"data: {json.dumps(error_body(_error_text(exc)))}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

@@ -58,9 +58,14 @@ class Finished:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
     def timings(self) -> dict[str, int]:
-        return {"total_duration": self.total_duration, "load_duration": self.load_duration,
-                "prompt_eval_count": self.prompt_eval_count, "prompt_eval_duration": self.prompt_eval_duration,
-                "eval_count": self.eval_count, "eval_duration": self.eval_duration}
+        return {
+            "total_duration": self.total_duration,
+            "load_duration": self.load_duration,
+            "prompt_eval_count": self.prompt_eval_count,
+            "prompt_eval_duration": self.prompt_eval_duration,
+            "eval_count": self.eval_count,
+            "eval_duration": self.eval_duration,
+        }
 
 
 def merge_options(model_parameters: dict[str, Any], request_options: dict[str, Any] | None) -> dict[str, Any]:
@@ -115,10 +120,15 @@ class Engine:
                 return request.prompt or ""
             system = request.system if request.system is not None else record.system
             messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": request.prompt or ""}]
-        return render_chat(template, messages, tools=request.tools,
-                           bos_token=info.token_string("tokenizer.ggml.bos_token_id"),
-                           eos_token=info.token_string("tokenizer.ggml.eos_token_id"))
+                {"role": "user", "content": request.prompt or ""}
+            ]
+        return render_chat(
+            template,
+            messages,
+            tools=request.tools,
+            bos_token=info.token_string("tokenizer.ggml.bos_token_id"),
+            eos_token=info.token_string("tokenizer.ggml.eos_token_id"),
+        )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Token | Finished]:
         """Stream tokens, then one Finished. An empty prompt/message list only loads (or unloads)."""
@@ -127,7 +137,8 @@ class Engine:
         options = merge_options(record.parameters, request.options)
         grammar = grammar_for(request.format)
         empty = (request.messages is not None and not request.messages) or (
-            request.messages is None and not request.prompt)
+            request.messages is None and not request.prompt
+        )
         if empty:
             if request.keep_alive is not None and parse_keep_alive(request.keep_alive) == 0:
                 await self.scheduler.unload(record.name.display)  # every runner of the model, chat and embedding
@@ -152,15 +163,25 @@ class Engine:
                         tool_calls = parse_tool_calls("".join(pieces), names)
                     yield Finished(
                         done_reason=event["done_reason"] if event["done_reason"] != "cancelled" else "stop",
-                        total_duration=time.perf_counter_ns() - started, load_duration=load_duration,
+                        total_duration=time.perf_counter_ns() - started,
+                        load_duration=load_duration,
                         prompt_eval_count=event["prompt_eval_count"],
                         prompt_eval_duration=event["prompt_eval_duration"],
-                        eval_count=event["eval_count"], eval_duration=event["eval_duration"],
-                        tool_calls=tool_calls)
+                        eval_count=event["eval_count"],
+                        eval_duration=event["eval_duration"],
+                        tool_calls=tool_calls,
+                    )
 
-    async def embed(self, model_name: str, inputs: list[str], *, truncate: bool = True,
-                    dimensions: int | None = None, options: dict[str, Any] | None = None,
-                    keep_alive: Any = None) -> tuple[EmbeddingResult, int]:
+    async def embed(
+        self,
+        model_name: str,
+        inputs: list[str],
+        *,
+        truncate: bool = True,
+        dimensions: int | None = None,
+        options: dict[str, Any] | None = None,
+        keep_alive: Any = None,
+    ) -> tuple[EmbeddingResult, int]:
         """Embeddings for `inputs`; returns the result and the load duration in ns."""
         if not all(isinstance(text, str) for text in inputs):
             raise BadRequest("input must be a string or a list of strings")
@@ -179,8 +200,9 @@ class Engine:
                 vectors = event["embeddings"]
                 if dimensions is not None:
                     vectors = _shorten(vectors, dimensions)
-                return EmbeddingResult(vectors, event["prompt_eval_count"],
-                                       time.perf_counter_ns() - started - load_ns), load_ns
+                return EmbeddingResult(
+                    vectors, event["prompt_eval_count"], time.perf_counter_ns() - started - load_ns
+                ), load_ns
         raise BadRequest("the runner returned no embeddings")
 
 

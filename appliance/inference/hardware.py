@@ -47,8 +47,13 @@ def _cuda_free_memory() -> list[int]:
     if not smi:
         return []
     try:
-        out = subprocess.run([smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            [smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
         return [int(line.strip()) * 1024 * 1024 for line in out.splitlines() if line.strip()]
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         log.warning("could not query GPU memory: %s", exc)
@@ -57,8 +62,12 @@ def _cuda_free_memory() -> list[int]:
 
 def detect() -> Hardware:
     memory = psutil.virtual_memory()
-    return Hardware(physical_cores=_usable_cores(), total_memory=memory.total,
-                    available_memory=memory.available, gpu_free_memory=_cuda_free_memory())
+    return Hardware(
+        physical_cores=_usable_cores(),
+        total_memory=memory.total,
+        available_memory=memory.available,
+        gpu_free_memory=_cuda_free_memory(),
+    )
 
 
 def gpu_layers_for(hardware: Hardware, model_bytes: int, n_layers: int, requested: int) -> int:

@@ -72,10 +72,9 @@ class Runner:
         if len(tokens) < n_ctx:
             return tokens
         if not truncate:
-            raise RequestError(400, f"input length ({len(tokens)} tokens) exceeds the context length "
-                                    f"({n_ctx} tokens)")
+            raise RequestError(400, f"input length ({len(tokens)} tokens) exceeds the context length ({n_ctx} tokens)")
         room = num_predict if 0 < num_predict < n_ctx // 2 else n_ctx // 4
-        return tokens[-(n_ctx - room):]
+        return tokens[-(n_ctx - room) :]
 
     def _add_bos(self) -> bool:
         value = self.llm.metadata.get("tokenizer.ggml.add_bos_token")
@@ -145,11 +144,17 @@ class Runner:
             self.send({"id": request_id, "event": "token", "text": tail})
         finished = time.perf_counter_ns()
         first_token_at = first_token_at or finished
-        self.send({
-            "id": request_id, "event": "done", "done_reason": done_reason,
-            "prompt_eval_count": len(tokens), "prompt_eval_duration": first_token_at - started,
-            "eval_count": generated, "eval_duration": finished - first_token_at,
-        })
+        self.send(
+            {
+                "id": request_id,
+                "event": "done",
+                "done_reason": done_reason,
+                "prompt_eval_count": len(tokens),
+                "prompt_eval_duration": first_token_at - started,
+                "eval_count": generated,
+                "eval_duration": finished - first_token_at,
+            }
+        )
 
     # --- embeddings ------------------------------------------------------------------------------
     def embed(self, request_id: str, request: dict[str, Any]) -> None:
@@ -192,8 +197,15 @@ def main() -> int:
         protocol_out.flush()
         return 1
     llm = runner.llm
-    runner.send({"event": "ready", "n_ctx": llm.n_ctx(), "n_ctx_train": llm._model.n_ctx_train(),
-                 "n_vocab": llm.n_vocab(), "pid": os.getpid()})
+    runner.send(
+        {
+            "event": "ready",
+            "n_ctx": llm.n_ctx(),
+            "n_ctx_train": llm._model.n_ctx_train(),
+            "n_vocab": llm.n_vocab(),
+            "pid": os.getpid(),
+        }
+    )
     commands: queue.Queue = queue.Queue()
     threading.Thread(target=_read_commands, args=(stdin, commands, runner), daemon=True).start()
     while (command := commands.get()) is not None:

@@ -51,8 +51,13 @@ class RunnerProcess:
     async def start(self, timeout_s: float) -> dict[str, Any]:
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "appliance.inference.runner",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, limit=_LINE_LIMIT,
+            sys.executable,
+            "-m",
+            "appliance.inference.runner",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+            limit=_LINE_LIMIT,
         )
         assert self.process.stdin and self.process.stdout
         self.process.stdin.write((json.dumps(self.config) + "\n").encode())
@@ -117,8 +122,9 @@ class RunnerProcess:
                 kind = event.get("event")
                 if kind == "crashed":
                     finished = True
-                    raise RunnerFailed(f"{event['message']}; the request was not completed, "
-                                       "the next request starts a new runner")
+                    raise RunnerFailed(
+                        f"{event['message']}; the request was not completed, the next request starts a new runner"
+                    )
                 if kind == "error":
                     finished = True
                     error = ApplianceError(event.get("message", "runner error"))

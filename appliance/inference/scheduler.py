@@ -96,8 +96,9 @@ class Scheduler:
         return list(self._models.values())
 
     @asynccontextmanager
-    async def use(self, record: ModelRecord, options: dict[str, Any], keep_alive: Any = None,
-                  embedding: bool = False) -> AsyncIterator[LoadedModel]:
+    async def use(
+        self, record: ModelRecord, options: dict[str, Any], keep_alive: Any = None, embedding: bool = False
+    ) -> AsyncIterator[LoadedModel]:
         """Hold a loaded runner for one request (loading it first if needed)."""
         keep = self.default_keep_alive if keep_alive is None else parse_keep_alive(keep_alive)
         if self._queued >= self.settings.max_queue:
@@ -193,7 +194,8 @@ class Scheduler:
                 if size > self.memory_budget:
                     raise InsufficientMemory(
                         f"model requires more memory ({size / 2**30:.1f} GiB) than the appliance may use "
-                        f"({self.memory_budget / 2**30:.1f} GiB, APPLIANCE_MAX_MEMORY_BYTES)")
+                        f"({self.memory_budget / 2**30:.1f} GiB, APPLIANCE_MAX_MEMORY_BYTES)"
+                    )
                 if not self._make_room(size):
                     await self._changed.wait()
                     continue
@@ -204,8 +206,10 @@ class Scheduler:
 
     def _make_room(self, size: int) -> bool:
         """Evict idle models, least recently used first, until `size` fits; False if it cannot yet."""
-        while (len(self._models) >= self.settings.max_loaded_models
-               or sum(m.size for m in self._models.values()) + size > self.memory_budget):
+        while (
+            len(self._models) >= self.settings.max_loaded_models
+            or sum(m.size for m in self._models.values()) + size > self.memory_budget
+        ):
             idle = [m for m in self._models.values() if m.users == 0]
             if not idle:
                 return False
@@ -221,11 +225,23 @@ class Scheduler:
         await asyncio.to_thread(self.store.verify_blob, record.model_digest)
         runner = RunnerProcess(config)
         info = await runner.start(self.settings.load_timeout_s)
-        log.info("loaded %s in runner pid %s (ctx %s, gpu layers %s)", slot[0], runner.pid, info.get("n_ctx"),
-                 config["n_gpu_layers"])
-        return LoadedModel(slot=slot, key=key, record=record, runner=runner, size=size,
-                           n_ctx=int(info.get("n_ctx", config["n_ctx"])), gpu_layers=config["n_gpu_layers"],
-                           load_duration_ns=time.perf_counter_ns() - started)
+        log.info(
+            "loaded %s in runner pid %s (ctx %s, gpu layers %s)",
+            slot[0],
+            runner.pid,
+            info.get("n_ctx"),
+            config["n_gpu_layers"],
+        )
+        return LoadedModel(
+            slot=slot,
+            key=key,
+            record=record,
+            runner=runner,
+            size=size,
+            n_ctx=int(info.get("n_ctx", config["n_ctx"])),
+            gpu_layers=config["n_gpu_layers"],
+            load_duration_ns=time.perf_counter_ns() - started,
+        )
 
     # --- unloading -------------------------------------------------------------------------------
     async def _unload_locked(self, model: LoadedModel) -> None:
@@ -247,8 +263,7 @@ class Scheduler:
             model.expires_at = FOREVER
             return
         model.expires_at = datetime.now(UTC) + timedelta(seconds=keep)
-        model._expiry = asyncio.get_running_loop().call_later(
-            keep, lambda: asyncio.ensure_future(self._expire(model)))
+        model._expiry = asyncio.get_running_loop().call_later(keep, lambda: asyncio.ensure_future(self._expire(model)))
 
     async def _expire(self, model: LoadedModel) -> None:
         async with self._changed:

@@ -25,9 +25,16 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or value.lower().endswith(".gguf")
 
 
-def create_model(store: ModelStore, name: str, spec: Modelfile, *, base_dir: Path | None = None,
-                 files: dict[str, str] | None = None, quantize: str | None = None,
-                 progress: Progress = lambda _: None) -> ModelRecord:
+def create_model(
+    store: ModelStore,
+    name: str,
+    spec: Modelfile,
+    *,
+    base_dir: Path | None = None,
+    files: dict[str, str] | None = None,
+    quantize: str | None = None,
+    progress: Progress = lambda _: None,
+) -> ModelRecord:
     """Create `name`. `base_dir` (CLI only) lets FROM name a local file; the API gives `files` instead."""
     parse_name(name)
     if spec.template:
@@ -51,8 +58,9 @@ def create_model(store: ModelStore, name: str, spec: Modelfile, *, base_dir: Pat
         read_gguf(path)  # refuse a broken file before copying gigabytes
         model_hex = store.import_file(path)
     elif _looks_like_path(spec.from_):
-        raise BadRequest("FROM a file path is only possible from the command line; upload the file as a blob "
-                         "and pass it in 'files'")
+        raise BadRequest(
+            "FROM a file path is only possible from the command line; upload the file as a blob and pass it in 'files'"
+        )
     else:
         try:
             base = store.resolve(spec.from_)
@@ -96,5 +104,11 @@ def modelfile_from_api(body: dict[str, Any]) -> Modelfile:
         if body.get(field_name) is not None and not isinstance(body[field_name], str):
             raise BadRequest(f"{field_name} must be a string")
     license_value = body.get("license")
-    return Modelfile(from_=body.get("from") or "", parameters=dict(parameters), template=body.get("template"),
-                     system=body.get("system"), license=license_value, messages=messages)
+    return Modelfile(
+        from_=body.get("from") or "",
+        parameters=dict(parameters),
+        template=body.get("template"),
+        system=body.get("system"),
+        license=license_value,
+        messages=messages,
+    )

@@ -32,9 +32,19 @@ def quantize_file(source: Path, target: Path, quantization: str, source_type: st
     if source_type.upper() not in SOURCE_TYPES:
         raise BadRequest(f"only F32, F16, BF16 or Q8_0 models can be quantized (this one is {source_type})")
     result = subprocess.run(
-        [sys.executable, "-m", "appliance.models.quantize", str(source), str(target), str(file_type), str(threads),
-         "1" if source_type.upper() == "Q8_0" else "0"],
-        capture_output=True, text=True, timeout=24 * 3600,
+        [
+            sys.executable,
+            "-m",
+            "appliance.models.quantize",
+            str(source),
+            str(target),
+            str(file_type),
+            str(threads),
+            "1" if source_type.upper() == "Q8_0" else "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=24 * 3600,
     )
     if result.returncode != 0 or not target.is_file():
         target.unlink(missing_ok=True)

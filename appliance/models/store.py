@@ -182,9 +182,17 @@ class ModelStore:
             raise BadRequest("invalid model name")
         return path
 
-    def create(self, name: str, *, model_digest: str, template: str | None = None, system: str | None = None,
-               parameters: dict[str, Any] | None = None, license_text: str | None = None,
-               messages: list[dict[str, str]] | None = None) -> ModelRecord:
+    def create(
+        self,
+        name: str,
+        *,
+        model_digest: str,
+        template: str | None = None,
+        system: str | None = None,
+        parameters: dict[str, Any] | None = None,
+        license_text: str | None = None,
+        messages: list[dict[str, str]] | None = None,
+    ) -> ModelRecord:
         """Write a manifest for `name` pointing at a validated GGUF blob plus its text layers."""
         parsed = parse_name(name)
         model_hex = parse_digest("sha256:" + model_digest) if ":" not in model_digest else parse_digest(model_digest)
@@ -224,8 +232,11 @@ class ModelStore:
         return self.resolve(parsed.display)
 
     def _layer(self, media_type: str, hex_digest: str) -> dict[str, Any]:
-        return {"mediaType": media_type, "digest": f"sha256:{hex_digest}",
-                "size": self.blob_path(hex_digest).stat().st_size}
+        return {
+            "mediaType": media_type,
+            "digest": f"sha256:{hex_digest}",
+            "size": self.blob_path(hex_digest).stat().st_size,
+        }
 
     def resolve(self, name: str) -> ModelRecord:
         parsed = parse_name(name)
@@ -272,8 +283,9 @@ class ModelStore:
                 continue
             host, namespace, model, tag = path.relative_to(self.manifests_dir).parts
             try:
-                records.append(self._record(ModelName(host, namespace, model, tag), path.read_bytes(),
-                                            path.stat().st_mtime))
+                records.append(
+                    self._record(ModelName(host, namespace, model, tag), path.read_bytes(), path.stat().st_mtime)
+                )
             except (OSError, ValueError, KeyError, NotFound, BadRequest) as exc:
                 log.warning("skipping unreadable manifest %s: %s", path, exc)
         return records

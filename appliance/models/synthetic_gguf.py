@@ -20,8 +20,34 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-_MERGES = ("Ġ t", "h e", "Ġ a", "i n", "Ġt he", "e r", "o n", "Ġ s", "r e", "a t", "e n", "Ġ w", "o r",
-           "Ġ o", "i s", "Ġ c", "Ġ b", "e s", "a n", "Ġ f", "i t", "Ġ p", "a l", "Ġ m", "e d", "a r")
+_MERGES = (
+    "Ġ t",
+    "h e",
+    "Ġ a",
+    "i n",
+    "Ġt he",
+    "e r",
+    "o n",
+    "Ġ s",
+    "r e",
+    "a t",
+    "e n",
+    "Ġ w",
+    "o r",
+    "Ġ o",
+    "i s",
+    "Ġ c",
+    "Ġ b",
+    "e s",
+    "a n",
+    "Ġ f",
+    "i t",
+    "Ġ p",
+    "a l",
+    "Ġ m",
+    "e d",
+    "a r",
+)
 
 
 @dataclass(frozen=True)
@@ -43,8 +69,9 @@ BENCH_0_7B = Shape(n_vocab=32000, n_embd=1536, n_layer=20, n_ff=4096, n_head=12,
 
 def _byte_symbols() -> list[str]:
     """GPT-2's reversible byte -> printable unicode mapping, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     mapping, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -80,12 +107,20 @@ def _random_q8_0(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     return blocks.view(np.uint8).reshape(rows, -1)
 
 
-def write_gguf(path: Path, shape: Shape = TINY, *, quant: str = "f32", seed: int = 0,
-               chat_template: str | None = CHATML_TEMPLATE, name: str = "synthetic-llama") -> Path:
+def write_gguf(
+    path: Path,
+    shape: Shape = TINY,
+    *,
+    quant: str = "f32",
+    seed: int = 0,
+    chat_template: str | None = CHATML_TEMPLATE,
+    name: str = "synthetic-llama",
+) -> Path:
     """Write the model; `quant` is f32, f16 or q8_0 (matrices only; norms stay f32)."""
     rng = np.random.default_rng(seed)
-    file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
-                 "q8_0": LlamaFileType.MOSTLY_Q8_0}[quant]
+    file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}[
+        quant
+    ]
     writer = GGUFWriter(str(path), "llama", use_temp_file=False)
     writer.add_name(name)
     writer.add_context_length(shape.n_ctx)

@@ -52,16 +52,26 @@ def _compile(text: str):
     return env.from_string(text)
 
 
-def render_chat(template: str | None, messages: list[dict[str, Any]], *, tools: list | None = None,
-                bos_token: str = "", eos_token: str = "", add_generation_prompt: bool = True) -> str:
+def render_chat(
+    template: str | None,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list | None = None,
+    bos_token: str = "",
+    eos_token: str = "",
+    add_generation_prompt: bool = True,
+) -> str:
     """Render chat messages to a prompt string; without a template, a plain `role: text` layout."""
     if not template:
         lines = [f"{m.get('role', 'user')}: {m.get('content') or ''}" for m in messages]
         return "\n".join(lines) + ("\nassistant: " if add_generation_prompt else "")
     try:
         return _compile(template).render(
-            messages=messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token, eos_token=eos_token,
+            messages=messages,
+            tools=tools or None,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
         )
     except TemplateError as exc:
         raise BadRequest(f"chat template failed: {exc}") from None
