@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from appliance.config import EmbeddingSettings
 from appliance.errors import BadRequest
 
@@ -20,7 +22,7 @@ DEFAULT_EMBEDDING_MODEL = "all-minilm"
 
 @dataclass
 class EmbeddingResult:
-    vectors: list[list[float]]
+    vectors: np.ndarray  # float32, one L2-normalised row per input
     prompt_tokens: int
     duration_ns: int
 
@@ -75,9 +77,6 @@ class SentenceEmbedder:
                         f"input {index} is {count} tokens long, more than the model's context "
                         f"length ({limit} tokens); set truncate to true to cut it"
                     )
-        full = self.dimensions
-        if dimensions is not None and not 1 <= dimensions <= full:
-            raise BadRequest(f"dimensions must be between 1 and {full}")
         with self._lock:
             array = model.encode(
                 texts,
@@ -86,13 +85,21 @@ class SentenceEmbedder:
                 convert_to_numpy=True,
                 show_progress_bar=False,
             )
-        if dimensions is not None and dimensions < full:
-            import numpy as np
-
-            array = array[:, :dimensions]
-            array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
         return EmbeddingResult(
-            vectors=array.tolist(),
+            vectors=shorten(array, dimensions),
             prompt_tokens=sum(min(c, limit) for c in counts),
             duration_ns=time.perf_counter_ns() - started,
         )
+
+
+def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """Keep the first `dimensions` components (Matryoshka-style) and L2-normalise again."""
+    array = np.ascontiguousarray(vectors, dtype=np.float32)
+    if array.size == 0:
+        return array.reshape(0, 0)
+    if dimensions is None or dimensions == array.shape[1]:
+        return array
+    if not 1 <= dimensions <= array.shape[1]:
+        raise BadRequest(f"dimensions must be between 1 and {array.shape[1]}")
+    array = array[:, :dimensions]
+    return np.ascontiguousarray(array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12))

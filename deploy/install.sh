@@ -8,12 +8,22 @@
 #   APPLIANCE_TORCH_INDEX a package index for torch, e.g. a local mirror of the PyTorch CPU wheels;
 #                         unset, torch==2.13.0 comes from the configured pip index
 #   APPLIANCE_CUDA        1 forces the CUDA build of llama.cpp, 0 forbids it (default: detect a GPU)
+#   APPLIANCE_REBUILD_LLAMA=1  rebuild llama-cpp-python even if it is installed (e.g. after adding a GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=${APPLIANCE_VENV:-.venv}
 python=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
+# A C/C++ toolchain and CMake build llama.cpp; on a bare Debian machine install them (as root).
+if ! command -v g++ >/dev/null 2>&1 || ! command -v cmake >/dev/null 2>&1 || ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential cmake python3-venv python3-dev
+  else
+    echo "Needs g++, cmake and python3-venv: sudo apt-get install build-essential cmake python3-venv python3-dev" >&2
+    exit 1
+  fi
+fi
 "$python" -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is required"'
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip)
@@ -35,7 +45,11 @@ cmake_args="-DGGML_RPC=on"
 if ! "$venv/bin/python" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == "0.3.36" else 1)' 2>/dev/null \
    || [ "${APPLIANCE_REBUILD_LLAMA:-0}" = 1 ]; then
   echo "Building llama-cpp-python with CMAKE_ARGS='$cmake_args' (a few minutes)..."
-  CMAKE_ARGS="$cmake_args" FORCE_CMAKE=1 "${pip[@]}" install --quiet --no-binary llama-cpp-python "llama-cpp-python==0.3.36"
+  rebuild=()
+  # pip reuses a wheel it built before whatever CMAKE_ARGS were then; a rebuild bypasses that cache.
+  [ "${APPLIANCE_REBUILD_LLAMA:-0}" = 1 ] && rebuild=(--no-cache-dir --force-reinstall --no-deps)
+  CMAKE_ARGS="$cmake_args" FORCE_CMAKE=1 "${pip[@]}" install --quiet --no-binary llama-cpp-python \
+    "${rebuild[@]}" "llama-cpp-python==0.3.36"
 fi
 
 "${pip[@]}" install --quiet -e ".[test]"

@@ -1,1 +1,1 @@
-"""ingest package."""
+"""Ingestion: turning files into chunks in the index (discovery, partitioning, chunking, jobs)."""

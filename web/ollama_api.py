@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
 
 from appliance import __version__
 from appliance.embeddings import DEFAULT_EMBEDDING_MODEL
@@ -26,7 +25,7 @@ from appliance.models.template import is_go_template
 from appliance.users import Principal
 from web.auth import require_admin, require_user
 from web.body import get, model_name, read_json
-from web.streaming import ndjson_response, primed
+from web.responses import json_response, ndjson_response, primed
 
 router = APIRouter(prefix="/api")
 EMBEDDING_DISPLAY = f"{DEFAULT_EMBEDDING_MODEL}:latest"
@@ -122,7 +121,7 @@ async def _generation(request: Request, chat: bool):
         if isinstance(event, Token):
             pieces.append(event.text)
         else:
-            return JSONResponse(final(event, "".join(pieces)))
+            return json_response(final(event, "".join(pieces)))
     raise BadRequest("no response was generated")
 
 
@@ -155,13 +154,15 @@ async def embed(request: Request, _: Principal = Depends(require_user)):
         keep_alive=body.get("keep_alive"),
     )
     total = int((datetime.now(UTC) - started).total_seconds() * 1e9)
-    return {
-        "model": parse_name(name).display,
-        "embeddings": result.vectors,
-        "total_duration": total,
-        "load_duration": load_ns,
-        "prompt_eval_count": result.prompt_tokens,
-    }
+    return json_response(
+        {
+            "model": parse_name(name).display,
+            "embeddings": result.vectors,
+            "total_duration": total,
+            "load_duration": load_ns,
+            "prompt_eval_count": result.prompt_tokens,
+        }
+    )
 
 
 @router.post("/embeddings")
@@ -173,7 +174,7 @@ async def embeddings_legacy(request: Request, _: Principal = Depends(require_use
     result, _load = await _state(request).engine.embed(
         model_name(body), [prompt], options=get(body, "options", dict, {}), keep_alive=body.get("keep_alive")
     )
-    return {"embedding": result.vectors[0]}
+    return json_response({"embedding": result.vectors[0]})
 
 
 # --- listing and inspection --------------------------------------------------------------------

@@ -10,9 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 
 from appliance.embeddings import DEFAULT_EMBEDDING_MODEL
 from appliance.errors import BadRequest, NotFound
@@ -21,7 +19,7 @@ from appliance.models.names import parse_name
 from appliance.users import Principal
 from web.auth import require_user
 from web.body import get, read_json
-from web.streaming import primed, sse_response
+from web.responses import json_response, primed, sse_response
 
 router = APIRouter(prefix="/v1")
 FINGERPRINT = "fp_appliance"
@@ -191,7 +189,7 @@ async def chat_completions(request: Request, _: Principal = Depends(require_user
         message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
         if event.tool_calls:
             message["tool_calls"] = _openai_tool_calls(event)
-        return JSONResponse(
+        return json_response(
             {
                 "id": completion_id,
                 "object": "chat.completion",
@@ -248,7 +246,7 @@ async def completions(request: Request, _: Principal = Depends(require_user)):
         if isinstance(event, Token):
             pieces.append(event.text)
         else:
-            return JSONResponse({**shaped("".join(pieces), _finish_reason(event)), "usage": _usage(event)})
+            return json_response({**shaped("".join(pieces), _finish_reason(event)), "usage": _usage(event)})
     raise BadRequest("no response was generated")
 
 
@@ -268,14 +266,16 @@ async def embeddings(request: Request, _: Principal = Depends(require_user)):
     for index, vector in enumerate(result.vectors):
         value: Any = vector
         if encoding == "base64":
-            value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+            value = base64.b64encode(vector.astype("<f4").tobytes()).decode()
         data.append({"object": "embedding", "embedding": value, "index": index})
-    return {
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
-    }
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+        }
+    )
 
 
 async def _model_entries(request: Request) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.embeddings import DEFAULT_EMBEDDING_MODEL, EmbeddingResult, SentenceEmbedder
+from appliance.embeddings import DEFAULT_EMBEDDING_MODEL, EmbeddingResult, SentenceEmbedder, shorten
 from appliance.errors import BadRequest
 from appliance.inference.scheduler import Scheduler, parse_keep_alive
 from appliance.models.modelfile import PARAMETER_TYPES, coerce_parameter
@@ -185,6 +185,8 @@ class Engine:
         """Embeddings for `inputs`; returns the result and the load duration in ns."""
         if not all(isinstance(text, str) for text in inputs):
             raise BadRequest("input must be a string or a list of strings")
+        if not inputs:
+            return EmbeddingResult(shorten([], None), 0, 0), 0
         if parse_name(model_name).display == f"{DEFAULT_EMBEDDING_MODEL}:latest":
             started = time.perf_counter_ns()
             await asyncio.to_thread(self.embedder.load)
@@ -197,20 +199,8 @@ class Engine:
         async with self.scheduler.use(record, merged, keep_alive, embedding=True) as model:
             load_ns = time.perf_counter_ns() - started
             async for event in model.runner.request("embed", {"texts": inputs, "truncate": truncate}):
-                vectors = event["embeddings"]
-                if dimensions is not None:
-                    vectors = _shorten(vectors, dimensions)
+                vectors = shorten(event["embeddings"], dimensions)
                 return EmbeddingResult(
                     vectors, event["prompt_eval_count"], time.perf_counter_ns() - started - load_ns
                 ), load_ns
         raise BadRequest("the runner returned no embeddings")
-
-
-def _shorten(vectors: list[list[float]], dimensions: int) -> list[list[float]]:
-    import numpy as np
-
-    array = np.asarray(vectors, dtype=np.float32)
-    if not 1 <= dimensions <= array.shape[1]:
-        raise BadRequest(f"dimensions must be between 1 and {array.shape[1]}")
-    array = array[:, :dimensions]
-    return (array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)).tolist()

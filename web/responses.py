@@ -1,4 +1,5 @@
-"""Streaming helpers: prime a stream so early errors get a real status, then NDJSON or SSE framing.
+"""Responses: fast JSON (orjson, numpy arrays included), and streams primed so that early errors get
+a real status code, framed as NDJSON (Ollama) or SSE (OpenAI).
 
 A stream's first event is awaited before the response starts, so an unknown model, a full queue or
 a load failure is answered with its own status code. An error after that is sent as the stream's
@@ -7,12 +8,12 @@ last item (`{"error": ...}`), which is how Ollama and OpenAI clients expect it.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi.responses import StreamingResponse
+import orjson
+from fastapi.responses import Response, StreamingResponse
 
 from appliance.errors import ApplianceError
 
@@ -41,6 +42,15 @@ async def primed(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
     return rest()
 
 
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    """A JSON response without FastAPI's per-element encoder walk (which dominates for embeddings)."""
+    return Response(dumps(content), status_code=status_code, media_type="application/json")
+
+
 def _error_text(exc: Exception) -> str:
     if isinstance(exc, ApplianceError):
         return exc.message
@@ -52,9 +62,9 @@ def ndjson_response(items: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     async def body() -> AsyncIterator[bytes]:
         try:
             async for item in items:
-                yield (json.dumps(item, ensure_ascii=False) + "\n").encode()
+                yield dumps(item) + b"\n"
         except Exception as exc:
-            yield (json.dumps({"error": _error_text(exc)}) + "\n").encode()
+            yield dumps({"error": _error_text(exc)}) + b"\n"
 
     return StreamingResponse(body(), media_type="application/x-ndjson")
 
@@ -63,9 +73,9 @@ def sse_response(items: AsyncIterator[dict[str, Any]], error_body: Callable[[str
     async def body() -> AsyncIterator[bytes]:
         try:
             async for item in items:
-                yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n".encode()
+                yield b"data: " + dumps(item) + b"\n\n"
         except Exception as exc:
-            yield f"data: {json.dumps(error_body(_error_text(exc)))}\n\n".encode()
+            yield b"data: " + dumps(error_body(_error_text(exc))) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(
