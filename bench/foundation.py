@@ -14,7 +14,6 @@ Prints a table and writes bench/out/foundation.json. Record results in docs/benc
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -50,25 +49,28 @@ def sampling(seed: int) -> dict:
     return {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1, "seed": seed}
 
 
-def bench_direct_generation(model: Path, threads: int, runs: int, tokens: int) -> list[dict]:
-    import llama_cpp
+class DirectGeneration:
+    """llama-cpp-python in this process: the baseline the server is compared with."""
 
-    llm = llama_cpp.Llama(
-        model_path=str(model),
-        n_ctx=N_CTX,
-        n_batch=512,
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_gpu_layers=0,
-        verbose=False,
-    )
-    results = []
-    for run in range(-1, runs):  # run -1 warms up
+    def __init__(self, model: Path, threads: int):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(
+            model_path=str(model),
+            n_ctx=N_CTX,
+            n_batch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_gpu_layers=0,
+            verbose=False,
+        )
+
+    def run(self, run: int, tokens: int) -> dict:
         prompt = render_chat(CHATML_TEMPLATE, [{"role": "user", "content": prompt_text(run)}])
         options = sampling(run + 100)
         started = time.perf_counter()
         stamps = []
-        for _chunk in llm.create_completion(
+        for chunk in self.llm.create_completion(
             prompt,
             max_tokens=tokens,
             stream=True,
@@ -78,49 +80,38 @@ def bench_direct_generation(model: Path, threads: int, runs: int, tokens: int) -
             repeat_penalty=options["repeat_penalty"],
             seed=options["seed"],
         ):
-            stamps.append(time.perf_counter())
-        if run >= 0:
-            results.append(
-                {
-                    "ttft_s": stamps[0] - started,
-                    "tokens": len(stamps),
-                    "tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-                }
-            )
-    del llm
-    gc.collect()
-    return results
+            if chunk["choices"][0]["text"]:  # visible text only, as the server streams it
+                stamps.append(time.perf_counter())
+        return {
+            "ttft_s": stamps[0] - started,
+            "tokens": len(stamps),
+            "tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+        }
 
 
-def bench_server_generation(url: str, headers: dict, runs: int, tokens: int) -> list[dict]:
-    results = []
-    with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
-        for run in range(-1, runs):
-            body = {
-                "model": "bench",
-                "messages": [{"role": "user", "content": prompt_text(run)}],
-                "options": {**sampling(run + 100), "num_predict": tokens, "num_ctx": N_CTX},
-            }
-            started = time.perf_counter()
-            stamps, final = [], {}
-            with client.stream("POST", "/api/chat", json=body) as response:
-                response.raise_for_status()
-                for line in response.iter_lines():
-                    item = json.loads(line)
-                    if item.get("done"):
-                        final = item
-                    elif item.get("message", {}).get("content"):
-                        stamps.append(time.perf_counter())
-            if run >= 0:
-                results.append(
-                    {
-                        "ttft_s": stamps[0] - started,
-                        "tokens": final["eval_count"],
-                        "tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-                        "server_reported_tokens_per_s": final["eval_count"] / final["eval_duration"] * 1e9,
-                    }
-                )
-    return results
+def server_generation(client: httpx.Client, run: int, tokens: int) -> dict:
+    body = {
+        "model": "bench",
+        "messages": [{"role": "user", "content": prompt_text(run)}],
+        "options": {**sampling(run + 100), "num_predict": tokens, "num_ctx": N_CTX},
+    }
+    started = time.perf_counter()
+    stamps, final = [], {}
+    with client.stream("POST", "/api/chat", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            item = json.loads(line)
+            if item.get("done"):
+                final = item
+            elif item.get("message", {}).get("content"):
+                stamps.append(time.perf_counter())
+    return {
+        "ttft_s": stamps[0] - started,
+        "tokens": final["eval_count"],
+        "prompt_tokens": final["prompt_eval_count"],
+        "tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+        "server_reported_tokens_per_s": final["eval_count"] / final["eval_duration"] * 1e9,
+    }
 
 
 def embedding_texts(count: int) -> list[str]:
@@ -128,28 +119,18 @@ def embedding_texts(count: int) -> list[str]:
     return [f"Document {i}: {topics[i % len(topics)]} section {i % 17} about {SENTENCE.lower()}" for i in range(count)]
 
 
-def bench_direct_embeddings(texts: list[str], batch: int) -> float:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(bundled_model_path()), device="cpu", local_files_only=True)
-    model.encode(texts[:batch], batch_size=batch, normalize_embeddings=True)
-    started = time.perf_counter()
+def embeddings_round(model, client: httpx.Client, texts: list[str], batch: int) -> tuple[float, float]:
+    """texts/s in-process and through /api/embed, alternating batch by batch so both see the same machine."""
+    direct_s = server_s = 0.0
     for i in range(0, len(texts), batch):
-        model.encode(texts[i : i + batch], batch_size=batch, normalize_embeddings=True, show_progress_bar=False)
-    elapsed = time.perf_counter() - started
-    del model
-    gc.collect()
-    return len(texts) / elapsed
-
-
-def bench_server_embeddings(url: str, headers: dict, texts: list[str], batch: int) -> float:
-    with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
-        client.post("/api/embed", json={"model": "all-minilm", "input": texts[:batch]}).raise_for_status()
+        chunk = texts[i : i + batch]
         started = time.perf_counter()
-        for i in range(0, len(texts), batch):
-            client.post("/api/embed", json={"model": "all-minilm", "input": texts[i : i + batch]}).raise_for_status()
-        return len(texts) / (time.perf_counter() - started)
+        model.encode(chunk, batch_size=batch, normalize_embeddings=True, show_progress_bar=False)
+        direct_s += time.perf_counter() - started
+        started = time.perf_counter()
+        client.post("/api/embed", json={"model": "all-minilm", "input": chunk}).raise_for_status()
+        server_s += time.perf_counter() - started
+    return len(texts) / direct_s, len(texts) / server_s
 
 
 def start_server(home: Path, model: Path, threads: int) -> tuple[subprocess.Popen, str, dict]:
@@ -198,16 +179,29 @@ def main() -> int:
         write_gguf(model, BENCH_0_7B, quant="q8_0", seed=0, name="bench-0.7b")
     texts = embedding_texts(args.texts)
 
-    print("measuring llama-cpp-python and sentence-transformers in-process ...", flush=True)
-    direct_gen = bench_direct_generation(model, threads, args.runs, args.tokens)
-    direct_embed = bench_direct_embeddings(texts, args.batch)
-
-    print("measuring the same through the server ...", flush=True)
+    # Both sides stay loaded and runs alternate (direct, server, direct, ...; embeddings batch by batch),
+    # so that drift in a shared machine's speed affects both alike; medians are reported.
+    print("loading the model in-process and in the server ...", flush=True)
     home = Path(tempfile.mkdtemp(prefix="appliance-bench-"))
     process, url, headers = start_server(home, model, threads)
     try:
-        server_gen = bench_server_generation(url, headers, args.runs, args.tokens)
-        server_embed = bench_server_embeddings(url, headers, texts, args.batch)
+        direct = DirectGeneration(model, threads)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+
+        embedder = SentenceTransformer(str(bundled_model_path()), device="cpu", local_files_only=True)
+        with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+            direct.run(-1, 8)
+            server_generation(client, -1, 8)
+            embeddings_round(embedder, client, texts[: args.batch], args.batch)
+            direct_gen, server_gen, direct_embed, server_embed = [], [], [], []
+            for run in range(args.runs):
+                print(f"run {run + 1}/{args.runs}", flush=True)
+                direct_gen.append(direct.run(run, args.tokens))
+                server_gen.append(server_generation(client, run, args.tokens))
+                direct_rate, server_rate = embeddings_round(embedder, client, texts, args.batch)
+                direct_embed.append(direct_rate)
+                server_embed.append(server_rate)
     finally:
         process.terminate()
         process.wait(30)
@@ -215,6 +209,7 @@ def main() -> int:
 
     direct_tps, server_tps = median(direct_gen, "tokens_per_s"), median(server_gen, "tokens_per_s")
     direct_ttft, server_ttft = median(direct_gen, "ttft_s"), median(server_gen, "ttft_s")
+    direct_embed_tps, server_embed_tps = statistics.median(direct_embed), statistics.median(server_embed)
     rows = [
         (
             "generation tokens/s (streaming)",
@@ -227,14 +222,14 @@ def main() -> int:
             "time to first token (ms)",
             f"{direct_ttft * 1000:.0f}",
             f"{server_ttft * 1000:.0f}",
-            f"+{(server_ttft - direct_ttft) * 1000:.0f} ms",
+            f"{(server_ttft - direct_ttft) * 1000:+.0f} ms",
             "small",
         ),
         (
             f"embeddings texts/s (batches of {args.batch})",
-            f"{direct_embed:.0f}",
-            f"{server_embed:.0f}",
-            f"{server_embed / direct_embed:.3f}",
+            f"{direct_embed_tps:.0f}",
+            f"{server_embed_tps:.0f}",
+            f"{server_embed_tps / direct_embed_tps:.3f}",
             ">= 0.95",
         ),
     ]
@@ -242,7 +237,11 @@ def main() -> int:
         f"{platform.machine()}, {hardware.physical_cores} cores, {hardware.total_memory / 2**30:.0f} GiB, "
         f"{'GPU' if hardware.has_gpu else 'CPU only'}, Python {platform.python_version()}"
     )
-    print(f"\nMachine: {machine}; {args.runs} runs (median), {args.tokens} tokens, {threads} threads\n")
+    prompt_tokens = server_gen[0]["prompt_tokens"]
+    print(
+        f"\nMachine: {machine}; {args.runs} runs (median), {prompt_tokens}-token prompts, {args.tokens} generated "
+        f"tokens, {threads} threads\n"
+    )
     header = ("metric", "direct (baseline)", "via server", "server / direct", "goal")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:

@@ -192,3 +192,11 @@ def test_network_guard_blocks_and_records(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout
     assert out.count("network blocked by test guard") == 2
     assert "192.0.2.1" in log.read_text() and "huggingface.co" in log.read_text()
+
+
+def test_llama_cpp_was_built_with_the_rpc_backend():
+    """deploy/install.sh builds llama.cpp with -DGGML_RPC=on (multi-node sharding stands on it)."""
+    import llama_cpp
+
+    assert llama_cpp.llama_supports_rpc()
+    assert llama_cpp.llama_cpp._lib.ggml_backend_reg_by_name is not None

@@ -54,7 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
         state.vectors = await asyncio.to_thread(open_vector_store, settings.chroma_dir)
         state.cli_token_hash = issue_cli_token(settings.run_dir)
         state.started_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        warm = asyncio.create_task(asyncio.to_thread(state.embedder.load))
+        warm = asyncio.create_task(state.embedder.aload())
         log.info(
             "appliance %s ready: %d CPU cores, %.1f GiB memory, %d GPU(s)",
             __version__,

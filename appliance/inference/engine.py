@@ -189,9 +189,9 @@ class Engine:
             return EmbeddingResult(shorten([], None), 0, 0), 0
         if parse_name(model_name).display == f"{DEFAULT_EMBEDDING_MODEL}:latest":
             started = time.perf_counter_ns()
-            await asyncio.to_thread(self.embedder.load)
+            await self.embedder.aload()
             load_ns = time.perf_counter_ns() - started
-            result = await asyncio.to_thread(self.embedder.encode, inputs, truncate=truncate, dimensions=dimensions)
+            result = await self.embedder.aencode(inputs, truncate=truncate, dimensions=dimensions)
             return result, load_ns
         record = self.store.resolve(model_name)
         merged = merge_options(record.parameters, options)
