@@ -90,6 +90,7 @@ class Scheduler:
         self._models: dict[tuple[str, bool], LoadedModel] = {}
         self._changed = asyncio.Condition()
         self._queued = 0
+        self._expiring: set[asyncio.Task] = set()
 
     # --- public ----------------------------------------------------------------------------------
     def loaded(self) -> list[LoadedModel]:
@@ -196,7 +197,7 @@ class Scheduler:
                         f"model requires more memory ({size / 2**30:.1f} GiB) than the appliance may use "
                         f"({self.memory_budget / 2**30:.1f} GiB, APPLIANCE_MAX_MEMORY_BYTES)"
                     )
-                if not self._make_room(size):
+                if not await self._make_room(size):
                     await self._changed.wait()
                     continue
                 model = await self._start(slot, key, record, config, size)
@@ -204,7 +205,7 @@ class Scheduler:
                 self._models[slot] = model
                 return model
 
-    def _make_room(self, size: int) -> bool:
+    async def _make_room(self, size: int) -> bool:
         """Evict idle models, least recently used first, until `size` fits; False if it cannot yet."""
         while (
             len(self._models) >= self.settings.max_loaded_models
@@ -215,9 +216,7 @@ class Scheduler:
                 return False
             victim = min(idle, key=lambda m: m.last_used)
             log.info("unloading %s to make room", victim.slot[0])
-            victim.cancel_expiry()
-            del self._models[victim.slot]
-            asyncio.get_running_loop().create_task(victim.runner.stop())
+            await self._unload_locked(victim)
         return True
 
     async def _start(self, slot, key, record: ModelRecord, config: dict, size: int) -> LoadedModel:
@@ -263,7 +262,12 @@ class Scheduler:
             model.expires_at = FOREVER
             return
         model.expires_at = datetime.now(UTC) + timedelta(seconds=keep)
-        model._expiry = asyncio.get_running_loop().call_later(keep, lambda: asyncio.ensure_future(self._expire(model)))
+        model._expiry = asyncio.get_running_loop().call_later(keep, self._start_expiry, model)
+
+    def _start_expiry(self, model: LoadedModel) -> None:
+        task = asyncio.get_running_loop().create_task(self._expire(model))
+        self._expiring.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._expiring.discard)
 
     async def _expire(self, model: LoadedModel) -> None:
         async with self._changed:
