@@ -123,6 +123,7 @@ def cmd_serve(settings: Settings, args) -> int:
 # --- models --------------------------------------------------------------------------------------
 def cmd_create(settings: Settings, args) -> int:
     from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from appliance.models.create import create_model
     from appliance.models.modelfile import Modelfile, parse_modelfile
@@ -136,15 +137,19 @@ def cmd_create(settings: Settings, args) -> int:
         spec, base_dir = parse_modelfile(path.read_text()), path.resolve().parent
     else:
         spec, base_dir = Modelfile(from_=str(Path(args.from_file).expanduser().resolve())), Path.cwd()
-    console = Console(stderr=True)
-    with console.status("creating model") as status:
+    source = (base_dir / Path(spec.from_).expanduser()).resolve()
+    total = source.stat().st_size if source.is_file() else None
+    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("creating model", total=total)
         record = create_model(
             _store(settings),
             args.name,
             spec,
             base_dir=base_dir,
             quantize=args.quantize,
-            progress=lambda message: status.update(message),
+            progress=lambda message: bar.update(task, description=message),
+            on_bytes=lambda n: bar.advance(task, n),
         )
     print(f"created {record.name.display} (sha256:{record.model_digest[:12]}, {record.details['quantization_level']})")
     return 0

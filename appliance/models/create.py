@@ -34,6 +34,7 @@ def create_model(
     files: dict[str, str] | None = None,
     quantize: str | None = None,
     progress: Progress = lambda _: None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> ModelRecord:
     """Create `name`. `base_dir` (CLI only) lets FROM name a local file; the API gives `files` instead."""
     parse_name(name)
@@ -56,7 +57,7 @@ def create_model(
             raise BadRequest(f"FROM file not found: {path}")
         progress(f"importing {path.name}")
         read_gguf(path)  # refuse a broken file before copying gigabytes
-        model_hex = store.import_file(path)
+        model_hex = store.import_file(path, on_bytes)
     elif _looks_like_path(spec.from_):
         raise BadRequest(
             "FROM a file path is only possible from the command line; upload the file as a blob and pass it in 'files'"

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -131,8 +132,11 @@ class ModelStore:
     def blob_writer(self, max_bytes: int = 1 << 40) -> BlobWriter:
         return BlobWriter(self, max_bytes)
 
-    def import_file(self, source: Path) -> str:
-        """Copy a file into the blob store (hashing as it goes); returns the hex digest."""
+    def import_file(self, source: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+        """Copy a file into the blob store (hashing as it goes); returns the hex digest.
+
+        `on_bytes` is called with the size of each chunk copied (for a progress bar).
+        """
         if not source.is_file():
             raise BadRequest(f"no such file: {source}")
         writer = self.blob_writer()
@@ -140,6 +144,8 @@ class ModelStore:
             with source.open("rb") as handle:
                 while chunk := handle.read(_CHUNK):
                     writer.write(chunk)
+                    if on_bytes:
+                        on_bytes(len(chunk))
         except BaseException:
             writer.abort()
             raise
