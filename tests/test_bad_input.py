@@ -43,7 +43,12 @@ def test_malformed_json(api, path):
         ("/api/embed", {"model": "all-minilm", "input": "x", "dimensions": 5000}, "dimensions"),
         ("/api/generate", {"prompt": "x"}, "model"),
         ("/api/chat", [1, 2, 3], "JSON object"),
-        ("/api/generate", {"model": "tiny", "prompt": "x", "template": "{{ .Prompt }}"}, "Go-style"),
+        (
+            "/api/generate",
+            {"model": "tiny", "prompt": "x", "template": "{{ with .Prompt }}x{{ end }}"},
+            "not supported",
+        ),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "template": "{% for x in %}"}, "invalid chat template"),
     ],
 )
 def test_wrong_types_are_400(api, path, body, fragment):

@@ -206,3 +206,17 @@ def test_ollama_api_key_from_environment(server, monkeypatch):
     monkeypatch.setenv("OLLAMA_API_KEY", server.reader_key)
     client = ollama.Client(host=server.url)
     assert any(m.model == "tiny:latest" for m in client.list().models)
+
+
+def test_modelfile_go_template_renders_like_the_gguf_template(ollama_client):
+    go_chatml = (
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+    )
+    assert ollama_client.create(model="tiny-go", from_="tiny", template=go_chatml).status == "success"
+    messages = [{"role": "user", "content": "How long are records kept?"}]
+    with_go = ollama_client.chat(model="tiny-go", messages=messages, options={"num_predict": 4, "temperature": 0})
+    with_jinja = ollama_client.chat(model="tiny", messages=messages, options={"num_predict": 4, "temperature": 0})
+    assert with_go.prompt_eval_count == with_jinja.prompt_eval_count
+    assert with_go.message.content == with_jinja.message.content
+    assert ollama_client.show("tiny-go").template == go_chatml
+    ollama_client.delete("tiny-go")

@@ -140,11 +140,62 @@ def test_chat_template_renders_in_a_sandbox():
         render_chat(hostile, [])
 
 
-def test_go_templates_are_refused_clearly():
-    with pytest.raises(BadRequest, match="Go-style"):
-        check_template("{{ if .System }}{{ .System }}{{ end }}{{ .Prompt }}")
-    with pytest.raises(BadRequest, match="invalid chat template"):
-        check_template("{% for x in %}")
+GO_CHATML = """{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+"""
+JINJA_CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Retention?"},
+    {"role": "assistant", "content": "Ten years {{ not a template }}."},
+    {"role": "user", "content": "And minors?"},
+]
+
+
+def test_go_template_with_messages_matches_its_jinja_twin():
+    assert render_chat(GO_CHATML, CONVERSATION) == render_chat(JINJA_CHATML, CONVERSATION)
+
+
+def test_go_template_llama3_style_with_variables():
+    template = (
+        "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}\n"
+        "{{- range $i, $m := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 -}}\n"
+        '{{- if ne $m.Role "system" }}<|start_header_id|>{{ $m.Role }}<|end_header_id|>\n\n'
+        "{{ $m.Content }}<|eot_id|>{{ if $last }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ end }}"
+        "{{- end }}{{- end }}"
+    )
+    rendered = render_chat(template, CONVERSATION)
+    assert rendered.startswith("<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>")
+    assert rendered.count("<|start_header_id|>user") == 2 and "{{ not a template }}" in rendered
+    assert rendered.endswith("And minors?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_legacy_go_template_renders_turn_by_turn():
+    template = (
+        "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+        "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+        "{{ .Response }}<|im_end|>\n"
+    )
+    assert render_chat(template, CONVERSATION) == render_chat(JINJA_CHATML, CONVERSATION)
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{{ with .System }}{{ . }}{{ end }}", "not supported"),
+        ("{{ if .System }}unclosed", "unclosed"),
+        ('{{ printf "%s" .Prompt }}', "unsupported Go template function"),
+        ("{{ end }}", "without a block"),
+        ("{% for x in %}", "invalid chat template"),
+    ],
+)
+def test_unsupported_templates_are_refused_clearly(template, message):
+    with pytest.raises(BadRequest, match=message):
+        check_template(template)
 
 
 def test_tool_calls_are_parsed_from_output():

@@ -21,7 +21,7 @@ from appliance.models.create import create_model, modelfile_from_api
 from appliance.models.modelfile import parse_modelfile, render_modelfile
 from appliance.models.names import parse_digest, parse_name
 from appliance.models.store import ModelRecord
-from appliance.models.template import is_go_template
+from appliance.models.template import check_template
 from appliance.users import Principal
 from web.auth import require_admin, require_user
 from web.body import get, model_name, read_json
@@ -79,8 +79,8 @@ def _generation_request(body: dict[str, Any], chat: bool) -> GenerationRequest:
 
 
 def _request_template(template: str | None) -> str | None:
-    if template and is_go_template(template):
-        raise BadRequest("Go-style templates are not supported; send a Jinja2 chat template")
+    if template:
+        check_template(template)
     return template or None
 
 

@@ -1,8 +1,9 @@
-"""Chat templates: render messages into a prompt with the model's Jinja2 template, sandboxed.
+"""Chat templates: render messages into a prompt with the model's template, sandboxed.
 
 A GGUF's `tokenizer.chat_template` comes from whoever made the file, so it runs in Jinja2's
-immutable sandbox. Go-style Ollama templates (`{{ .Prompt }}`) are recognised and refused with a
-clear error rather than rendered wrongly. Tool calls are parsed back out of the model's text.
+immutable sandbox. Ollama's Go templates (`{{ .Prompt }}`, `{{ range .Messages }}`) are translated
+to Jinja2 first (`go_template`) and rendered in the same sandbox. Tool calls are parsed back out of
+the model's text.
 """
 
 from __future__ import annotations
@@ -18,23 +19,23 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from appliance.errors import BadRequest
+from appliance.models.go_template import to_jinja
 
-_GO_TEMPLATE = re.compile(r"\{\{-?\s*(\.|range\s|if\s+\.)")
+_GO_ACTION = re.compile(
+    r"\{\{-?\s*(\.|\$|(if|range|end|else|with|define|template|block|printf|print|len|eq|ne|and|or|not|slice"
+    r"|index|json)\b)"
+)
 
 
 def is_go_template(text: str) -> bool:
-    return bool(_GO_TEMPLATE.search(text))
+    """Ollama's Go syntax: actions like `{{ .Prompt }}` or `{{ range ... }}`, and no Jinja `{% %}` blocks."""
+    return "{%" not in text and bool(_GO_ACTION.search(text))
 
 
 def check_template(text: str) -> None:
     """Reject a template that cannot be rendered here, with the reason."""
-    if is_go_template(text):
-        raise BadRequest(
-            "Go-style templates ({{ .Prompt }}) are not supported; give TEMPLATE as a Jinja2 chat "
-            "template (the format GGUF files carry in tokenizer.chat_template)"
-        )
     try:
-        _compile(text)
+        _compile(text, is_go_template(text))
     except TemplateError as exc:
         raise BadRequest(f"invalid chat template: {exc}") from None
 
@@ -44,8 +45,12 @@ def _raise_exception(message: str) -> None:
 
 
 @lru_cache(maxsize=32)
-def _compile(text: str):
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+def _compile(text: str, go: bool = False):
+    if go:  # Go keeps every character outside its actions: no Jinja whitespace handling
+        env = ImmutableSandboxedEnvironment(keep_trailing_newline=True)
+        text = to_jinja(text)
+    else:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(value, indent=indent, ensure_ascii=False)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -65,6 +70,8 @@ def render_chat(
     if not template:
         lines = [f"{m.get('role', 'user')}: {m.get('content') or ''}" for m in messages]
         return "\n".join(lines) + ("\nassistant: " if add_generation_prompt else "")
+    if is_go_template(template):
+        return _render_go(template, messages, tools)
     try:
         return _compile(template).render(
             messages=messages,
@@ -73,6 +80,48 @@ def render_chat(
             bos_token=bos_token,
             eos_token=eos_token,
         )
+    except TemplateError as exc:
+        raise BadRequest(f"chat template failed: {exc}") from None
+
+
+_RESPONSE_MARK = "\x00response\x00"
+
+
+def _render_go(template: str, messages: list[dict[str, Any]], tools: list | None) -> str:
+    """Render as Ollama does: with `.Messages` when the template ranges over them, otherwise one
+    System/Prompt/Response pass per turn, the last cut where the model's response begins."""
+    compiled = _compile(template, True)
+    system = "\n\n".join(m.get("content") or "" for m in messages if m.get("role") == "system")
+    try:
+        if ".Messages" in template:
+            go_messages = [
+                {"Role": m.get("role"), "Content": m.get("content") or "", "ToolCalls": m.get("tool_calls")}
+                for m in messages
+            ]
+            return compiled.render(
+                root={"System": system, "Messages": go_messages, "Tools": tools or None, "Prompt": "", "Response": ""}
+            )
+        turns: list[tuple[str, str]] = []
+        for message in messages:
+            if message.get("role") == "user":
+                turns.append((message.get("content") or "", ""))
+            elif message.get("role") == "assistant" and turns:
+                turns[-1] = (turns[-1][0], message.get("content") or "")
+        if not turns or turns[-1][1]:
+            turns.append(("", ""))
+        out = []
+        for index, (prompt, response) in enumerate(turns):
+            last = index == len(turns) - 1
+            text = compiled.render(
+                root={
+                    "System": system if index == 0 else "",
+                    "Prompt": prompt,
+                    "Response": _RESPONSE_MARK if last else response,
+                    "Tools": tools or None,
+                }
+            )
+            out.append(text.split(_RESPONSE_MARK)[0] if last else text)
+        return "".join(out)
     except TemplateError as exc:
         raise BadRequest(f"chat template failed: {exc}") from None
 
