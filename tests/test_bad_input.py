@@ -36,6 +36,10 @@ def test_malformed_json(api, path):
         ("/api/generate", {"model": "tiny", "prompt": ["not", "a", "string"]}, "prompt"),
         ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"num_predict": "many"}}, "num_predict"),
         ("/api/generate", {"model": "tiny", "prompt": "x", "options": []}, "options"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"num_ctx": -5}}, "num_ctx"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"temperature": -1}}, "temperature"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"num_thread": 100000}}, "num_thread"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"top_p": 1.5}}, "top_p"),
         ("/api/generate", {"model": "tiny", "prompt": "x", "format": "yaml"}, "format"),
         ("/api/generate", {"model": "tiny", "prompt": "x", "keep_alive": "forever"}, "keep_alive"),
         ("/api/generate", {"model": "tiny", "prompt": "x", "stream": "yes"}, "stream"),
@@ -151,3 +155,18 @@ def test_unknown_model_is_refused_before_streaming_starts(server):
     assert error.value.status_code == 404
     with httpx.Client(base_url=server.url, headers=server.auth()) as api:
         assert api.get("/api/tags").status_code == 200
+
+
+def test_blob_corrupted_on_disk_is_a_clear_500_and_nothing_else_breaks(server, tiny_gguf, ollama_client):
+    """Digests are verified on load: a damaged model file is refused, other models keep working."""
+    with server.http() as api:
+        digest = _upload(api, tiny_gguf.read_bytes()[:-64] + b"\x00" * 64)  # same size, different bytes
+        assert api.post("/api/create", json={"model": "damaged", "files": {"m.gguf": digest}}).status_code == 200
+        blob = server.home / "models" / "blobs" / digest.replace(":", "-")
+        data = bytearray(blob.read_bytes())
+        data[-1] ^= 0xFF  # the disk flips a bit after import
+        blob.write_bytes(bytes(data))
+        response = api.post("/api/generate", json={"model": "damaged", "prompt": "x", "stream": False})
+        assert response.status_code == 500 and "is corrupt" in response.json()["error"]
+        api.request("DELETE", "/api/delete", json={"model": "damaged"})
+    assert ollama_client.generate(model="tiny", prompt="x", options={"num_predict": 1}).done

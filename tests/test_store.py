@@ -12,7 +12,7 @@ from appliance.errors import BadRequest, NotFound
 from appliance.models.create import create_model
 from appliance.models.gguf_info import InvalidGGUF, read_gguf
 from appliance.models.modelfile import Modelfile
-from appliance.models.store import DigestMismatch, ModelStore
+from appliance.models.store import CorruptBlob, DigestMismatch, ModelStore
 from appliance.models.synthetic_gguf import TINY_QUANTIZABLE, write_gguf
 
 
@@ -75,7 +75,7 @@ def test_digest_verified_on_load(store, tiny_gguf):
         byte = handle.read(1)
         handle.seek(-10, os.SEEK_END)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(DigestMismatch, match="corrupt"):
+    with pytest.raises(CorruptBlob, match="corrupt"):
         store.verify_blob(record.model_digest)
 
 

@@ -41,6 +41,30 @@ PARAMETER_TYPES: dict[str, type] = {
     "stop": list,
     "num_nodes": int,
 }
+# Bounds on numeric options (inclusive); a value outside is a clear 400, not a runner failure.
+PARAMETER_BOUNDS: dict[str, tuple[float, float]] = {
+    "num_ctx": (1, 1 << 20),
+    "num_batch": (1, 1 << 16),
+    "num_gpu": (-1, 100_000),
+    "main_gpu": (0, 64),
+    "num_thread": (0, 1024),
+    "num_keep": (-1, 1 << 20),
+    "num_predict": (-2, 1 << 20),
+    "top_k": (0, 1 << 20),
+    "top_p": (0.0, 1.0),
+    "min_p": (0.0, 1.0),
+    "typical_p": (0.0, 1.0),
+    "tfs_z": (0.0, 1.0),
+    "repeat_last_n": (-1, 1 << 20),
+    "temperature": (0.0, 100.0),
+    "repeat_penalty": (0.0, 100.0),
+    "presence_penalty": (-100.0, 100.0),
+    "frequency_penalty": (-100.0, 100.0),
+    "mirostat": (0, 2),
+    "mirostat_tau": (0.0, 100.0),
+    "mirostat_eta": (0.0, 100.0),
+    "num_nodes": (0, 64),
+}
 # Options that change how the runner loads the model (a different value means a reload).
 LOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "num_nodes")
 
@@ -63,9 +87,13 @@ def coerce_parameter(name: str, value: Any) -> Any:
             raise ValueError(value)
         if isinstance(value, bool):
             raise ValueError(value)
-        return kind(value)
-    except (TypeError, ValueError):
+        number = kind(value)
+    except (TypeError, ValueError, OverflowError):
         raise BadRequest(f"parameter '{name}' must be of type {kind.__name__}") from None
+    low, high = PARAMETER_BOUNDS.get(name, (float("-inf"), float("inf")))
+    if not low <= number <= high:
+        raise BadRequest(f"parameter '{name}' must be between {low} and {high}")
+    return number
 
 
 @dataclass

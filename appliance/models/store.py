@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance.errors import BadRequest, NotFound
+from appliance.errors import ApplianceError, BadRequest, NotFound
 from appliance.models.gguf_info import GGUFInfo, format_parameter_count, read_gguf
 from appliance.models.names import ModelName, parse_digest, parse_name
 
@@ -40,7 +40,13 @@ _CHUNK = 1 << 20
 
 
 class DigestMismatch(BadRequest):
-    pass
+    """Uploaded bytes do not match the digest the client named."""
+
+
+class CorruptBlob(ApplianceError):
+    """A stored blob no longer matches its digest (disk damage or tampering): the server's fault."""
+
+    status = 500
 
 
 @dataclass
@@ -170,8 +176,9 @@ class ModelStore:
                 while chunk := handle.read(_CHUNK * 8):
                     digest.update(chunk)
             if digest.hexdigest() != hex_digest:
-                raise DigestMismatch(
-                    f"model blob sha256:{hex_digest} is corrupt (its bytes hash to sha256:{digest.hexdigest()})"
+                raise CorruptBlob(
+                    f"model blob sha256:{hex_digest} is corrupt (its bytes hash to sha256:{digest.hexdigest()}); "
+                    "restore it from a backup or create the model again"
                 )
             self._verified[hex_digest] = stamp
         return path
