@@ -1,9 +1,17 @@
-"""The metadata database: engine creation (SQLite in WAL mode by default) and the tables."""
+"""The metadata database: engine creation (SQLite in WAL mode by default), the tables, migrations.
+
+The schema is owned by Alembic migrations in `appliance/migrations`; every start upgrades the
+database to the newest revision, so an appliance upgraded in place keeps its data. A test checks
+that the migrations produce exactly the tables declared here.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, create_engine
@@ -46,8 +54,26 @@ def create_db_engine(url: str) -> Engine:
             cursor.execute("PRAGMA busy_timeout=5000")
             cursor.close()
 
-    SQLModel.metadata.create_all(engine)
+    migrate(engine)
     return engine
+
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def migrate(engine: Engine) -> None:
+    """Upgrade the database to the newest schema revision."""
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
 
 
 def session(engine: Engine) -> Session:

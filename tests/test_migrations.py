@@ -1,0 +1,42 @@
+"""The database schema comes from Alembic migrations, and they match the declared tables exactly."""
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlmodel import SQLModel
+
+from appliance.db import alembic_config, create_db_engine, migrate
+from appliance.users import add_user, authenticate_key, create_key
+
+
+def _current_revision(engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def test_migrations_create_exactly_the_declared_schema(tmp_path):
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'appliance.db'}")
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
+    assert differences == [], "a table changed without a migration: add one under appliance/migrations/versions"
+    head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head()
+    assert _current_revision(engine) == head
+
+
+def test_upgrading_again_keeps_the_data(tmp_path):
+    url = f"sqlite:///{tmp_path / 'appliance.db'}"
+    engine = create_db_engine(url)
+    add_user(engine, "alice", "reader")
+    key = create_key(engine, "alice")
+    migrate(engine)  # every start runs this
+    assert authenticate_key(create_db_engine(url), key).name == "alice"
+
+
+def test_downgrade_to_nothing_and_back(tmp_path):
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'appliance.db'}")
+    config = alembic_config(str(engine.url))
+    command.downgrade(config, "base")
+    assert _current_revision(engine) is None
+    command.upgrade(config, "head")
+    add_user(engine, "bob", "admin")
