@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,14 @@ class SentenceEmbedder:
 
     def __init__(self, settings: EmbeddingSettings):
         self.settings = settings
-        self.path = Path(settings.embedding_model_path) if settings.embedding_model_path else None
+        self.path = Path(settings.embedding_model_path) if settings.embedding_model_path else bundled_model_path()
         self._model = None
         self._lock = threading.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embeddings")
+
+    @cached_property
+    def disk_size(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file()) if self.path.exists() else 0
 
     async def aload(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._thread, self.load)
@@ -69,8 +74,7 @@ class SentenceEmbedder:
 
                 if self.settings.embedding_threads:
                     torch.set_num_threads(self.settings.embedding_threads)
-                path = self.path or bundled_model_path()
-                self._model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+                self._model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
             return self._model
 
     @property

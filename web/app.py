@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from appliance import __version__
 from appliance.config import Settings
 from appliance.db import create_db_engine
-from appliance.embeddings import SentenceEmbedder, bundled_model_path
+from appliance.embeddings import SentenceEmbedder
 from appliance.errors import ApplianceError
 from appliance.index import open_vector_store
 from appliance.inference import hardware
@@ -49,7 +49,6 @@ def create_app(settings: Settings) -> FastAPI:
         state.hardware = await asyncio.to_thread(hardware.detect)
         state.scheduler = Scheduler(settings.scheduler, state.store, state.hardware)
         state.embedder = SentenceEmbedder(settings.embeddings)
-        state.embedding_path = bundled_model_path()
         state.engine = Engine(state.store, state.scheduler, state.embedder)
         state.vectors = await asyncio.to_thread(open_vector_store, settings.chroma_dir)
         state.cli_token_hash = issue_cli_token(settings.run_dir)

@@ -180,15 +180,12 @@ async def embeddings_legacy(request: Request, _: Principal = Depends(require_use
 # --- listing and inspection --------------------------------------------------------------------
 def _embedding_entry(request: Request) -> dict[str, Any]:
     embedder = _state(request).embedder
-    path = embedder.path or _state(request).embedding_path
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path and path.exists() else 0
-    digest = hashlib.sha256(str(path).encode()).hexdigest()
     return {
         "name": EMBEDDING_DISPLAY,
         "model": EMBEDDING_DISPLAY,
         "modified_at": _state(request).started_at,
-        "size": size,
-        "digest": digest,
+        "size": embedder.disk_size,
+        "digest": hashlib.sha256(str(embedder.path).encode()).hexdigest(),
         "details": {
             "parent_model": "",
             "format": "safetensors",
@@ -232,8 +229,7 @@ async def show(request: Request, _: Principal = Depends(require_user)):
     name = model_name(body)
     state = _state(request)
     if parse_name(name).display == EMBEDDING_DISPLAY:
-        embedder = state.embedder
-        dims, context = await asyncio.to_thread(lambda: (embedder.dimensions, embedder.max_tokens))
+        await state.embedder.aload()
         entry = _embedding_entry(request)
         return {
             "modelfile": f"# bundled sentence-transformers model\nFROM {DEFAULT_EMBEDDING_MODEL}\n",
@@ -243,8 +239,8 @@ async def show(request: Request, _: Principal = Depends(require_user)):
             "model_info": {
                 "general.architecture": "bert",
                 "general.parameter_count": 22_700_000,
-                "bert.embedding_length": dims,
-                "bert.context_length": context,
+                "bert.embedding_length": state.embedder.dimensions,
+                "bert.context_length": state.embedder.max_tokens,
             },
             "capabilities": ["embedding"],
             "modified_at": entry["modified_at"],
