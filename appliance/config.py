@@ -25,7 +25,10 @@ class ServerSettings(BaseSettings):
     port: int = Field(11434, ge=1, le=65535, description="TCP port of the HTTP server.")
     allowed_hosts: list[str] = Field(
         default_factory=list,
-        description="Extra Host header values accepted (besides loopback names and the bind address).",
+        description=(
+            "Host header values accepted besides loopback names (bound to loopback); when set, the only "
+            "ones accepted on other addresses (as a JSON list)."
+        ),
     )
     max_request_bytes: int = Field(1_048_576 * 16, ge=1024, description="Largest JSON request body accepted, in bytes.")
     max_blob_bytes: int = Field(
@@ -45,7 +48,7 @@ class SchedulerSettings(BaseSettings):
     max_memory_bytes: int = Field(
         0,
         ge=0,
-        description="Memory budget for loaded models in bytes; 0 means 90% of the memory found at start.",
+        description="Memory budget for loaded models in bytes; 0 means 90% of the memory available at start.",
     )
     keep_alive: str = Field(
         "5m", description="Default time a model stays loaded after its last request (0 unloads, <0 keeps)."
@@ -113,3 +116,20 @@ class Settings(BaseSettings):
 def load_settings(**overrides) -> Settings:
     """Read settings from the environment (the entry points call this once)."""
     return Settings(**overrides)
+
+
+def settings_reference() -> list[tuple[str, object, str]]:
+    """(environment variable, default, description) for every setting, nested groups included."""
+    rows: list[tuple[str, object, str]] = []
+
+    def walk(model: type[BaseSettings]) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseSettings):
+                walk(annotation)
+                continue
+            default = field.get_default(call_default_factory=True)
+            rows.append((f"{ENV_PREFIX}{name.upper()}", default, field.description or ""))
+
+    walk(Settings)
+    return rows

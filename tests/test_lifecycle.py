@@ -144,3 +144,30 @@ def test_model_larger_than_the_memory_budget_is_refused(tmp_path, tiny_gguf):
     with pytest.raises(InsufficientMemory, match="requires more memory"):
         asyncio.run(attempt())
     assert scheduler.loaded() == []
+
+
+def test_runners_exit_when_the_server_is_killed(tmp_path, tiny_gguf):
+    """No orphaned runner keeps gigabytes of memory after the server dies (SIGKILL, OOM killer)."""
+    srv = start_server(tmp_path / "home", {"tiny": tiny_gguf})
+    try:
+        client = ollama.Client(host=srv.url, headers=srv.auth())
+        client.generate(model="tiny", prompt="", keep_alive=-1)
+        pid = _runner_pid(srv, "tiny:latest")
+        os.kill(srv.process.pid, signal.SIGKILL)
+        srv.process.wait(30)
+        deadline = time.time() + 30
+        while time.time() < deadline and _process_exists(pid):
+            time.sleep(0.1)
+        assert not _process_exists(pid), "the runner outlived its server"
+    finally:
+        if srv.process.poll() is None:
+            srv.process.kill()
+    assert srv.netguard_log.read_text() == ""
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

@@ -251,3 +251,13 @@ def test_llama_cpp_was_built_with_the_rpc_backend():
 
     assert llama_cpp.llama_supports_rpc()
     assert llama_cpp.llama_cpp._lib.ggml_backend_reg_by_name is not None
+
+
+def test_every_setting_is_documented_in_the_readme():
+    from pathlib import Path
+
+    from appliance.config import settings_reference
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [env for env, _default, _description in settings_reference() if f"`{env}`" not in readme]
+    assert missing == []
