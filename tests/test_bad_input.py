@@ -36,6 +36,8 @@ def test_malformed_json(api, path):
         ("/api/generate", {"model": "tiny", "prompt": ["not", "a", "string"]}, "prompt"),
         ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"num_predict": "many"}}, "num_predict"),
         ("/api/generate", {"model": "tiny", "prompt": "x", "options": []}, "options"),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "images": ["aGVsbG8="]}, "images"),
+    ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, "images"),
         ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"num_ctx": -5}}, "num_ctx"),
         ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"temperature": -1}}, "temperature"),
         ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"num_thread": 100000}}, "num_thread"),

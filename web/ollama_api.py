@@ -63,6 +63,8 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
 
 def _generation_request(body: dict[str, Any], chat: bool) -> GenerationRequest:
     tools = get(body, "tools", list)
+    if body.get("images"):
+        raise BadRequest("images are not supported by this server's models")
     return GenerationRequest(
         model=model_name(body),
         messages=_messages(body.get("messages") or []) if chat else None,
