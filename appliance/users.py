@@ -71,18 +71,6 @@ def list_users(engine: Engine) -> list[User]:
         return list(db.exec(select(User).order_by(User.name)))
 
 
-def verify_password(engine: Engine, name: str, password: str) -> Principal:
-    with session(engine) as db:
-        user = db.exec(select(User).where(User.name == name)).first()
-    try:
-        ok = bool(user and user.password_hash and not user.disabled and _hasher.verify(user.password_hash, password))
-    except Exception:
-        ok = False
-    if not ok or user is None or user.id is None:
-        raise Unauthorized("invalid user name or password")
-    return Principal(user.id, user.name, user.role)
-
-
 def create_key(engine: Engine, user_name: str, label: str = "") -> str:
     """Issue a key for a user and return it; it is shown this once and stored only hashed."""
     user = get_user(engine, user_name)

@@ -8,12 +8,11 @@ in the server and its runner processes; every server fixture asserts at teardown
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -73,7 +72,6 @@ class Server:
     process: subprocess.Popen
     netguard_log: Path
     log_path: Path
-    extra_env: dict[str, str] = field(default_factory=dict)
 
     def auth(self, key: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or self.admin_key}"}
@@ -84,9 +82,6 @@ class Server:
     def assert_alive(self) -> None:
         assert self.process.poll() is None, "server process died"
         assert httpx.get(f"{self.url}/api/version", timeout=10).status_code == 200
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 def start_server(home: Path, models: dict[str, Path], **env: str) -> Server:
@@ -124,7 +119,7 @@ def start_server(home: Path, models: dict[str, Path], **env: str) -> Server:
     else:
         process.kill()
         raise AssertionError("server did not start in time")
-    return Server(home, url, port, admin_key, reader_key, process, netguard_log, log_path, env)
+    return Server(home, url, port, admin_key, reader_key, process, netguard_log, log_path)
 
 
 def stop_server(server: Server) -> None:
@@ -163,8 +158,3 @@ def fresh_home(tmp_path) -> Path:
     home = tmp_path / "home"
     home.mkdir()
     return home
-
-
-def copy_model(src: Path, dst: Path) -> Path:
-    shutil.copyfile(src, dst)
-    return dst

@@ -1,6 +1,7 @@
 """The `appliance` command as a user runs it: create from a Modelfile, list, show, cp, rm, run, ps."""
 
 import json
+import sqlite3
 
 import pytest
 
@@ -63,6 +64,9 @@ def test_password_from_stdin_and_duplicate_user(fresh_home):
     assert short.returncode == 1 and "at least 8" in short.stderr
     users = json.loads(run_cli(fresh_home, "users", "list", "--json").stdout)
     assert [(u["name"], u["role"]) for u in users] == [("alice", "editor")]
+    with sqlite3.connect(fresh_home / "appliance.db") as db:
+        (stored,) = db.execute("select password_hash from user where name = 'alice'").fetchone()
+    assert stored.startswith("$argon2id$") and "correct horse" not in stored
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def bearer_token(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-def principal_for(request: Request) -> Principal:
+def require_user(request: Request) -> Principal:
     """The caller behind the request's key; raises Unauthorized."""
     token = bearer_token(request)
     if not token:
@@ -55,12 +55,6 @@ def principal_for(request: Request) -> Principal:
             return LOCAL_ADMIN
         raise Unauthorized("invalid API key")
     return authenticate_key(state.db, token)
-
-
-def require_user(request: Request) -> Principal:
-    principal = principal_for(request)
-    request.state.principal = principal
-    return principal
 
 
 def require_admin(request: Request) -> Principal:
