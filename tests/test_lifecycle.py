@@ -171,3 +171,15 @@ def _process_exists(pid: int) -> bool:
             return handle.read().split()[2] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_unloading_a_busy_model_waits_for_its_request(client, small_server):
+    stream = client.generate(model="tiny-long", prompt=LONG_PROMPT, stream=True, options={**LONG, "num_predict": 400})
+    next(stream)
+    assert client.generate(model="tiny-long", prompt="", keep_alive=0).done_reason == "unload"
+    chunks = list(stream)  # the running generation is not cut off
+    assert chunks[-1].done and chunks[-1].eval_count == 400
+    deadline = time.time() + 10
+    while time.time() < deadline and client.ps().models:
+        time.sleep(0.1)
+    assert client.ps().models == []

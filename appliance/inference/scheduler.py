@@ -70,6 +70,7 @@ class LoadedModel:
     load_duration_ns: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0
+    unload_requested: bool = False  # unload as soon as the requests using it are done
     last_used: float = field(default_factory=time.monotonic)
     expires_at: datetime | None = None
     _expiry: asyncio.TimerHandle | None = None
@@ -127,7 +128,7 @@ class Scheduler:
             if model is not None:
                 model.users -= 1
                 model.last_used = time.monotonic()
-                self._schedule_expiry(model, keep)
+                self._schedule_expiry(model, 0 if model.unload_requested else keep)
                 async with self._changed:
                     self._changed.notify_all()
 
@@ -137,10 +138,14 @@ class Scheduler:
             return model
 
     async def unload(self, name: str) -> bool:
+        """Unload every runner of `name`: idle ones now, busy ones when their requests are done."""
         async with self._changed:
             victims = [m for m in self._models.values() if m.slot[0] == name]
             for model in victims:
-                await self._unload_locked(model)
+                if model.users:
+                    model.unload_requested = True
+                else:
+                    await self._unload_locked(model)
             return bool(victims)
 
     async def shutdown(self) -> None:
@@ -183,6 +188,7 @@ class Scheduler:
             while True:
                 current = self._models.get(slot)
                 if current is not None and current.key == key and current.runner.alive:
+                    current.unload_requested = False  # a new request's keep_alive decides again
                     current.users += 1
                     return current
                 if current is not None and current.users == 0:
