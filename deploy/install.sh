@@ -53,4 +53,9 @@ if ! "$venv/bin/python" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.__ver
 fi
 
 "${pip[@]}" install --quiet -e ".[test]"
+# The PDF partitioner imports unstructured-inference; its own requirements (timm, torchvision)
+# would replace the pinned CPU torch, so it comes without them (see pyproject.toml).
+"${pip[@]}" install --quiet --no-deps "unstructured-inference==1.6.14"
+# spaCy's en_core_web_sm is not on PyPI and unstructured would download it: build a local stand-in.
+"$venv/bin/python" -m ingest.spacy_standin
 echo "Installed. Activate with: source $venv/bin/activate   (then: appliance --help)"

@@ -1,0 +1,150 @@
+"""Partitioning: one file in, its text as elements (category, page, heading path) out, offline.
+
+Wraps `unstructured` with the fast strategy. Before it is imported, its analytics ping and any hub
+access are switched off, and the spaCy model it wants must be the local stand-in
+(`ingest.spacy_standin`), so that nothing ever reaches for the network. The file's real format
+comes from its bytes (magic numbers, the parts inside an OOXML zip), and must agree with its
+extension. A document that yields no text is an error, never an empty document.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+
+from appliance.errors import BadRequest
+
+log = logging.getLogger(__name__)
+
+OFFLINE_ENVIRONMENT = {
+    "SCARF_NO_ANALYTICS": "true",  # unstructured's usage ping
+    "DO_NOT_TRACK": "true",
+    "UNSTRUCTURED_DISABLE_NOTICE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+# Extensions per detected format; the file's extension must be one of them.
+EXTENSIONS = {
+    "pdf": {".pdf"},
+    "docx": {".docx"},
+    "pptx": {".pptx"},
+    "xlsx": {".xlsx"},
+    "msg": {".msg"},
+    "eml": {".eml"},
+    "html": {".html", ".htm"},
+    "md": {".md", ".markdown"},
+    "txt": {".txt", ".text", ".log"},
+    "csv": {".csv"},
+}
+_OOXML_PARTS = {"word/": "docx", "ppt/": "pptx", "xl/": "xlsx"}
+
+
+class UnsupportedDocument(BadRequest):
+    """The file is not a format the appliance reads, or its content contradicts its extension."""
+
+
+class NoExtractableText(BadRequest):
+    """The document parsed but holds no text (an image-only PDF without OCR, an empty file)."""
+
+
+@dataclass
+class Element:
+    text: str
+    category: str
+    page: int | None = None
+    headings: list[str] = field(default_factory=list)
+
+
+def prepare_offline() -> None:
+    """Switch off every network use of the parsing stack; refuse to run without the spaCy stand-in."""
+    for key, value in OFFLINE_ENVIRONMENT.items():
+        os.environ[key] = value
+    if find_spec("en_core_web_sm") is None:
+        raise RuntimeError(
+            "spaCy's en_core_web_sm is missing, and unstructured would try to download it; "
+            "install the offline stand-in with `python -m ingest.spacy_standin`"
+        )
+
+
+def detect_format(path: Path) -> str:
+    """The document's format from its bytes, checked against its extension."""
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    if not head:
+        raise NoExtractableText("empty file")
+    suffix = path.suffix.lower()
+    if head.startswith(b"%PDF-"):
+        detected = "pdf"
+    elif head.startswith(b"PK\x03\x04"):
+        detected = _ooxml_kind(path)
+    elif head.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
+        detected = "msg" if suffix == ".msg" else "ole"
+    elif b"\x00" in head:
+        raise UnsupportedDocument("binary file of an unsupported type")
+    else:
+        detected = _text_kind(suffix)
+    if suffix not in EXTENSIONS.get(detected, set()):
+        raise UnsupportedDocument(
+            f"content is {_DESCRIPTIONS.get(detected, detected.upper())} but the file is named '*{suffix}'"
+        )
+    return detected
+
+
+def _ooxml_kind(path: Path) -> str:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        raise UnsupportedDocument("damaged ZIP container") from None
+    if "[Content_Types].xml" in names:
+        for prefix, kind in _OOXML_PARTS.items():
+            if any(name.startswith(prefix) for name in names):
+                return kind
+    return "zip"
+
+
+def _text_kind(suffix: str) -> str:
+    """Text formats cannot be told apart by magic numbers; the extension decides among them."""
+    for kind in ("html", "md", "csv", "eml", "txt"):
+        if suffix in EXTENSIONS[kind]:
+            return kind
+    return "text"
+
+
+_DESCRIPTIONS = {"text": "plain text", "zip": "a ZIP archive", "ole": "an OLE2 (legacy Office) file"}
+
+
+def _tesseract_available() -> bool:
+    return shutil.which("tesseract") is not None
+
+
+def partition_document(path: Path) -> tuple[str, list[Element]]:
+    """Partition `path`; returns its format and its non-empty elements in reading order."""
+    prepare_offline()
+    kind = detect_format(path)
+    from unstructured.partition.auto import partition
+
+    raw = partition(filename=str(path), strategy="fast", languages=["eng"])
+    elements: list[Element] = []
+    headings: list[str] = []
+    for item in raw:
+        text = (item.text or "").strip()
+        if not text:
+            continue
+        if item.category in ("Title", "Header") and kind not in ("xlsx", "csv"):
+            depth = item.metadata.category_depth or 0
+            headings = headings[:depth] + [text]
+        elements.append(
+            Element(text=text, category=item.category, page=item.metadata.page_number, headings=list(headings))
+        )
+    if not elements:
+        if kind == "pdf":
+            reason = "no extractable text" + ("" if _tesseract_available() else " (OCR not available)")
+            raise NoExtractableText(reason)
+        raise NoExtractableText("no extractable text")
+    return kind, elements

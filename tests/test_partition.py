@@ -1,0 +1,111 @@
+"""Partitioning every format with the network blocked: text, pages, headings, and clear refusals."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.documents import write_all, write_pdf
+
+HERE = Path(__file__).parent
+SCRIPT = """
+import json, sys
+from pathlib import Path
+from ingest.partition import partition_document
+results = {}
+for name in sys.argv[1:]:
+    try:
+        kind, elements = partition_document(Path(name))
+        results[name] = {"kind": kind, "elements": [e.__dict__ for e in elements]}
+    except Exception as exc:
+        results[name] = {"error": type(exc).__name__, "message": str(exc)}
+print(json.dumps(results))
+"""
+
+
+def partition_offline(paths: list[Path], tmp_path: Path) -> dict[str, dict]:
+    """Partition in a fresh interpreter under the network guard; fails if any connection was tried."""
+    log = tmp_path / "netguard.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCARF", "DO_NOT_TRACK", "HF_HUB"))}
+    env.update(PYTHONPATH=f"{HERE / 'netguard'}{os.pathsep}{HERE.parent}", APPLIANCE_NETGUARD_LOG=str(log))
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, *map(str, paths)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert not log.exists() or log.read_text() == "", f"partitioning tried the network:\n{log.read_text()}"
+    return {Path(name).name: value for name, value in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+
+
+@pytest.fixture(scope="module")
+def partitioned(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("formats")
+    documents = write_all(folder)
+    return documents, partition_offline(list(documents.values()), folder)
+
+
+def _texts(result: dict) -> str:
+    return "\n".join(element["text"] for element in result["elements"])
+
+
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("md", "Adult records are kept for ten years."),
+        ("html", "Wash hands for twenty seconds."),
+        ("txt", "The registrar covers nights on weekdays."),
+        ("csv", "paracetamol"),
+        ("docx", "The ward clerk books hospital transport"),
+        ("xlsx", "Dr Lindqvist"),
+        ("pptx", "Preserve all email from 2024 onwards."),
+        ("pdf", "Reconcile the medication list within 24 hours"),
+        ("eml", "Please preserve every document about the Quay Street lease."),
+    ],
+)
+def test_every_format_yields_its_text_offline(partitioned, kind, expected):
+    documents, results = partitioned
+    result = results[documents[kind].name]
+    assert "error" not in result, result
+    assert result["kind"] == kind and expected in _texts(result)
+
+
+def test_scripts_are_not_text(partitioned):
+    documents, results = partitioned
+    assert "never executed" not in _texts(results[documents["html"].name])
+
+
+def test_pages_and_headings_are_kept(partitioned):
+    documents, results = partitioned
+    pdf = results[documents["pdf"].name]["elements"]
+    assert {e["page"] for e in pdf} == {1, 2}
+    assert any("step 2" in e["text"] and e["page"] == 2 for e in pdf)
+    slides = results[documents["pptx"].name]["elements"]
+    assert any(e["page"] == 2 and "finance director" in e["text"] for e in slides)
+    docx = results[documents["docx"].name]["elements"]
+    transport = next(e for e in docx if "hospital transport" in e["text"])
+    assert transport["headings"] == ["Discharge policy", "Transport"]
+    markdown = results[documents["md"].name]["elements"]
+    assert next(e for e in markdown if "ten years" in e["text"])["headings"] == ["Retention", "Adults"]
+
+
+def test_refusals_are_clear(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    blank_pdf = write_pdf(tmp_path / "scan.pdf", pages=1, text=False)
+    lying = tmp_path / "invoice.pdf"
+    lying.write_text("this is plain text pretending to be a PDF")
+    docx_as_xlsx = tmp_path / "budget.xlsx"
+    from tests.documents import write_docx
+
+    write_docx(docx_as_xlsx)
+    binary = tmp_path / "tool.txt"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(64))
+    results = partition_offline([empty, blank_pdf, lying, docx_as_xlsx, binary], tmp_path)
+    assert results["empty.txt"] == {"error": "NoExtractableText", "message": "empty file"}
+    assert results["scan.pdf"]["error"] == "NoExtractableText"
+    assert results["scan.pdf"]["message"].startswith("no extractable text")
+    assert results["invoice.pdf"]["message"] == "content is plain text but the file is named '*.pdf'"
+    assert results["budget.xlsx"]["message"] == "content is DOCX but the file is named '*.xlsx'"
+    assert results["tool.txt"]["error"] == "UnsupportedDocument"
