@@ -72,6 +72,18 @@ class EmbeddingSettings(BaseSettings):
     embedding_threads: int = Field(0, ge=0, le=1024, description="torch threads for embeddings; 0 = default.")
 
 
+class IngestSettings(BaseSettings):
+    model_config = _group_config()
+
+    max_upload_mb: int = Field(200, ge=1, le=100_000, description="Largest document accepted, in MB.")
+    parse_timeout_s: float = Field(
+        120.0, gt=0, le=86_400, description="Longest time parsing one document may take (its process is killed)."
+    )
+    parse_memory_mb: int = Field(
+        4096, ge=256, le=1_048_576, description="Address-space limit of the process parsing one document, in MB."
+    )
+
+
 class Settings(BaseSettings):
     model_config = _group_config()
 
@@ -86,6 +98,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     embeddings: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
 
     @field_validator("home")
     @classmethod
