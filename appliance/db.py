@@ -12,7 +12,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import JSON, Column, event
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, create_engine
 
@@ -38,6 +38,48 @@ class ApiKey(SQLModel, table=True):
     label: str = Field(default="", max_length=128)
     created_at: datetime = Field(default_factory=utcnow)
     revoked_at: datetime | None = None
+
+
+class Document(SQLModel, table=True):
+    """One ingested file version. The id is the sha256 of its bytes."""
+
+    id: str = Field(primary_key=True, max_length=64)
+    collection: str = Field(index=True, max_length=128)
+    source: str = Field(index=True, max_length=1024)  # where it came from (path or upload name), for replacement
+    filename: str = Field(max_length=255)  # display name; files on disk use server-generated names
+    kind: str = Field(max_length=16)
+    size: int
+    acl: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="indexing", max_length=16)  # indexing | indexed
+    chunk_count: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class DocumentText(SQLModel, table=True):
+    """The extracted full text, kept so that citations can be shown and verified."""
+
+    document_id: str = Field(primary_key=True, foreign_key="document.id", max_length=64)
+    text: str
+
+
+class Chunk(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=80)  # "<document id>:<n>"
+    document_id: str = Field(foreign_key="document.id", index=True, max_length=64)
+    position: int
+    start: int
+    end: int
+    page: int | None = None
+    headings: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    text: str
+
+
+# The FTS5 table for BM25 lives beside these (created by migration 0002, outside the ORM).
+FTS_TABLE = "chunk_fts"
+
+
+def include_name(name: str | None, type_: str, parent_names: dict) -> bool:
+    """For Alembic's comparisons: the FTS5 table and its shadow tables are managed by hand."""
+    return not (type_ == "table" and name and name.startswith(FTS_TABLE))
 
 
 def create_db_engine(url: str) -> Engine:

@@ -1,12 +1,29 @@
-"""The vector index: an embedded Chroma (default) or a Chroma server, never with its own embedder.
+"""The chunk index: every chunk in the three places retrieval reads, kept in step.
 
-Chroma is told not to send telemetry and is always given embeddings explicitly, so it never tries
-to download an embedding function. Ingestion and retrieval build on this.
+    database   document, its extracted text, its chunks (the record of truth)
+    FTS5       chunk_fts, for BM25 keyword search (same SQLite database)
+    Chroma     one collection of chunk vectors with document, collection and ACL principals as
+               metadata (embeddings always passed in; Chroma never picks an embedding function)
+
+Writes go database first (document marked `indexing`, then `indexed` once Chroma holds its vectors);
+removal marks the document `deleting`, empties Chroma, then deletes the rows. A crash in between
+leaves a status that `check` reports and a re-run repairs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+from sqlalchemy import text as sql
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from appliance.db import FTS_TABLE, Chunk, Document, DocumentText, session
+from appliance.errors import NotFound
+
+VECTOR_COLLECTION = "chunks"
 
 
 def open_vector_store(path: Path):
@@ -17,3 +34,111 @@ def open_vector_store(path: Path):
     return chromadb.PersistentClient(
         path=str(path), settings=ChromaSettings(anonymized_telemetry=False, allow_reset=False)
     )
+
+
+@dataclass
+class IndexReport:
+    """What `check` found; `clean` when database, FTS and Chroma agree chunk for chunk."""
+
+    documents: int = 0
+    chunks: int = 0
+    unfinished: list[str] = field(default_factory=list)  # documents left indexing or deleting
+    missing_in_fts: list[str] = field(default_factory=list)
+    missing_in_chroma: list[str] = field(default_factory=list)
+    orphans_in_fts: list[str] = field(default_factory=list)
+    orphans_in_chroma: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (
+            self.unfinished
+            or self.missing_in_fts
+            or self.missing_in_chroma
+            or self.orphans_in_fts
+            or self.orphans_in_chroma
+        )
+
+
+class ChunkIndex:
+    def __init__(self, engine: Engine, vector_client):
+        self.engine = engine
+        self.vectors = vector_client.get_or_create_collection(
+            VECTOR_COLLECTION, embedding_function=None, metadata={"hnsw:space": "cosine"}
+        )
+
+    def add(self, document: Document, text: str, chunks: list[Chunk], embeddings: np.ndarray) -> None:
+        """Index a new document version (its id must not be indexed yet)."""
+        if len(chunks) != len(embeddings):
+            raise ValueError("one embedding per chunk")
+        document.status, document.chunk_count = "indexing", len(chunks)
+        with session(self.engine) as db:
+            db.add(document)
+            db.flush()  # the rows below refer to it
+            db.add(DocumentText(document_id=document.id, text=text))
+            db.add_all(chunks)
+            db.flush()
+            for chunk in chunks:
+                db.exec(
+                    sql(
+                        f"INSERT INTO {FTS_TABLE} (text, chunk_id, document_id, collection) "  # noqa: S608
+                        "VALUES (:text, :chunk_id, :document_id, :collection)"
+                    ),
+                    params={
+                        "text": chunk.text,
+                        "chunk_id": chunk.id,
+                        "document_id": document.id,
+                        "collection": document.collection,
+                    },
+                )
+            db.commit()
+        if chunks:
+            self.vectors.upsert(
+                ids=[chunk.id for chunk in chunks],
+                embeddings=np.asarray(embeddings, dtype=np.float32),
+                metadatas=[
+                    {"document_id": document.id, "collection": document.collection, "acl": list(document.acl)}
+                    for _ in chunks
+                ],
+            )
+        with session(self.engine) as db:
+            stored = db.get(Document, document.id)
+            stored.status = "indexed"
+            db.add(stored)
+            db.commit()
+
+    def remove(self, document_id: str) -> None:
+        """Remove a document's text, chunks, FTS rows and vectors; no trace is left."""
+        with session(self.engine) as db:
+            document = db.get(Document, document_id)
+            if document is None:
+                raise NotFound(f"document {document_id} not found")
+            document.status = "deleting"
+            db.add(document)
+            db.commit()
+        self.vectors.delete(where={"document_id": document_id})
+        with session(self.engine) as db:
+            db.exec(sql(f"DELETE FROM {FTS_TABLE} WHERE document_id = :id"), params={"id": document_id})  # noqa: S608
+            for chunk in db.exec(select(Chunk).where(Chunk.document_id == document_id)):
+                db.delete(chunk)
+            text_row = db.get(DocumentText, document_id)
+            if text_row is not None:
+                db.delete(text_row)
+            db.flush()
+            db.delete(db.get(Document, document_id))
+            db.commit()
+
+    def check(self) -> IndexReport:
+        with session(self.engine) as db:
+            documents = list(db.exec(select(Document)))
+            chunk_ids = set(db.exec(select(Chunk.id)))
+            fts_ids = {row[0] for row in db.exec(sql(f"SELECT chunk_id FROM {FTS_TABLE}"))}  # noqa: S608
+        chroma_ids = set(self.vectors.get(include=[])["ids"])
+        return IndexReport(
+            documents=len(documents),
+            chunks=len(chunk_ids),
+            unfinished=sorted(d.id for d in documents if d.status != "indexed"),
+            missing_in_fts=sorted(chunk_ids - fts_ids),
+            missing_in_chroma=sorted(chunk_ids - chroma_ids),
+            orphans_in_fts=sorted(fts_ids - chunk_ids),
+            orphans_in_chroma=sorted(chroma_ids - chunk_ids),
+        )

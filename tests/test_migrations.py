@@ -6,7 +6,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlmodel import SQLModel
 
-from appliance.db import alembic_config, create_db_engine, migrate
+from appliance.db import FTS_TABLE, alembic_config, create_db_engine, include_name, migrate
 from appliance.users import add_user, authenticate_key, create_key
 
 
@@ -18,10 +18,14 @@ def _current_revision(engine) -> str | None:
 def test_migrations_create_exactly_the_declared_schema(tmp_path):
     engine = create_db_engine(f"sqlite:///{tmp_path / 'appliance.db'}")
     with engine.connect() as connection:
-        differences = compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
+        context = MigrationContext.configure(connection, opts={"include_name": include_name})
+        differences = compare_metadata(context, SQLModel.metadata)
     assert differences == [], "a table changed without a migration: add one under appliance/migrations/versions"
     head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head()
     assert _current_revision(engine) == head
+    with engine.connect() as connection:
+        tables = {row[0] for row in connection.exec_driver_sql("select name from sqlite_master where type='table'")}
+    assert FTS_TABLE in tables
 
 
 def test_upgrading_again_keeps_the_data(tmp_path):
