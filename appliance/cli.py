@@ -407,6 +407,151 @@ def cmd_keys_revoke(settings: Settings, args) -> int:
     return 0
 
 
+# --- documents -----------------------------------------------------------------------------------
+def _ingestor(settings: Settings):
+    from appliance.embeddings import SentenceEmbedder
+    from appliance.index import ChunkIndex, open_vector_store
+    from ingest.pipeline import Ingestor
+
+    settings.ensure_dirs()
+    index = ChunkIndex(_db(settings), open_vector_store(settings.chroma_dir))
+    return Ingestor(settings, index, SentenceEmbedder(settings.embeddings))
+
+
+def _walk(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
+        else:
+            files.append(path)
+    return files
+
+
+def cmd_ingest(settings: Settings, args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ingest.pipeline import parse_acl
+
+    acl = parse_acl(args.acl, args.collection)
+    files = _walk(args.paths)
+    ingestor = _ingestor(settings)
+    results = []
+    console = Console(stderr=True)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True, disable=args.json) as bar:
+        overall = bar.add_task("ingesting", total=len(files))
+        for path in files:
+            bar.update(overall, description=f"ingesting {path.name[:40]}")
+            result = ingestor.ingest(path, args.collection, acl, source=str(path.resolve()))
+            results.append(result)
+            if not args.json:
+                detail = f" ({result.chunks} chunks)" if result.status in ("added", "updated") else ""
+                reason = f": {result.reason}" if result.reason else ""
+                console.print(f"{result.status:<9} {path}{detail}{reason}", markup=False, highlight=False)
+            bar.advance(overall)
+    counts = {
+        status: sum(1 for r in results if r.status == status) for status in ("added", "unchanged", "updated", "failed")
+    }
+    if args.json:
+        _print_json({"counts": counts, "documents": [r.__dict__ for r in results]})
+    else:
+        print(", ".join(f"{count} {status}" for status, count in counts.items()))
+    return 1 if counts["failed"] else 0
+
+
+def cmd_documents_list(settings: Settings, args) -> int:
+    from sqlmodel import select
+
+    from appliance.db import Document, session
+
+    with session(_db(settings)) as db:
+        query = select(Document).order_by(Document.collection, Document.filename)
+        if args.collection:
+            query = query.where(Document.collection == args.collection)
+        documents = list(db.exec(query))
+    rows = [
+        {
+            "id": d.id,
+            "collection": d.collection,
+            "filename": d.filename,
+            "kind": d.kind,
+            "size": d.size,
+            "chunks": d.chunk_count,
+            "status": d.status,
+            "acl": d.acl,
+            "created_at": d.created_at.isoformat(),
+        }
+        for d in documents
+    ]
+    if args.json:
+        _print_json(rows)
+    else:
+        for row in rows:
+            print(
+                f"{row['id'][:12]}  {row['collection']:<16} {row['filename']:<40} {row['chunks']:>5} chunks  "
+                f"{row['status']}"
+            )
+    return 0
+
+
+def _find_document(settings: Settings, prefix: str):
+    from sqlmodel import select
+
+    from appliance.db import Document, session
+    from appliance.errors import NotFound
+
+    if len(prefix) < 6 or not all(c in "0123456789abcdef" for c in prefix):
+        raise BadRequest("give the document id (at least its first 6 hex characters)")
+    with session(_db(settings)) as db:
+        matches = list(db.exec(select(Document).where(Document.id.startswith(prefix))))
+    if not matches:
+        raise NotFound(f"document {prefix} not found")
+    if len(matches) > 1:
+        raise BadRequest(f"document id {prefix} is ambiguous; give more characters")
+    return matches[0]
+
+
+def cmd_documents_show(settings: Settings, args) -> int:
+    from sqlmodel import select
+
+    from appliance.db import Chunk, session
+
+    document = _find_document(settings, args.id)
+    with session(_db(settings)) as db:
+        chunks = list(db.exec(select(Chunk).where(Chunk.document_id == document.id).order_by(Chunk.position)))
+    chunk_rows = [
+        {"id": c.id, "page": c.page, "headings": c.headings, "start": c.start, "end": c.end, "characters": len(c.text)}
+        for c in chunks
+    ]
+    _print_json({**document.model_dump(mode="json"), "chunks": chunk_rows})
+    return 0
+
+
+def cmd_documents_rm(settings: Settings, args) -> int:
+    document = _find_document(settings, args.id)
+    _ingestor(settings).remove(document.id)
+    print(f"removed {document.filename} ({document.id[:12]})")
+    return 0
+
+
+def cmd_index_check(settings: Settings, args) -> int:
+    from appliance.index import ChunkIndex, open_vector_store
+
+    settings.ensure_dirs()
+    report = ChunkIndex(_db(settings), open_vector_store(settings.chroma_dir)).check()
+    if args.json:
+        _print_json({**report.__dict__, "clean": report.clean})
+    else:
+        print(f"{report.documents} documents, {report.chunks} chunks: {'clean' if report.clean else 'MISMATCH'}")
+        for name, values in report.__dict__.items():
+            if isinstance(values, list) and values:
+                print(f"  {name.replace('_', ' ')}: {len(values)}: {', '.join(values[:5])}")
+    return 0 if report.clean else 1
+
+
 def cmd_version(settings: Settings, args) -> int:
     print(f"appliance {__version__}")
     return 0
@@ -484,6 +629,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("revoke")
     p.add_argument("prefix", help="the key's prefix as `keys list` shows it")
     p.set_defaults(func=cmd_keys_revoke)
+
+    p = sub.add_parser("ingest", help="ingest files and folders into a collection")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--acl", help="who may read them: group:NAME,user:NAME (default: the collection's readers)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ingest)
+
+    documents = sub.add_parser("documents", help="ingested documents").add_subparsers(dest="action", required=True)
+    p = documents.add_parser("list")
+    p.add_argument("--collection")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_documents_list)
+    p = documents.add_parser("show")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_documents_show)
+    p = documents.add_parser("rm")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_documents_rm)
+
+    index = sub.add_parser("index", help="the search index").add_subparsers(dest="action", required=True)
+    p = index.add_parser("check", help="compare database, FTS and Chroma (exit 1 on any mismatch)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_index_check)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

@@ -71,6 +71,9 @@ class SentenceEmbedder:
                 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
                 import torch
                 from sentence_transformers import SentenceTransformer
+                from transformers.utils import logging as transformers_logging
+
+                transformers_logging.disable_progress_bar()  # no bars on a server's or the CLI's stderr
 
                 if self.settings.embedding_threads:
                     torch.set_num_threads(self.settings.embedding_threads)

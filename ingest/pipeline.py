@@ -1,0 +1,168 @@
+"""The ingestion pipeline for one file: identify, store the original, parse (sandboxed), chunk,
+embed in batches, index, and replace the previous version of the same source.
+
+Used by `appliance ingest`; the server's job worker and upload API build on the same function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlmodel import select
+
+from appliance.config import Settings
+from appliance.db import Chunk, Document, session
+from appliance.embeddings import SentenceEmbedder
+from appliance.errors import ApplianceError, BadRequest
+from appliance.index import ChunkIndex
+from ingest.chunking import chunk_document
+from ingest.partition import EXTENSIONS
+from ingest.sandbox import partition_in_sandbox
+
+log = logging.getLogger(__name__)
+_PRINCIPAL_KINDS = ("user", "group", "collection")
+_KNOWN_SUFFIXES = {suffix for suffixes in EXTENSIONS.values() for suffix in suffixes}
+
+
+@dataclass
+class IngestResult:
+    source: str
+    status: str  # added | unchanged | updated | failed
+    document_id: str | None = None
+    chunks: int = 0
+    reason: str = ""
+
+
+def parse_acl(raw: str | None, collection: str) -> list[str]:
+    """`group:oncology,user:alice` -> principals; none given means everyone who may read the collection."""
+    if not raw:
+        return [f"collection:{collection}"]
+    principals = []
+    for item in (part.strip() for part in raw.split(",")):
+        kind, _, name = item.partition(":")
+        if kind not in _PRINCIPAL_KINDS or not name or len(item) > 200:
+            raise BadRequest(f"invalid ACL entry '{item}': use user:NAME, group:NAME or collection:NAME")
+        principals.append(item)
+    return sorted(set(principals))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Ingestor:
+    def __init__(self, settings: Settings, index: ChunkIndex, embedder: SentenceEmbedder):
+        self.settings = settings
+        self.index = index
+        self.embedder = embedder
+        self.originals = settings.home / "originals"
+        self.originals.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def original_path(self, document: Document) -> Path:
+        return self.originals / f"{document.id}{Path(document.filename).suffix.lower()}"
+
+    def ingest(self, path: Path, collection: str, acl: list[str], source: str | None = None) -> IngestResult:
+        source = source or str(path.resolve())
+        try:
+            return self._ingest(path, collection, acl, source)
+        except ApplianceError as exc:
+            return IngestResult(source, "failed", reason=exc.message)
+        except OSError as exc:
+            return IngestResult(source, "failed", reason=f"cannot read the file: {exc.strerror or exc}")
+
+    def _ingest(self, path: Path, collection: str, acl: list[str], source: str) -> IngestResult:
+        if not path.is_file():
+            raise BadRequest("not a regular file")
+        suffix = path.suffix.lower()
+        if suffix not in _KNOWN_SUFFIXES:
+            raise BadRequest(f"unsupported file type '{suffix or '(no extension)'}'")
+        max_bytes = self.settings.ingest.max_upload_mb * 2**20
+        if path.stat().st_size > max_bytes:
+            raise BadRequest(
+                f"file is over the {self.settings.ingest.max_upload_mb} MB limit (APPLIANCE_MAX_UPLOAD_MB)"
+            )
+        document_id = sha256_of(path)
+        with session(self.index.engine) as db:
+            existing = db.get(Document, document_id)
+            previous = db.exec(
+                select(Document).where(
+                    Document.source == source, Document.collection == collection, Document.id != document_id
+                )
+            ).all()
+        if existing is not None and existing.status == "indexed":
+            if existing.collection != collection:
+                raise BadRequest(f"the same file is already in collection '{existing.collection}'")
+            return IngestResult(source, "unchanged", document_id, existing.chunk_count)
+        if existing is not None:  # left half-done by an interrupted run: start it again cleanly
+            self.index.remove(document_id)
+        document = Document(
+            id=document_id,
+            collection=collection,
+            source=source[:1024],
+            filename=_display_name(path),
+            kind=suffix.lstrip("."),
+            size=path.stat().st_size,
+            acl=acl,
+        )
+        original = self.original_path(document)
+        _copy_atomically(path, original)
+        try:
+            kind, elements = partition_in_sandbox(original, self.settings.ingest)
+            text, pieces = chunk_document(elements)
+            chunks = [
+                Chunk(
+                    id=f"{document_id}:{p.index}",
+                    document_id=document_id,
+                    position=p.index,
+                    start=p.start,
+                    end=p.end,
+                    page=p.page,
+                    headings=p.headings,
+                    text=p.text,
+                )
+                for p in pieces
+            ]
+            vectors = self.embedder.encode([c.text for c in chunks]).vectors
+        except BaseException:
+            original.unlink(missing_ok=True)  # nothing was indexed: keep no copy
+            raise
+        document.kind = kind
+        self.index.add(document, text, chunks, vectors)
+        for old in previous:
+            self.remove(old.id)
+        return IngestResult(source, "updated" if previous else "added", document_id, len(chunks))
+
+    def remove(self, document_id: str) -> None:
+        """Remove a document: its chunks everywhere, its text, and its original."""
+        with session(self.index.engine) as db:
+            document = db.get(Document, document_id)
+        self.index.remove(document_id)
+        if document is not None:
+            self.original_path(document).unlink(missing_ok=True)
+
+
+def _display_name(path: Path) -> str:
+    """The name shown to people: no directories, no control characters."""
+    name = "".join(ch for ch in path.name if ch.isprintable() and ch not in "/\\")
+    return name[:255] or "document"
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+    try:
+        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
