@@ -73,6 +73,24 @@ class Chunk(SQLModel, table=True):
     text: str
 
 
+class Job(SQLModel, table=True):
+    """A persistent unit of ingestion work; survives restarts (running jobs are re-run after a crash)."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    kind: str = Field(default="ingest", max_length=16)
+    state: str = Field(default="queued", index=True, max_length=16)  # queued | running | done | failed
+    collection: str = Field(max_length=128)
+    acl: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    filename: str = Field(max_length=255)  # as the uploader named it (display only)
+    upload_path: str = Field(max_length=1024)  # server-generated path of the received bytes
+    user_id: int | None = None
+    result: str | None = Field(default=None, max_length=16)  # added | unchanged | updated
+    document_id: str | None = Field(default=None, max_length=64)
+    reason: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
 # The FTS5 table for BM25 lives beside these (created by migration 0002, outside the ORM).
 FTS_TABLE = "chunk_fts"
 

@@ -61,7 +61,7 @@ class SentenceEmbedder:
     ) -> EmbeddingResult:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._thread, lambda: self.encode(texts, truncate=truncate, dimensions=dimensions)
+            self._thread, lambda: self._encode(texts, truncate=truncate, dimensions=dimensions)
         )
 
     def load(self):
@@ -89,6 +89,12 @@ class SentenceEmbedder:
         return int(self.load().max_seq_length)
 
     def encode(self, texts: list[str], *, truncate: bool = True, dimensions: int | None = None) -> EmbeddingResult:
+        """Embed `texts` on the embedding thread, from any thread (blocks until done)."""
+        if threading.current_thread().name.startswith("embeddings"):
+            return self._encode(texts, truncate=truncate, dimensions=dimensions)
+        return self._thread.submit(self._encode, texts, truncate=truncate, dimensions=dimensions).result()
+
+    def _encode(self, texts: list[str], *, truncate: bool = True, dimensions: int | None = None) -> EmbeddingResult:
         """Embed `texts`: each text is tokenized once, and its token count comes from the same pass."""
         import torch
 

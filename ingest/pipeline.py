@@ -71,16 +71,20 @@ class Ingestor:
     def original_path(self, document: Document) -> Path:
         return self.originals / f"{document.id}{Path(document.filename).suffix.lower()}"
 
-    def ingest(self, path: Path, collection: str, acl: list[str], source: str | None = None) -> IngestResult:
+    def ingest(
+        self, path: Path, collection: str, acl: list[str], source: str | None = None, filename: str | None = None
+    ) -> IngestResult:
+        """Ingest one file. `source` identifies it across versions (default: its path); `filename` is the
+        name people see (default: the file's own name)."""
         source = source or str(path.resolve())
         try:
-            return self._ingest(path, collection, acl, source)
+            return self._ingest(path, collection, acl, source, filename or path.name)
         except ApplianceError as exc:
             return IngestResult(source, "failed", reason=exc.message)
         except OSError as exc:
             return IngestResult(source, "failed", reason=f"cannot read the file: {exc.strerror or exc}")
 
-    def _ingest(self, path: Path, collection: str, acl: list[str], source: str) -> IngestResult:
+    def _ingest(self, path: Path, collection: str, acl: list[str], source: str, filename: str) -> IngestResult:
         if not path.is_file():
             raise BadRequest("not a regular file")
         suffix = path.suffix.lower()
@@ -109,7 +113,7 @@ class Ingestor:
             id=document_id,
             collection=collection,
             source=source[:1024],
-            filename=_display_name(path),
+            filename=display_name(filename),
             kind=suffix.lstrip("."),
             size=path.stat().st_size,
             acl=acl,
@@ -151,10 +155,17 @@ class Ingestor:
             self.original_path(document).unlink(missing_ok=True)
 
 
-def _display_name(path: Path) -> str:
-    """The name shown to people: no directories, no control characters."""
-    name = "".join(ch for ch in path.name if ch.isprintable() and ch not in "/\\")
+def display_name(name: str) -> str:
+    """The name shown to people: no directories, no control characters (never used as a path)."""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable())
     return name[:255] or "document"
+
+
+def allowed_suffix(name: str) -> str | None:
+    """The lower-case extension of `name` when it is one the appliance reads, else None."""
+    suffix = Path(display_name(name)).suffix.lower()
+    return suffix if suffix in _KNOWN_SUFFIXES else None
 
 
 def _copy_atomically(source: Path, target: Path) -> None:

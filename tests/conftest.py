@@ -85,6 +85,7 @@ class Server:
 
 
 def start_server(home: Path, models: dict[str, Path], **env: str) -> Server:
+    """A new home with an admin and a reader (each with a key) and the given models, then the server."""
     home.mkdir(parents=True, exist_ok=True)
     run_cli(home, "users", "add", "admin", "--role", "admin")
     run_cli(home, "users", "add", "reader", "--role", "reader")
@@ -92,6 +93,11 @@ def start_server(home: Path, models: dict[str, Path], **env: str) -> Server:
     reader_key = run_cli(home, "keys", "create", "--user", "reader").stdout.strip()
     for name, path in models.items():
         run_cli(home, "create", name, "--from", str(path))
+    return launch_server(home, admin_key, reader_key, **env)
+
+
+def launch_server(home: Path, admin_key: str, reader_key: str, **env: str) -> Server:
+    """Start `appliance serve` on an existing home (also used to restart after a crash)."""
     port = free_port()
     netguard_log = home / "netguard.log"
     netguard_log.touch()
@@ -104,7 +110,7 @@ def start_server(home: Path, models: dict[str, Path], **env: str) -> Server:
         **env,
     )
     process = subprocess.Popen(
-        [APPLIANCE, "serve"], env=server_env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT
+        [APPLIANCE, "serve"], env=server_env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

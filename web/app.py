@@ -21,12 +21,14 @@ from appliance.config import Settings
 from appliance.db import create_db_engine
 from appliance.embeddings import SentenceEmbedder
 from appliance.errors import ApplianceError
-from appliance.index import open_vector_store
+from appliance.index import ChunkIndex, open_vector_store
 from appliance.inference import hardware
 from appliance.inference.engine import Engine
 from appliance.inference.scheduler import Scheduler
 from appliance.models.store import ModelStore
-from web import ollama_api, openai_api
+from ingest.jobs import JobWorker
+from ingest.pipeline import Ingestor
+from web import documents_api, ollama_api, openai_api
 from web.auth import host_allowed, issue_cli_token
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ def create_app(settings: Settings) -> FastAPI:
         state.embedder = SentenceEmbedder(settings.embeddings)
         state.engine = Engine(state.store, state.scheduler, state.embedder)
         state.vectors = await asyncio.to_thread(open_vector_store, settings.chroma_dir)
+        state.ingestor = Ingestor(settings, ChunkIndex(state.db, state.vectors), state.embedder)
+        state.jobs = JobWorker(state.db, state.ingestor, settings.home / "incoming")
+        await asyncio.to_thread(state.jobs.recover)
+        worker = asyncio.create_task(state.jobs.run_forever())
         state.cli_token_hash = issue_cli_token(settings.run_dir)
         state.started_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         warm = asyncio.create_task(state.embedder.aload())
@@ -65,6 +71,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             warm.cancel()
+            worker.cancel()
             await state.scheduler.shutdown()
             (settings.run_dir / "cli.token").unlink(missing_ok=True)
 
@@ -115,4 +122,5 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(ollama_api.router)
     app.include_router(openai_api.router)
+    app.include_router(documents_api.router)
     return app

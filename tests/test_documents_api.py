@@ -1,0 +1,134 @@
+"""Uploads through POST /api/documents become persistent jobs that the server's worker ingests."""
+
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import run_cli
+from tests.documents import write_docx, write_pdf
+
+
+def _wait(api: httpx.Client, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = api.get(f"/api/jobs/{job_id}").json()
+        if job["state"] in ("done", "failed"):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+@pytest.fixture(scope="module")
+def uploads(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uploads")
+    pdf = write_pdf(folder / "medication.pdf")
+    truncated = folder / "broken.pdf"
+    truncated.write_bytes(pdf.read_bytes()[: pdf.stat().st_size // 2])
+    return {"docx": write_docx(folder / "discharge.docx"), "pdf": pdf, "truncated": truncated}
+
+
+def test_upload_ingests_through_jobs(server, uploads):
+    with server.http() as api:
+        files = [
+            ("file", ("discharge.docx", uploads["docx"].read_bytes())),
+            ("file", ("../../etc/medication.pdf", uploads["pdf"].read_bytes())),
+            ("file", ("broken.pdf", uploads["truncated"].read_bytes())),
+            ("file", ("setup.exe", b"MZ\x90\x00")),
+        ]
+        response = api.post("/api/documents", data={"collection": "wards", "acl": "group:nursing"}, files=files)
+        assert response.status_code == 200, response.text
+        answers = {a["filename"]: a for a in response.json()["jobs"]}
+        assert answers["setup.exe"]["error"] == "unsupported file type"
+        assert set(answers) == {"discharge.docx", "medication.pdf", "broken.pdf", "setup.exe"}
+        jobs = {name: _wait(api, a["job_id"]) for name, a in answers.items() if "job_id" in a}
+        assert jobs["discharge.docx"]["state"] == "done" and jobs["discharge.docx"]["result"] == "added"
+        assert jobs["medication.pdf"]["state"] == "done"
+        assert jobs["broken.pdf"]["state"] == "failed"
+        assert jobs["broken.pdf"]["reason"].startswith("damaged or truncated PDF")
+        listed = api.get("/api/documents", params={"collection": "wards"}).json()["documents"]
+        assert {d["filename"] for d in listed} == {"discharge.docx", "medication.pdf"}
+        assert all(d["acl"] == ["group:nursing"] for d in listed)
+        assert list((server.home / "incoming").iterdir()) == [], "received files are removed once ingested"
+
+        again = api.post(
+            "/api/documents",
+            data={"collection": "wards"},
+            files=[("file", ("discharge.docx", uploads["docx"].read_bytes()))],
+        ).json()["jobs"][0]
+        assert _wait(api, again["job_id"])["result"] == "unchanged"
+
+        victim = next(d for d in listed if d["filename"] == "discharge.docx")
+        assert api.delete(f"/api/documents/{victim['id']}").status_code == 200
+        assert api.delete(f"/api/documents/{victim['id']}").status_code == 404
+        remaining = api.get("/api/documents", params={"collection": "wards"}).json()["documents"]
+        assert [d["filename"] for d in remaining] == ["medication.pdf"]
+    check = run_cli(server.home, "index", "check", check=False)
+    assert check.returncode == 0 and "clean" in check.stdout
+
+
+@pytest.mark.parametrize(
+    "data, files, status, fragment",
+    [
+        ({}, [("file", ("a.md", b"# x"))], 400, "collection"),
+        ({"collection": "../etc"}, [("file", ("a.md", b"# x"))], 400, "collection"),
+        ({"collection": "ok", "acl": "everyone"}, [("file", ("a.md", b"# x"))], 400, "ACL"),
+        ({"collection": "ok"}, [("attachment", ("a.md", b"# x"))], 400, "no 'file' parts"),
+    ],
+)
+def test_bad_uploads(server, data, files, status, fragment):
+    with server.http() as api:
+        response = api.post("/api/documents", data=data, files=files)
+        assert response.status_code == status and fragment in response.json()["error"]
+
+
+def test_only_editors_upload_and_jobs_are_private(server, uploads):
+    with server.http(server.reader_key) as reader, server.http() as admin:
+        files = [("file", ("d.docx", uploads["docx"].read_bytes()))]
+        assert reader.post("/api/documents", data={"collection": "wards"}, files=files).status_code == 403
+        assert reader.get("/api/documents").status_code == 403
+        assert reader.delete("/api/documents/" + "0" * 64).status_code == 403
+        job = admin.post("/api/documents", data={"collection": "private"}, files=files).json()["jobs"][0]
+        assert reader.get(f"/api/jobs/{job['job_id']}").status_code == 404
+        assert admin.get(f"/api/jobs/{job['job_id']}").status_code == 200
+        _wait(admin, job["job_id"])
+    assert httpx.post(f"{server.url}/api/documents").status_code == 401
+    assert httpx.get(f"{server.url}/api/jobs/" + "a" * 32).status_code == 401
+
+
+@pytest.mark.slow
+def test_kill_9_during_ingestion_then_restart_leaves_a_clean_index(tmp_path, uploads):
+    """Every document ends fully indexed or clearly failed after a crash, never half-indexed or doubled."""
+    import os
+    import signal
+
+    from tests.conftest import launch_server, start_server, stop_server
+    from tests.documents import write_all
+
+    documents = write_all(tmp_path / "batch")
+    server = start_server(tmp_path / "home", {})
+    with server.http() as api:
+        files = [("file", (path.name, path.read_bytes())) for path in documents.values()]
+        jobs = [
+            a["job_id"] for a in api.post("/api/documents", data={"collection": "crash"}, files=files).json()["jobs"]
+        ]
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until the worker is in the middle of the batch
+            states = [api.get(f"/api/jobs/{j}").json()["state"] for j in jobs]
+            if "running" in states and states.count("done") >= 1:
+                break
+            time.sleep(0.05)
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait(30)
+    restarted = launch_server(server.home, server.admin_key, server.reader_key)
+    try:
+        with restarted.http() as api:
+            final = [_wait(api, job_id) for job_id in jobs]
+            assert [job["state"] for job in final] == ["done"] * len(jobs), final
+            listed = api.get("/api/documents", params={"collection": "crash"}).json()["documents"]
+        assert sorted(d["filename"] for d in listed) == sorted(p.name for p in documents.values())
+        assert all(d["status"] == "indexed" for d in listed)
+        check = run_cli(restarted.home, "index", "check", check=False)
+        assert check.returncode == 0 and f"{len(documents)} documents" in check.stdout and "clean" in check.stdout
+    finally:
+        stop_server(restarted)
