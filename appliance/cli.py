@@ -445,12 +445,12 @@ def cmd_ingest(settings: Settings, args) -> int:
         overall = bar.add_task("ingesting", total=len(files))
         for path in files:
             bar.update(overall, description=f"ingesting {path.name[:40]}")
-            result = ingestor.ingest(path, args.collection, acl, source=str(path.resolve()))
-            results.append(result)
-            if not args.json:
-                detail = f" ({result.chunks} chunks)" if result.status in ("added", "updated") else ""
-                reason = f": {result.reason}" if result.reason else ""
-                console.print(f"{result.status:<9} {path}{detail}{reason}", markup=False, highlight=False)
+            for result in ingestor.ingest_with_attachments(path, args.collection, acl, source=str(path.resolve())):
+                results.append(result)
+                if not args.json:
+                    detail = f" ({result.chunks} chunks)" if result.status in ("added", "updated") else ""
+                    reason = f": {result.reason}" if result.reason else ""
+                    console.print(f"{result.status:<9} {result.source}{detail}{reason}", markup=False, highlight=False)
             bar.advance(overall)
     counts = {
         status: sum(1 for r in results if r.status == status) for status in ("added", "unchanged", "updated", "failed")

@@ -83,7 +83,11 @@ class JobWorker:
             db.refresh(job)
         upload = Path(job.upload_path)
         source = f"upload:{job.collection}/{job.filename}"
-        result = self.ingestor.ingest(upload, job.collection, job.acl, source=source, filename=job.filename)
+        result, *attachments = self.ingestor.ingest_with_attachments(
+            upload, job.collection, job.acl, source=source, filename=job.filename
+        )
+        if attachments:
+            log.info("job %s: %d attachment(s) ingested as documents of their own", job.id, len(attachments))
         with session(self.engine) as db:
             stored = db.get(Job, job.id)
             stored.state = "failed" if result.status == "failed" else "done"

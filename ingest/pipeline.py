@@ -21,13 +21,13 @@ from appliance.db import Chunk, Document, session
 from appliance.embeddings import SentenceEmbedder
 from appliance.errors import ApplianceError, BadRequest
 from appliance.index import ChunkIndex
+from ingest.attachments import extract_attachments
 from ingest.chunking import chunk_document
-from ingest.partition import EXTENSIONS
+from ingest.filenames import KNOWN_SUFFIXES, display_name
 from ingest.sandbox import partition_in_sandbox
 
 log = logging.getLogger(__name__)
 _PRINCIPAL_KINDS = ("user", "group", "collection")
-_KNOWN_SUFFIXES = {suffix for suffixes in EXTENSIONS.values() for suffix in suffixes}
 
 
 @dataclass
@@ -84,11 +84,31 @@ class Ingestor:
         except OSError as exc:
             return IngestResult(source, "failed", reason=f"cannot read the file: {exc.strerror or exc}")
 
+    def ingest_with_attachments(
+        self, path: Path, collection: str, acl: list[str], source: str | None = None, filename: str | None = None
+    ) -> list[IngestResult]:
+        """Ingest a file and, for an e-mail, each of its attachments as a document of its own."""
+        source = source or str(path.resolve())
+        results = [self.ingest(path, collection, acl, source, filename)]
+        if results[0].status == "failed" or path.suffix.lower() != ".eml":
+            return results
+        scratch_root = self.settings.home / "incoming"
+        scratch_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.TemporaryDirectory(dir=scratch_root, prefix=".attachments-") as scratch:
+            max_bytes = self.settings.ingest.max_upload_mb * 2**20
+            for attachment in extract_attachments(path, Path(scratch), max_bytes):
+                attachment_source = f"{source}#{attachment.name}"
+                if attachment.path is None:
+                    results.append(IngestResult(attachment_source, "failed", reason=attachment.reason))
+                else:
+                    results.append(self.ingest(attachment.path, collection, acl, attachment_source, attachment.name))
+        return results
+
     def _ingest(self, path: Path, collection: str, acl: list[str], source: str, filename: str) -> IngestResult:
         if not path.is_file():
             raise BadRequest("not a regular file")
         suffix = path.suffix.lower()
-        if suffix not in _KNOWN_SUFFIXES:
+        if suffix not in KNOWN_SUFFIXES:
             raise BadRequest(f"unsupported file type '{suffix or '(no extension)'}'")
         max_bytes = self.settings.ingest.max_upload_mb * 2**20
         if path.stat().st_size > max_bytes:
@@ -153,19 +173,6 @@ class Ingestor:
         self.index.remove(document_id)
         if document is not None:
             self.original_path(document).unlink(missing_ok=True)
-
-
-def display_name(name: str) -> str:
-    """The name shown to people: no directories, no control characters (never used as a path)."""
-    name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(ch for ch in name if ch.isprintable())
-    return name[:255] or "document"
-
-
-def allowed_suffix(name: str) -> str | None:
-    """The lower-case extension of `name` when it is one the appliance reads, else None."""
-    suffix = Path(display_name(name)).suffix.lower()
-    return suffix if suffix in _KNOWN_SUFFIXES else None
 
 
 def _copy_atomically(source: Path, target: Path) -> None:

@@ -60,12 +60,14 @@ def write_pdf(path: Path, pages: int = 2, text: bool = True) -> Path:
     return path
 
 
-def write_eml(path: Path) -> Path:
+def write_eml(path: Path, attachments: dict[str, bytes] | None = None) -> Path:
     message = EmailMessage()
     message["From"] = "partner@harrow-vale.example"
     message["To"] = "associate@harrow-vale.example"
     message["Subject"] = "Litigation hold notice"
     message.set_content("Please preserve every document about the Quay Street lease.")
+    for name, data in (attachments or {}).items():
+        message.add_attachment(data, maintype="application", subtype="octet-stream", filename=name)
     path.write_bytes(bytes(message))
     return path
 

@@ -92,3 +92,24 @@ def test_bad_acl_and_missing_path(library):
     assert bad.returncode == 1 and "invalid ACL entry" in bad.stderr
     missing = _cli(home, "ingest", str(folder / "nope.pdf"), "--collection", "hospital", "--json", check=False)
     assert json.loads(missing.stdout)["documents"][0]["reason"] == "not a regular file"
+
+
+def test_email_attachments_become_documents_of_their_own(tmp_path):
+    from tests.documents import write_docx, write_eml
+
+    home = tmp_path / "home"
+    home.mkdir()
+    attachment = write_docx(tmp_path / "hold-scope.docx").read_bytes()
+    eml = write_eml(tmp_path / "notice.eml", {"hold-scope.docx": attachment, "payload.exe": b"MZ\x90\x00"})
+    report = json.loads(_cli(home, "ingest", str(eml), "--collection", "legal", "--json", check=False).stdout)
+    by_name = {Path(d["source"].split("#")[-1]).name: d for d in report["documents"]}
+    assert by_name["notice.eml"]["status"] == "added"
+    assert by_name["hold-scope.docx"]["status"] == "added"
+    assert by_name["payload.exe"] == {
+        **by_name["payload.exe"],
+        "status": "failed",
+        "reason": "unsupported attachment type",
+    }
+    listed = {d["filename"] for d in json.loads(_cli(home, "documents", "list", "--json").stdout)}
+    assert listed == {"notice.eml", "hold-scope.docx"}
+    _check(home)

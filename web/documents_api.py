@@ -16,7 +16,8 @@ from starlette.datastructures import UploadFile
 
 from appliance.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
 from appliance.users import Principal
-from ingest.pipeline import allowed_suffix, display_name, parse_acl
+from ingest.filenames import allowed_suffix, display_name
+from ingest.pipeline import parse_acl
 from web.auth import require_user
 
 router = APIRouter(prefix="/api")
