@@ -24,6 +24,15 @@ if ! command -v g++ >/dev/null 2>&1 || ! command -v cmake >/dev/null 2>&1 || ! "
     exit 1
   fi
 fi
+# OCR for scanned PDFs is optional: Tesseract and poppler's pdftoppm, installed when we can.
+if ! command -v tesseract >/dev/null 2>&1 || ! command -v pdftoppm >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tesseract-ocr poppler-utils \
+      || echo "OCR packages not installed: scanned PDFs will be reported as having no text" >&2
+  else
+    echo "Optional, for scanned PDFs: sudo apt-get install tesseract-ocr poppler-utils" >&2
+  fi
+fi
 "$python" -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is required"'
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip)

@@ -2,8 +2,8 @@
 
 Every chunk is an exact span of the document's extracted text (`text == full_text[start:end]`), so a
 citation can later be checked against the stored text. Chunks never cross a section (heading path)
-boundary; within a section they grow to `max_chars`, and a long passage is cut at a sentence or word
-boundary with `overlap_chars` of overlap.
+or page boundary, so each chunk's page is right; within a section they grow to `max_chars`, and a
+long passage is cut at a sentence or word boundary with `overlap_chars` of overlap.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def chunk_document(elements: list[Element], max_chars: int = 1000, overlap_chars
         raise ValueError("overlap must be less than half the chunk size")
     text, spans = full_text(elements)
     sections: list[list[_Span]] = []
-    for span in spans:
-        if sections and sections[-1][0].headings == span.headings:
+    for span in spans:  # a section ends where the heading path or the page changes
+        if sections and sections[-1][0].headings == span.headings and sections[-1][0].page == span.page:
             sections[-1].append(span)
         else:
             sections.append([span])
@@ -74,7 +74,6 @@ def chunk_document(elements: list[Element], max_chars: int = 1000, overlap_chars
         start, section_end = section[0].start, section[-1].end
         while start < section_end:
             end = section_end if section_end - start <= max_chars else _cut(text, start, start + max_chars)
-            page = next((s.page for s in section if s.end > start), section[0].page)
             piece = text[start:end]
             stripped_start = start + len(piece) - len(piece.lstrip())
             stripped_end = start + len(piece.rstrip())
@@ -85,7 +84,7 @@ def chunk_document(elements: list[Element], max_chars: int = 1000, overlap_chars
                         text[stripped_start:stripped_end],
                         stripped_start,
                         stripped_end,
-                        page,
+                        section[0].page,
                         list(section[0].headings),
                     )
                 )

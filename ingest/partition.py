@@ -4,7 +4,8 @@ Wraps `unstructured` with the fast strategy. Before it is imported, its analytic
 access are switched off, and the spaCy model it wants must be the local stand-in
 (`ingest.spacy_standin`), so that nothing ever reaches for the network. The file's real format
 comes from its bytes (magic numbers, the parts inside an OOXML zip), and must agree with its
-extension. A document that yields no text is an error, never an empty document.
+extension. A PDF with no text layer goes through OCR (Tesseract) when it is installed. A document
+that yields no text is an error, never an empty document.
 """
 
 from __future__ import annotations
@@ -123,28 +124,58 @@ def _tesseract_available() -> bool:
     return shutil.which("tesseract") is not None
 
 
+def _elements(raw: list, kind: str) -> list[Element]:
+    """Non-empty elements with the heading path each one sits under (a spreadsheet's: its sheet name)."""
+    elements: list[Element] = []
+    headings: list[str] = []
+    for item in raw:
+        text = str(item.text or "").strip()
+        if not text:
+            continue
+        if kind == "xlsx":
+            headings = [item.metadata.page_name] if item.metadata.page_name else []
+        elif item.category in ("Title", "Header") and kind != "csv":
+            depth = item.metadata.category_depth or 0
+            headings = headings[:depth] + [text]
+        elements.append(
+            Element(text=text, category=item.category, page=item.metadata.page_number, headings=list(headings))
+        )
+    return elements
+
+
+def _email_header(metadata) -> Element:
+    """Who wrote an e-mail, to whom, when and about what: part of its text, so questions can use it."""
+    lines = [
+        f"Subject: {metadata.subject or ''}",
+        f"From: {', '.join(metadata.sent_from or [])}",
+        f"To: {', '.join(metadata.sent_to or [])}",
+    ]
+    if metadata.last_modified:
+        lines.append(f"Date: {metadata.last_modified}")
+    return Element(text="\n".join(lines), category="EmailHeader")
+
+
 def partition_document(path: Path) -> tuple[str, list[Element]]:
     """Partition `path`; returns its format and its non-empty elements in reading order."""
     prepare_offline()
     kind = detect_format(path)
     from unstructured.partition.auto import partition
 
-    raw = partition(filename=str(path), strategy="fast", languages=["eng"])
-    elements: list[Element] = []
-    headings: list[str] = []
-    for item in raw:
-        text = (item.text or "").strip()
-        if not text:
-            continue
-        if item.category in ("Title", "Header") and kind not in ("xlsx", "csv"):
-            depth = item.metadata.category_depth or 0
-            headings = headings[:depth] + [text]
-        elements.append(
-            Element(text=text, category=item.category, page=item.metadata.page_number, headings=list(headings))
-        )
+    # Attachments of an e-mail are ingested as documents of their own (ingest.attachments), with the
+    # same checks as any file; they are not read into the e-mail's own text.
+    extra = {"process_attachments": False} if kind == "eml" else {}
+    raw = partition(filename=str(path), strategy="fast", languages=["eng"], **extra)
+    elements = _elements(raw, kind)
+    if kind == "eml" and elements:
+        elements.insert(0, _email_header(raw[0].metadata))
+    if not elements and kind == "pdf":
+        if not _tesseract_available():
+            raise NoExtractableText("no extractable text (OCR not available)")
+        from unstructured.partition.pdf import partition_pdf
+
+        elements = _elements(partition_pdf(filename=str(path), strategy="ocr_only", languages=["eng"]), kind)
+        if not elements:
+            raise NoExtractableText("no extractable text (OCR found none)")
     if not elements:
-        if kind == "pdf":
-            reason = "no extractable text" + ("" if _tesseract_available() else " (OCR not available)")
-            raise NoExtractableText(reason)
         raise NoExtractableText("no extractable text")
     return kind, elements

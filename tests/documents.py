@@ -60,6 +60,26 @@ def write_pdf(path: Path, pages: int = 2, text: bool = True) -> Path:
     return path
 
 
+def write_scanned_pdf(path: Path, lines: list[str]) -> Path:
+    """A PDF whose only content is an image of text, as a scanner makes it (no text layer)."""
+    from fpdf import FPDF
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("L", (1700, 120 + 100 * len(lines)), 255)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=48)
+    for number, line in enumerate(lines):
+        draw.text((50, 50 + 100 * number), line, fill=0, font=font)
+    picture = path.with_suffix(".png")
+    image.save(picture)
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.image(str(picture), x=10, y=10, w=190)
+    pdf.output(str(path))
+    picture.unlink()
+    return path
+
+
 def write_eml(path: Path, attachments: dict[str, bytes] | None = None) -> Path:
     message = EmailMessage()
     message["From"] = "partner@harrow-vale.example"

@@ -69,3 +69,10 @@ def test_cuts_prefer_sentence_ends():
 def test_bad_overlap_is_refused():
     with pytest.raises(ValueError):
         chunk_document(_elements(), max_chars=100, overlap_chars=60)
+
+
+def test_a_chunk_never_spans_two_pages():
+    elements = [Element(f"Page {page} text. " * 10, "NarrativeText", page, ["Procedure"]) for page in (1, 2, 3)]
+    _text, chunks = chunk_document(elements, max_chars=1000, overlap_chars=100)
+    assert [c.page for c in chunks] == [1, 2, 3]
+    assert all(f"Page {c.page} text." in c.text and "Page" not in c.text.replace(f"Page {c.page}", "") for c in chunks)

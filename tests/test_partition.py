@@ -109,3 +109,39 @@ def test_refusals_are_clear(tmp_path):
     assert results["invoice.pdf"]["message"] == "content is plain text but the file is named '*.pdf'"
     assert results["budget.xlsx"]["message"] == "content is DOCX but the file is named '*.xlsx'"
     assert results["tool.txt"]["error"] == "UnsupportedDocument"
+
+
+def test_scanned_pdf_is_read_by_ocr_when_tesseract_is_installed(tmp_path):
+    import shutil
+
+    from tests.documents import write_scanned_pdf
+
+    scan = write_scanned_pdf(
+        tmp_path / "incident.pdf",
+        ["Incident report: patient fall on ward 7.", "Reported by the night charge nurse at 03:40."],
+    )
+    result = partition_offline([scan], tmp_path)["incident.pdf"]
+    if shutil.which("tesseract") is None:
+        assert result == {"error": "NoExtractableText", "message": "no extractable text (OCR not available)"}
+        return
+    assert "error" not in result, result
+    text = _texts(result)
+    assert "patient fall on ward 7" in text and "night charge nurse" in text
+    assert {e["page"] for e in result["elements"]} == {1}
+
+
+def test_email_headers_are_text_and_attachments_are_not(tmp_path):
+    from tests.documents import write_docx, write_eml
+
+    eml = write_eml(tmp_path / "notice.eml", {"scope.docx": write_docx(tmp_path / "scope.docx").read_bytes()})
+    result = partition_offline([eml], tmp_path)["notice.eml"]
+    text = _texts(result)
+    assert "Subject: Litigation hold notice" in text and "From: partner@harrow-vale.example" in text
+    assert "Quay Street lease" in text
+    assert "ward clerk" not in text, "the attachment is a document of its own, not part of the e-mail"
+
+
+def test_spreadsheet_sheets_are_sections(partitioned):
+    documents, results = partitioned
+    elements = results[documents["xlsx"].name]["elements"]
+    assert {tuple(e["headings"]) for e in elements} == {("On-call rota",)}
