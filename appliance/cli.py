@@ -552,6 +552,13 @@ def cmd_index_check(settings: Settings, args) -> int:
     return 0 if report.clean else 1
 
 
+def cmd_index_rebuild(settings: Settings, args) -> int:
+    ingestor = _ingestor(settings)
+    count = ingestor.index.rebuild(lambda texts: ingestor.embedder.encode(texts).vectors)
+    print(f"rebuilt the keyword and vector indexes: {count} chunks")
+    return cmd_index_check(settings, argparse.Namespace(json=False))
+
+
 def cmd_version(settings: Settings, args) -> int:
     print(f"appliance {__version__}")
     return 0
@@ -653,6 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = index.add_parser("check", help="compare database, FTS and Chroma (exit 1 on any mismatch)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_index_check)
+    p = index.add_parser("rebuild", help="rebuild FTS and Chroma from the database's chunks")
+    p.set_defaults(func=cmd_index_rebuild)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

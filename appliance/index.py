@@ -12,6 +12,7 @@ leaves a status that `check` reports and a re-run repairs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +63,11 @@ class IndexReport:
 class ChunkIndex:
     def __init__(self, engine: Engine, vector_client):
         self.engine = engine
-        self.vectors = vector_client.get_or_create_collection(
+        self.client = vector_client
+        self.vectors = self._open_collection()
+
+    def _open_collection(self):
+        return self.client.get_or_create_collection(
             VECTOR_COLLECTION, embedding_function=None, metadata={"hnsw:space": "cosine"}
         )
 
@@ -126,6 +131,52 @@ class ChunkIndex:
             db.flush()
             db.delete(db.get(Document, document_id))
             db.commit()
+
+    def rebuild(self, embed: Callable[[list[str]], np.ndarray], batch: int = 256) -> int:
+        """Rebuild FTS5 and Chroma from the chunk table (the database is the record of truth).
+
+        Returns the number of chunks indexed. Documents left half-indexed are not touched: the job
+        recovery or a new ingestion of the file finishes them.
+        """
+        self.client.delete_collection(VECTOR_COLLECTION)
+        self.vectors = self._open_collection()
+        with session(self.engine) as db:
+            db.exec(sql(f"DELETE FROM {FTS_TABLE}"))  # noqa: S608
+            documents = {d.id: d for d in db.exec(select(Document).where(Document.status == "indexed"))}
+            chunks = [
+                c
+                for c in db.exec(select(Chunk).order_by(Chunk.document_id, Chunk.position))
+                if c.document_id in documents
+            ]
+            for chunk in chunks:
+                db.exec(
+                    sql(
+                        f"INSERT INTO {FTS_TABLE} (text, chunk_id, document_id, collection) "  # noqa: S608
+                        "VALUES (:text, :chunk_id, :document_id, :collection)"
+                    ),
+                    params={
+                        "text": chunk.text,
+                        "chunk_id": chunk.id,
+                        "document_id": chunk.document_id,
+                        "collection": documents[chunk.document_id].collection,
+                    },
+                )
+            db.commit()
+        for begin in range(0, len(chunks), batch):
+            part = chunks[begin : begin + batch]
+            self.vectors.upsert(
+                ids=[c.id for c in part],
+                embeddings=np.asarray(embed([c.text for c in part]), dtype=np.float32),
+                metadatas=[
+                    {
+                        "document_id": c.document_id,
+                        "collection": documents[c.document_id].collection,
+                        "acl": list(documents[c.document_id].acl),
+                    }
+                    for c in part
+                ],
+            )
+        return len(chunks)
 
     def check(self) -> IndexReport:
         with session(self.engine) as db:

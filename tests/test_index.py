@@ -113,3 +113,21 @@ def test_check_reports_every_kind_of_mismatch(index):
     assert report.missing_in_chroma == [chunks[0].id] and report.orphans_in_chroma == ["ghost:0"]
     assert report.missing_in_fts == [chunks[1].id] and report.orphans_in_fts == ["stray:0"]
     assert report.unfinished == [document.id]
+
+
+def test_rebuild_repairs_fts_and_chroma_from_the_database(index):
+    document, text, chunks, vectors = _document("e" * 64)
+    index.add(document, text, chunks, vectors)
+    index.vectors.delete(ids=[c.id for c in chunks[:3]])
+    index.vectors.upsert(ids=["ghost:0"], embeddings=vectors[:1], metadatas=[{"document_id": "ghost"}])
+    with session(index.engine) as db:
+        db.exec(sql(f"DELETE FROM {FTS_TABLE} WHERE chunk_id = :c"), params={"c": chunks[0].id})
+        db.commit()
+    assert not index.check().clean
+    lookup = {c.text: v for c, v in zip(chunks, vectors, strict=True)}
+    assert index.rebuild(lambda texts: np.stack([lookup[t] for t in texts])) == len(chunks)
+    assert index.check().clean
+    hits = index.vectors.query(
+        query_embeddings=vectors[:1], n_results=1, where={"acl": {"$contains": "group:oncology"}}
+    )
+    assert hits["ids"][0] == [chunks[0].id]

@@ -84,6 +84,8 @@ def test_delete_leaves_no_trace(library):
     assert originals == sorted(d["id"] for d in remaining)
     missing = _cli(home, "documents", "rm", victim["id"], check=False)
     assert missing.returncode == 1 and "not found" in missing.stderr
+    rebuilt = _cli(home, "index", "rebuild")
+    assert "rebuilt the keyword and vector indexes" in rebuilt.stdout and ": clean" in rebuilt.stdout
 
 
 def test_bad_acl_and_missing_path(library):
