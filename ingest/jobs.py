@@ -83,19 +83,27 @@ class JobWorker:
             db.refresh(job)
         upload = Path(job.upload_path)
         source = f"upload:{job.collection}/{job.filename}"
-        result, *attachments = self.ingestor.ingest_with_attachments(
-            upload, job.collection, job.acl, source=source, filename=job.filename
-        )
-        if attachments:
-            log.info("job %s: %d attachment(s) ingested as documents of their own", job.id, len(attachments))
+        try:
+            result, *attachments = self.ingestor.ingest_with_attachments(
+                upload, job.collection, job.acl, source=source, filename=job.filename
+            )
+            state, outcome, document_id, reason = (
+                ("failed", None, None, result.reason)
+                if result.status == "failed"
+                else ("done", result.status, result.document_id, None)
+            )
+            if attachments:
+                log.info("job %s: %d attachment(s) ingested as documents of their own", job.id, len(attachments))
+        except Exception:  # an unexpected failure ends this job clearly; the worker goes on
+            log.exception("ingestion job %s failed unexpectedly", job.id)
+            state, outcome, document_id, reason = "failed", None, None, "internal error while ingesting (see the log)"
         with session(self.engine) as db:
             stored = db.get(Job, job.id)
-            stored.state = "failed" if result.status == "failed" else "done"
-            stored.result = None if result.status == "failed" else result.status
-            stored.document_id, stored.reason, stored.updated_at = result.document_id, result.reason or None, utcnow()
+            stored.state, stored.result, stored.document_id, stored.reason = state, outcome, document_id, reason
+            stored.updated_at = utcnow()
             db.add(stored)
             db.commit()
-        upload.unlink(missing_ok=True)
+        upload.unlink(missing_ok=True)  # only once the job's outcome is recorded (a crash before re-runs it)
         return True
 
     async def run_forever(self) -> None:

@@ -12,8 +12,10 @@ import re
 import shutil
 
 from fastapi import APIRouter, Depends, Request
+from sqlmodel import select
 from starlette.datastructures import UploadFile
 
+from appliance.db import Document, session
 from appliance.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
 from appliance.users import Principal
 from ingest.filenames import allowed_suffix, display_name
@@ -95,10 +97,6 @@ async def job_state(job_id: str, request: Request, principal: Principal = Depend
 
 @router.get("/documents")
 async def list_documents(request: Request, collection: str | None = None, _: Principal = Depends(require_editor)):
-    from sqlmodel import select
-
-    from appliance.db import Document, session
-
     with session(request.app.state.db) as db:
         query = select(Document).order_by(Document.collection, Document.filename)
         if collection:
