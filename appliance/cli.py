@@ -472,20 +472,7 @@ def cmd_documents_list(settings: Settings, args) -> int:
         if args.collection:
             query = query.where(Document.collection == args.collection)
         documents = list(db.exec(query))
-    rows = [
-        {
-            "id": d.id,
-            "collection": d.collection,
-            "filename": d.filename,
-            "kind": d.kind,
-            "size": d.size,
-            "chunks": d.chunk_count,
-            "status": d.status,
-            "acl": d.acl,
-            "created_at": d.created_at.isoformat(),
-        }
-        for d in documents
-    ]
+    rows = [d.summary() for d in documents]
     if args.json:
         _print_json(rows)
     else:

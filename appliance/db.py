@@ -54,6 +54,20 @@ class Document(SQLModel, table=True):
     chunk_count: int = 0
     created_at: datetime = Field(default_factory=utcnow)
 
+    def summary(self) -> dict:
+        """What listings show of a document (the CLI and the API alike)."""
+        return {
+            "id": self.id,
+            "collection": self.collection,
+            "filename": self.filename,
+            "kind": self.kind,
+            "size": self.size,
+            "chunks": self.chunk_count,
+            "status": self.status,
+            "acl": self.acl,
+            "created_at": self.created_at.isoformat(),
+        }
+
 
 class DocumentText(SQLModel, table=True):
     """The extracted full text, kept so that citations can be shown and verified."""

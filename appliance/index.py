@@ -60,6 +60,23 @@ class IndexReport:
         )
 
 
+_FTS_INSERT = sql(
+    f"INSERT INTO {FTS_TABLE} (text, chunk_id, document_id, collection) "  # noqa: S608
+    "VALUES (:text, :chunk_id, :document_id, :collection)"
+)
+
+
+def _insert_fts(db, chunks: list[Chunk], documents: dict[str, Document]) -> None:
+    for chunk in chunks:
+        params = {
+            "text": chunk.text,
+            "chunk_id": chunk.id,
+            "document_id": chunk.document_id,
+            "collection": documents[chunk.document_id].collection,
+        }
+        db.exec(_FTS_INSERT, params=params)
+
+
 class ChunkIndex:
     def __init__(self, engine: Engine, vector_client):
         self.engine = engine
@@ -82,29 +99,10 @@ class ChunkIndex:
             db.add(DocumentText(document_id=document.id, text=text))
             db.add_all(chunks)
             db.flush()
-            for chunk in chunks:
-                db.exec(
-                    sql(
-                        f"INSERT INTO {FTS_TABLE} (text, chunk_id, document_id, collection) "  # noqa: S608
-                        "VALUES (:text, :chunk_id, :document_id, :collection)"
-                    ),
-                    params={
-                        "text": chunk.text,
-                        "chunk_id": chunk.id,
-                        "document_id": document.id,
-                        "collection": document.collection,
-                    },
-                )
+            _insert_fts(db, chunks, {document.id: document})
             db.commit()
         if chunks:
-            self.vectors.upsert(
-                ids=[chunk.id for chunk in chunks],
-                embeddings=np.asarray(embeddings, dtype=np.float32),
-                metadatas=[
-                    {"document_id": document.id, "collection": document.collection, "acl": list(document.acl)}
-                    for _ in chunks
-                ],
-            )
+            self._upsert_vectors(chunks, embeddings, {document.id: document})
         with session(self.engine) as db:
             stored = db.get(Document, document.id)
             stored.status = "indexed"
@@ -148,35 +146,27 @@ class ChunkIndex:
                 for c in db.exec(select(Chunk).order_by(Chunk.document_id, Chunk.position))
                 if c.document_id in documents
             ]
-            for chunk in chunks:
-                db.exec(
-                    sql(
-                        f"INSERT INTO {FTS_TABLE} (text, chunk_id, document_id, collection) "  # noqa: S608
-                        "VALUES (:text, :chunk_id, :document_id, :collection)"
-                    ),
-                    params={
-                        "text": chunk.text,
-                        "chunk_id": chunk.id,
-                        "document_id": chunk.document_id,
-                        "collection": documents[chunk.document_id].collection,
-                    },
-                )
+            _insert_fts(db, chunks, documents)
             db.commit()
         for begin in range(0, len(chunks), batch):
             part = chunks[begin : begin + batch]
-            self.vectors.upsert(
-                ids=[c.id for c in part],
-                embeddings=np.asarray(embed([c.text for c in part]), dtype=np.float32),
-                metadatas=[
-                    {
-                        "document_id": c.document_id,
-                        "collection": documents[c.document_id].collection,
-                        "acl": list(documents[c.document_id].acl),
-                    }
-                    for c in part
-                ],
-            )
+            self._upsert_vectors(part, embed([c.text for c in part]), documents)
         return len(chunks)
+
+    def _upsert_vectors(self, chunks: list[Chunk], embeddings, documents: dict[str, Document]) -> None:
+        """Vectors with the metadata retrieval filters on: document, collection and ACL principals."""
+        self.vectors.upsert(
+            ids=[c.id for c in chunks],
+            embeddings=np.asarray(embeddings, dtype=np.float32),
+            metadatas=[
+                {
+                    "document_id": c.document_id,
+                    "collection": documents[c.document_id].collection,
+                    "acl": list(documents[c.document_id].acl),
+                }
+                for c in chunks
+            ],
+        )
 
     def check(self) -> IndexReport:
         with session(self.engine) as db:

@@ -22,6 +22,7 @@ from appliance.embeddings import SentenceEmbedder
 from appliance.errors import ApplianceError, BadRequest
 from appliance.index import ChunkIndex
 from ingest.attachments import extract_attachments
+from ingest.chunking import Chunk as Piece
 from ingest.chunking import chunk_document
 from ingest.filenames import KNOWN_SUFFIXES, display_name
 from ingest.sandbox import partition_in_sandbox
@@ -50,6 +51,23 @@ def parse_acl(raw: str | None, collection: str) -> list[str]:
             raise BadRequest(f"invalid ACL entry '{item}': use user:NAME, group:NAME or collection:NAME")
         principals.append(item)
     return sorted(set(principals))
+
+
+def chunk_rows(document_id: str, pieces: list[Piece]) -> list[Chunk]:
+    """Database rows for a document's chunks, with ids `<document id>:<n>`."""
+    return [
+        Chunk(
+            id=f"{document_id}:{p.index}",
+            document_id=document_id,
+            position=p.index,
+            start=p.start,
+            end=p.end,
+            page=p.page,
+            headings=p.headings,
+            text=p.text,
+        )
+        for p in pieces
+    ]
 
 
 def sha256_of(path: Path) -> str:
@@ -143,19 +161,7 @@ class Ingestor:
         try:
             kind, elements = partition_in_sandbox(original, self.settings.ingest)
             text, pieces = chunk_document(elements)
-            chunks = [
-                Chunk(
-                    id=f"{document_id}:{p.index}",
-                    document_id=document_id,
-                    position=p.index,
-                    start=p.start,
-                    end=p.end,
-                    page=p.page,
-                    headings=p.headings,
-                    text=p.text,
-                )
-                for p in pieces
-            ]
+            chunks = chunk_rows(document_id, pieces)
             vectors = self.embedder.encode([c.text for c in chunks]).vectors
         except BaseException:
             original.unlink(missing_ok=True)  # nothing was indexed: keep no copy

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 from sqlalchemy import text as sql
 
-from appliance.db import FTS_TABLE, Chunk, Document, DocumentText, create_db_engine, session
+from appliance.db import FTS_TABLE, Document, DocumentText, create_db_engine, session
 from appliance.errors import NotFound
 from appliance.index import ChunkIndex, open_vector_store
 from ingest.chunking import chunk_document
 from ingest.partition import Element
+from ingest.pipeline import chunk_rows
 
 
 @pytest.fixture
@@ -27,19 +28,7 @@ def _document(doc_id: str, collection: str = "hospital", acl=("group:oncology",)
         ),
     ]
     text, pieces = chunk_document(elements, max_chars=400, overlap_chars=60)
-    chunks = [
-        Chunk(
-            id=f"{doc_id}:{p.index}",
-            document_id=doc_id,
-            position=p.index,
-            start=p.start,
-            end=p.end,
-            page=p.page,
-            headings=p.headings,
-            text=p.text,
-        )
-        for p in pieces
-    ]
+    chunks = chunk_rows(doc_id, pieces)
     vectors = np.random.default_rng(0).standard_normal((len(chunks), 384)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     document = Document(

@@ -102,21 +102,7 @@ async def list_documents(request: Request, collection: str | None = None, _: Pri
         if collection:
             query = query.where(Document.collection == collection)
         documents = list(db.exec(query))
-    return {
-        "documents": [
-            {
-                "id": d.id,
-                "collection": d.collection,
-                "filename": d.filename,
-                "kind": d.kind,
-                "size": d.size,
-                "chunks": d.chunk_count,
-                "status": d.status,
-                "acl": d.acl,
-            }
-            for d in documents
-        ]
-    }
+    return {"documents": [d.summary() for d in documents]}
 
 
 @router.delete("/documents/{document_id}")
