@@ -442,9 +442,18 @@ def cmd_ingest(settings: Settings, args) -> int:
     console = Console(stderr=True)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=True, disable=args.json) as bar:
-        overall = bar.add_task("ingesting", total=len(files))
+        overall = bar.add_task("all files", total=len(files))
+        current = bar.add_task("", total=3)
+        stages = {"parsing": 0, "embedding": 1, "indexing": 2}
+        name = ""  # the file being ingested, for the per-file bar
+
+        def show_stage(stage: str) -> None:
+            bar.update(current, completed=stages[stage], description=f"  {stage} {name[:40]}")
+
+        ingestor.on_stage = show_stage
         for path in files:
-            bar.update(overall, description=f"ingesting {path.name[:40]}")
+            name = path.name
+            bar.update(current, completed=0, description=f"  reading {name[:40]}")
             for result in ingestor.ingest_with_attachments(path, args.collection, acl, source=str(path.resolve())):
                 results.append(result)
                 if not args.json:

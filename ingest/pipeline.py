@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class Ingestor:
         self.settings = settings
         self.index = index
         self.embedder = embedder
+        self.on_stage: Callable[[str], None] = lambda stage: None  # progress: parsing, embedding, indexing
         self.originals = settings.home / "originals"
         self.originals.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -159,14 +161,17 @@ class Ingestor:
         original = self.original_path(document)
         _copy_atomically(path, original)
         try:
+            self.on_stage("parsing")
             kind, elements = partition_in_sandbox(original, self.settings.ingest)
             text, pieces = chunk_document(elements)
             chunks = chunk_rows(document_id, pieces)
+            self.on_stage("embedding")
             vectors = self.embedder.encode([c.text for c in chunks]).vectors
         except BaseException:
             original.unlink(missing_ok=True)  # nothing was indexed: keep no copy
             raise
         document.kind = kind
+        self.on_stage("indexing")
         self.index.add(document, text, chunks, vectors)
         for old in previous:
             self.remove(old.id)
