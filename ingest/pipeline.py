@@ -26,7 +26,7 @@ from ingest.attachments import extract_attachments
 from ingest.chunking import Chunk as Piece
 from ingest.chunking import chunk_document
 from ingest.filenames import KNOWN_SUFFIXES, display_name
-from ingest.sandbox import partition_in_sandbox
+from ingest.sandbox import ParserProcess
 
 log = logging.getLogger(__name__)
 _PRINCIPAL_KINDS = ("user", "group", "collection")
@@ -84,6 +84,7 @@ class Ingestor:
         self.settings = settings
         self.index = index
         self.embedder = embedder
+        self.parser = ParserProcess(settings.ingest)
         self.on_stage: Callable[[str], None] = lambda stage: None  # progress: parsing, embedding, indexing
         self.originals = settings.home / "originals"
         self.originals.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -162,7 +163,7 @@ class Ingestor:
         _copy_atomically(path, original)
         try:
             self.on_stage("parsing")
-            kind, elements = partition_in_sandbox(original, self.settings.ingest)
+            kind, elements = self.parser.partition(original)
             text, pieces = chunk_document(elements)
             chunks = chunk_rows(document_id, pieces)
             self.on_stage("embedding")

@@ -1,8 +1,12 @@
 """Parsing untrusted files in a child process with a time and memory limit.
 
 A hostile or broken file can make a parser loop, allocate without bound or crash; here that ends
-one child process and becomes a clear per-file failure, never a problem for the server.
-Run as `python -m ingest.sandbox FILE MAX_BYTES` (the parent does this); it prints one JSON line.
+the child process and becomes a clear per-file failure, never a problem for the server or the CLI.
+The child lives on between files (importing the parsing stack once costs seconds), under an
+address-space limit for its whole life; after a timeout, a crash or a memory error it is replaced.
+
+Protocol (`python -m ingest.sandbox MAX_BYTES`): one file path per line on stdin, one JSON line per
+file on stdout: {"kind", "elements"} or {"error", "message"}.
 """
 
 from __future__ import annotations
@@ -10,9 +14,13 @@ from __future__ import annotations
 import json
 import os
 import resource
+import select
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 from appliance.config import IngestSettings
@@ -29,54 +37,133 @@ class ParseFailed(BadRequest):
     """The parser failed, or was stopped at its time or memory limit."""
 
 
-def partition_in_sandbox(path: Path, settings: IngestSettings) -> tuple[str, list[Element]]:
-    """The document's format and elements, parsed in a limited child process."""
-    memory = settings.parse_memory_mb * 2**20
+class ParserProcess:
+    """One limited child process that parses files one at a time (thread-safe: calls are serialised)."""
 
-    def limit() -> None:  # runs in the child, before exec
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        os.setsid()
+    def __init__(self, settings: IngestSettings):
+        self.settings = settings
+        self._process: subprocess.Popen | None = None
+        self._stderr = None  # a temporary file: a pipe nobody reads could fill up and stall the child
+        self._lock = threading.Lock()
 
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "ingest.sandbox", str(path), str(settings.max_upload_mb * 2**20)],
-            capture_output=True,
+    def _start(self) -> subprocess.Popen:
+        memory = self.settings.parse_memory_mb * 2**20
+
+        def limit() -> None:  # runs in the child, before exec
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+            os.setsid()
+
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        return subprocess.Popen(
+            [sys.executable, "-m", "ingest.sandbox", str(self.settings.max_upload_mb * 2**20)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
             text=True,
-            timeout=settings.parse_timeout_s,
-            preexec_fn=limit,  # noqa: PLW1509
+            preexec_fn=limit,  # noqa: PLW1509  (no threads start between fork and exec here)
         )
-    except subprocess.TimeoutExpired:
-        raise ParseFailed(f"parsing took longer than {settings.parse_timeout_s:.0f} s and was stopped") from None
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        if result.returncode < 0 and -result.returncode in (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT):
-            raise ParseFailed(
-                f"the parser crashed ({signal.Signals(-result.returncode).name}); the file may be hostile or damaged"
-            )
-        if "MemoryError" in result.stderr:
-            raise ParseFailed(f"parsing needed more than {settings.parse_memory_mb} MB and was stopped")
-        raise ParseFailed("the parser failed on this file")
-    answer = json.loads(lines[-1])
-    if "error" in answer:
-        raise _ERRORS.get(answer["error"], ParseFailed)(answer["message"])
-    return answer["kind"], [Element(**element) for element in answer["elements"]]
+
+    def stop(self) -> None:
+        if self._process is not None:
+            if self._process.poll() is None:
+                try:
+                    os.killpg(self._process.pid, signal.SIGKILL)  # the child and any OCR tools it started
+                except ProcessLookupError:
+                    pass
+            self._process.wait()
+            self._process = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def partition(self, path: Path) -> tuple[str, list[Element]]:
+        """The document's format and elements; raises a BadRequest subclass with the reason."""
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                self._process = self._start()
+            process = self._process
+            assert process.stdin and process.stdout
+            try:
+                process.stdin.write(str(path) + "\n")
+                process.stdin.flush()
+            except BrokenPipeError:
+                pass  # the child died starting up; reading below reports how
+            line = self._read_line(process, time.monotonic() + self.settings.parse_timeout_s)
+            if line is None:
+                raise self._failure(process)
+            answer = json.loads(line)
+        if "error" in answer:
+            if answer["error"] == "MemoryError":
+                self.stop()
+                raise ParseFailed(f"parsing needed more than {self.settings.parse_memory_mb} MB and was stopped")
+            raise _ERRORS.get(answer["error"], ParseFailed)(answer["message"])
+        return answer["kind"], [Element(**element) for element in answer["elements"]]
+
+    @staticmethod
+    def _read_line(process: subprocess.Popen, deadline: float) -> str | None:
+        assert process.stdout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ready, _, _ = select.select([process.stdout], [], [], remaining)
+            if ready:
+                line = process.stdout.readline()
+                return line or None
+
+    def _failure(self, process: subprocess.Popen) -> ParseFailed:
+        running = process.poll() is None
+        stderr = ""
+        if self._stderr is not None and not running:
+            self._stderr.seek(0)
+            stderr = self._stderr.read()[-10_000:]
+        self.stop()
+        if running:
+            return ParseFailed(f"parsing took longer than {self.settings.parse_timeout_s:.0f} s and was stopped")
+        code = process.returncode
+        if "MemoryError" in stderr:
+            return ParseFailed(f"parsing needed more than {self.settings.parse_memory_mb} MB and was stopped")
+        if code is not None and code < 0:
+            return ParseFailed(f"the parser crashed ({signal.Signals(-code).name}); the file may be hostile or damaged")
+        return ParseFailed("the parser failed on this file")
 
 
-def _main(argv: list[str]) -> int:
+def partition_in_sandbox(path: Path, settings: IngestSettings) -> tuple[str, list[Element]]:
+    """Parse one file in a child process of its own (for one-off use; the pipeline keeps a ParserProcess)."""
+    parser = ParserProcess(settings)
+    try:
+        return parser.partition(path)
+    finally:
+        parser.stop()
+
+
+def _parse_one(path: Path, max_bytes: int) -> dict:
     from ingest.partition import detect_format, partition_document
     from ingest.safety import check_document
 
-    path, max_bytes = Path(argv[0]), int(argv[1])
     try:
         check_document(path, detect_format(path), max_bytes)
         kind, elements = partition_document(path)
-        answer: dict = {"kind": kind, "elements": [element.__dict__ for element in elements]}
+        return {"kind": kind, "elements": [element.__dict__ for element in elements]}
     except ApplianceError as exc:
-        answer = {"error": type(exc).__name__, "message": exc.message}
+        return {"error": type(exc).__name__, "message": exc.message}
     except MemoryError:
-        print("MemoryError", file=sys.stderr)
-        return 1
-    print(json.dumps(answer))
+        return {"error": "MemoryError", "message": "out of memory"}
+    except Exception as exc:  # a parser bug on a strange file is this file's failure, not the worker's
+        return {"error": "ParseFailed", "message": f"the parser failed on this file ({type(exc).__name__})"}
+
+
+def _main(argv: list[str]) -> int:
+    max_bytes = int(argv[0])
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything a library prints goes to stderr, never into the answers
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        answer = _parse_one(Path(line.rstrip("\n")), max_bytes)
+        protocol.write(json.dumps(answer) + "\n")
+        protocol.flush()
+        if answer.get("error") == "MemoryError":
+            return 1  # a process that ran out of memory is not trusted with the next file
     return 0
 
 

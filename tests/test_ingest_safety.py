@@ -90,3 +90,23 @@ def test_time_and_memory_limits_stop_the_parser(tmp_path):
         partition_in_sandbox(text, IngestSettings(parse_memory_mb=256))
     kind, elements = partition_in_sandbox(text, SETTINGS)
     assert kind == "txt" and "registrar" in elements[0].text
+
+
+def test_one_parser_process_serves_many_files_and_is_replaced_when_it_dies(tmp_path):
+    import os
+    import signal
+
+    from ingest.sandbox import ParserProcess
+
+    parser = ParserProcess(SETTINGS)
+    try:
+        assert parser.partition(write_docx(tmp_path / "a.docx"))[0] == "docx"
+        pid = parser._process.pid
+        assert parser.partition(write_pdf(tmp_path / "b.pdf"))[0] == "pdf"
+        assert parser._process.pid == pid, "the parsing stack is imported once, not per file"
+        os.kill(pid, signal.SIGKILL)
+        parser._process.wait()
+        assert parser.partition(write_pdf(tmp_path / "c.pdf", pages=1))[0] == "pdf"
+        assert parser._process.pid != pid
+    finally:
+        parser.stop()

@@ -72,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             warm.cancel()
             worker.cancel()
+            state.ingestor.parser.stop()
             await state.scheduler.shutdown()
             (settings.run_dir / "cli.token").unlink(missing_ok=True)
 
