@@ -186,7 +186,7 @@ def cmd_show(settings: Settings, args) -> int:
     store = _store(settings)
     record = store.resolve(args.name)
     info = store.gguf_info(record.model_digest)
-    template = record.template or info.chat_template or ""
+    template = store.chat_template(record) or ""
     if args.modelfile:
         print(
             render_modelfile(

@@ -104,6 +104,20 @@ class Job(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
+    def summary(self) -> dict:
+        """What GET /api/jobs/{id} shows (the upload path stays private)."""
+        return {
+            "id": self.id,
+            "state": self.state,
+            "filename": self.filename,
+            "collection": self.collection,
+            "result": self.result,
+            "document_id": self.document_id,
+            "reason": self.reason,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
 
 # The FTS5 table for BM25 lives beside these (created by migration 0002, outside the ORM).
 FTS_TABLE = "chunk_fts"

@@ -25,7 +25,8 @@ from appliance.index import ChunkIndex
 from ingest.attachments import extract_attachments
 from ingest.chunking import Chunk as Piece
 from ingest.chunking import chunk_document
-from ingest.filenames import KNOWN_SUFFIXES, display_name
+from ingest.filenames import allowed_suffix, display_name
+from ingest.safety import check_size
 from ingest.sandbox import ParserProcess
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,10 @@ class Ingestor:
         self.originals = settings.home / "originals"
         self.originals.mkdir(parents=True, exist_ok=True, mode=0o700)
 
+    @property
+    def max_bytes(self) -> int:
+        return self.settings.ingest.max_upload_mb * 2**20
+
     def original_path(self, document: Document) -> Path:
         return self.originals / f"{document.id}{Path(document.filename).suffix.lower()}"
 
@@ -116,8 +121,7 @@ class Ingestor:
         scratch_root = self.settings.home / "incoming"
         scratch_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         with tempfile.TemporaryDirectory(dir=scratch_root, prefix=".attachments-") as scratch:
-            max_bytes = self.settings.ingest.max_upload_mb * 2**20
-            for attachment in extract_attachments(path, Path(scratch), max_bytes):
+            for attachment in extract_attachments(path, Path(scratch), self.max_bytes):
                 attachment_source = f"{source}#{attachment.name}"
                 if attachment.path is None:
                     results.append(IngestResult(attachment_source, "failed", reason=attachment.reason))
@@ -128,14 +132,10 @@ class Ingestor:
     def _ingest(self, path: Path, collection: str, acl: list[str], source: str, filename: str) -> IngestResult:
         if not path.is_file():
             raise BadRequest("not a regular file")
-        suffix = path.suffix.lower()
-        if suffix not in KNOWN_SUFFIXES:
-            raise BadRequest(f"unsupported file type '{suffix or '(no extension)'}'")
-        max_bytes = self.settings.ingest.max_upload_mb * 2**20
-        if path.stat().st_size > max_bytes:
-            raise BadRequest(
-                f"file is over the {self.settings.ingest.max_upload_mb} MB limit (APPLIANCE_MAX_UPLOAD_MB)"
-            )
+        suffix = allowed_suffix(path.name)
+        if suffix is None:
+            raise BadRequest(f"unsupported file type '{path.suffix.lower() or '(no extension)'}'")
+        check_size(path, self.max_bytes)  # before copying anything (the parser checks again, in its process)
         document_id = sha256_of(path)
         with session(self.index.engine) as db:
             existing = db.get(Document, document_id)

@@ -128,15 +128,6 @@ class ParserProcess:
         return ParseFailed("the parser failed on this file")
 
 
-def partition_in_sandbox(path: Path, settings: IngestSettings) -> tuple[str, list[Element]]:
-    """Parse one file in a child process of its own (for one-off use; the pipeline keeps a ParserProcess)."""
-    parser = ParserProcess(settings)
-    try:
-        return parser.partition(path)
-    finally:
-        parser.stop()
-
-
 def _parse_one(path: Path, max_bytes: int) -> dict:
     from ingest.partition import detect_format, partition_document
     from ingest.safety import check_document

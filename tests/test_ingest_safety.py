@@ -8,10 +8,19 @@ import pytest
 from appliance.config import IngestSettings
 from ingest.partition import NoExtractableText
 from ingest.safety import RejectedDocument
-from ingest.sandbox import ParseFailed, partition_in_sandbox
+from ingest.sandbox import ParseFailed, ParserProcess
 from tests.documents import write_docx, write_pdf
 
 SETTINGS = IngestSettings()
+
+
+def partition_in_sandbox(path: Path, settings: IngestSettings):
+    """Parse one file in a parser process of its own."""
+    parser = ParserProcess(settings)
+    try:
+        return parser.partition(path)
+    finally:
+        parser.stop()
 
 
 def _rezip(source: Path, target: Path, replace: dict[str, bytes]) -> Path:
@@ -95,8 +104,6 @@ def test_time_and_memory_limits_stop_the_parser(tmp_path):
 def test_one_parser_process_serves_many_files_and_is_replaced_when_it_dies(tmp_path):
     import os
     import signal
-
-    from ingest.sandbox import ParserProcess
 
     parser = ParserProcess(SETTINGS)
     try:

@@ -34,20 +34,6 @@ def require_editor(principal: Principal = Depends(require_user)) -> Principal:
     return principal
 
 
-def _job_view(job) -> dict:
-    return {
-        "id": job.id,
-        "state": job.state,
-        "filename": job.filename,
-        "collection": job.collection,
-        "result": job.result,
-        "document_id": job.document_id,
-        "reason": job.reason,
-        "created_at": job.created_at.isoformat(),
-        "updated_at": job.updated_at.isoformat(),
-    }
-
-
 @router.post("/documents")
 async def upload(request: Request, principal: Principal = Depends(require_editor)):
     state = request.app.state
@@ -92,7 +78,7 @@ async def job_state(job_id: str, request: Request, principal: Principal = Depend
     job = request.app.state.jobs.get(job_id)
     if not principal.is_admin and job.user_id != principal.user_id:
         raise NotFound(f"job {job_id} not found")  # other users' jobs are answered like missing ones
-    return _job_view(job)
+    return job.summary()
 
 
 @router.get("/documents")

@@ -249,7 +249,7 @@ async def show(request: Request, _: Principal = Depends(require_user)):
         }
     record = await asyncio.to_thread(state.store.resolve, name)
     info = await asyncio.to_thread(state.store.gguf_info, record.model_digest)
-    template = record.template or info.chat_template or ""
+    template = state.store.chat_template(record) or ""
     capabilities = ["embedding"] if info.is_embedding_model else ["completion"]
     if "tools" in template:
         capabilities.append("tools")

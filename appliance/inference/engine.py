@@ -108,7 +108,7 @@ class Engine:
 
     def _prompt(self, record: ModelRecord, request: GenerationRequest) -> str:
         info = self.store.gguf_info(record.model_digest)
-        template = request.template or record.template or info.chat_template
+        template = request.template or self.store.chat_template(record)
         if request.messages is not None:
             messages = list(record.messages)
             system = request.system if request.system is not None else record.system

@@ -188,6 +188,10 @@ class ModelStore:
             self._info_cache[hex_digest] = read_gguf(self.blob_path(hex_digest))
         return self._info_cache[hex_digest]
 
+    def chat_template(self, record: ModelRecord) -> str | None:
+        """The template a model renders chats with: its Modelfile TEMPLATE, else the GGUF's own."""
+        return record.template or self.gguf_info(record.model_digest).chat_template
+
     # --- manifests -------------------------------------------------------------------------------
     def _manifest_path(self, name: ModelName) -> Path:
         path = self.manifests_dir.joinpath(*name.parts())
