@@ -12,7 +12,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, Column, event
+from sqlalchemy import JSON, Column, UniqueConstraint, event
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, create_engine
 
@@ -117,6 +117,55 @@ class Job(SQLModel, table=True):
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
         }
+
+
+class Group(SQLModel, table=True):
+    """A named set of users; grants and walls may name a group instead of each user."""
+
+    __tablename__ = "user_group"  # "group" is an SQL keyword
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class GroupMember(SQLModel, table=True):
+    __tablename__ = "group_member"
+    group_id: int = Field(foreign_key="user_group.id", primary_key=True)
+    user_id: int = Field(foreign_key="user.id", primary_key=True, index=True)
+
+
+class Collection(SQLModel, table=True):
+    """A named set of documents; the unit that grants and walls apply to (Document.collection names one)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=128)
+    description: str | None = Field(default=None, max_length=1024)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Grant(SQLModel, table=True):
+    """A user or group may read (reader) or also upload to and delete from (editor) a collection."""
+
+    __tablename__ = "collection_grant"  # "grant" is an SQL keyword
+    __table_args__ = (UniqueConstraint("collection_id", "subject_kind", "subject_id", name="uq_grant_subject"),)
+    id: int | None = Field(default=None, primary_key=True)
+    collection_id: int = Field(foreign_key="collection.id", index=True)
+    subject_kind: str = Field(max_length=8)  # user | group
+    subject_id: int  # User.id or Group.id, as subject_kind says
+    role: str = Field(max_length=16)  # reader | editor
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Wall(SQLModel, table=True):
+    """An ethical wall: the user or group never sees the collection, whatever grants or ACLs say."""
+
+    __tablename__ = "collection_wall"
+    __table_args__ = (UniqueConstraint("collection_id", "subject_kind", "subject_id", name="uq_wall_subject"),)
+    id: int | None = Field(default=None, primary_key=True)
+    collection_id: int = Field(foreign_key="collection.id", index=True)
+    subject_kind: str = Field(max_length=8)  # user | group
+    subject_id: int
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 # The FTS5 table for BM25 lives beside these (created by migration 0002, outside the ORM).

@@ -1,0 +1,360 @@
+"""Access control: groups, collections, grants and walls, and the one policy that decides who reads what.
+
+`access_for` turns a caller into an `Access`: the collections and ACL principals they hold. Pages, API
+routes and the retrieval filter all ask the same `Access` (`allowed`, `can_read`), so they cannot
+disagree. It is computed from the database on every call, never cached, so a grant revoked with the
+CLI takes effect on a running server's next request.
+
+Rules: the global role says what kind of thing a user may do (admin: manage users and policy; editor:
+upload and delete; reader: ask and read); grants say where. The admin role reads nothing by itself.
+A wall (deny) beats every grant and every document ACL.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from appliance.db import Collection, Document, Grant, Group, GroupMember, User, Wall, session
+from appliance.errors import BadRequest, Conflict, NotFound
+from appliance.users import Principal, get_user
+
+COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+GRANT_ROLES = ("reader", "editor")
+SUBJECT_KINDS = ("user", "group")
+
+# What each global role may do anywhere, and what each grant role allows in its collection.
+ROLE_ACTIONS = {
+    "admin": frozenset({"manage_users", "manage_policy", "edit"}),
+    "editor": frozenset({"edit"}),
+    "reader": frozenset(),
+}
+GRANT_ACTIONS = {"reader": frozenset({"read"}), "editor": frozenset({"read", "edit"})}
+
+
+@dataclass(frozen=True)
+class Access:
+    """What one caller may read. Retrieval filters with it inside the queries."""
+
+    everything: bool  # the local operator (CLI token / CLI commands): reads all
+    collections: frozenset[str]  # collections the caller may read (granted reader/editor, minus walls)
+    principals: frozenset[str]  # "user:NAME", "group:G" per group, "collection:C" per readable collection
+    walled: frozenset[str]  # collections the caller is walled off from (never visible, whatever the ACL)
+    editable: frozenset[str]  # collections the caller may upload to / delete from (editor grants; walls apply)
+    actions: frozenset[str] = frozenset()  # what the global role allows: manage_users, manage_policy, edit
+
+    def can_read_collection(self, name: str) -> bool:
+        return self.everything or name in self.collections
+
+    def can_read(self, collection: str, acl: list[str]) -> bool:
+        """One document: its collection is not walled off and its ACL names a principal the caller holds."""
+        if self.everything:
+            return True
+        return collection not in self.walled and not self.principals.isdisjoint(acl)
+
+
+OPERATOR = Access(
+    everything=True,
+    collections=frozenset(),
+    principals=frozenset(),
+    walled=frozenset(),
+    editable=frozenset(),
+    actions=frozenset({"manage_users", "manage_policy", "edit"}),
+)
+NOBODY = Access(False, frozenset(), frozenset(), frozenset(), frozenset())
+
+
+def allowed(access: Access, action: str, collection: str | None = None) -> bool:
+    """The one decision: may this caller do `action` (read, edit, manage_users, manage_policy)?
+
+    `read` and `edit` are about a collection; `manage_*` are global and come from the role.
+    """
+    if access.everything:
+        return True
+    if action == "read":
+        return collection is not None and access.can_read_collection(collection)
+    if action == "edit":
+        return collection is not None and collection in access.editable
+    return action in access.actions
+
+
+def access_for(engine: Engine, principal: Principal) -> Access:
+    """The access of an authenticated caller; user id 0 is the local CLI token (the operator)."""
+    if principal.user_id == 0:
+        return OPERATOR
+    with session(engine) as db:
+        user = db.get(User, principal.user_id)
+        return NOBODY if user is None else _compute(db, user)
+
+
+def access_for_user(engine: Engine, user_name: str) -> Access:
+    """What the named user would see (`--as USER`); NotFound if there is no such user."""
+    user = get_user(engine, user_name)
+    with session(engine) as db:
+        return _compute(db, user)
+
+
+def _compute(db: Session, user: User) -> Access:
+    if user.disabled:
+        return NOBODY
+    assert user.id is not None
+    groups = db.exec(
+        select(Group.id, Group.name)
+        .join(GroupMember, GroupMember.group_id == Group.id)
+        .where(GroupMember.user_id == user.id)
+    ).all()
+    group_ids = [gid for gid, _ in groups]
+    walled = set(_subject_rows(db, select(Collection.name), Wall, user.id, group_ids))  # single column: names
+    granted: dict[str, set[str]] = {}
+    for name, role in _subject_rows(db, select(Collection.name, Grant.role), Grant, user.id, group_ids):
+        granted.setdefault(name, set()).update(GRANT_ACTIONS.get(role, ()))
+    readable = {name for name, actions in granted.items() if "read" in actions} - walled
+    role_actions = ROLE_ACTIONS.get(user.role, frozenset())
+    editable = (
+        {name for name, actions in granted.items() if "edit" in actions} - walled if "edit" in role_actions else set()
+    )
+    direct = {f"user:{user.name}", *(f"group:{name}" for _, name in groups)}
+    # Collections the user reads only through a document ACL naming them or their group. The JSON
+    # column is not portably queryable, so the ACLs of the other collections are checked here.
+    reached = set()
+    rows = db.exec(select(Document.collection, Document.acl).where(Document.collection.not_in(readable | walled)))
+    for collection, acl in rows:
+        if collection not in reached and not direct.isdisjoint(acl):
+            reached.add(collection)
+    return Access(
+        everything=False,
+        collections=frozenset(readable | reached),
+        principals=frozenset(direct | {f"collection:{name}" for name in readable}),
+        walled=frozenset(walled),
+        editable=frozenset(editable),
+        actions=role_actions,
+    )
+
+
+def _subject_rows(db: Session, query, table, user_id: int, group_ids: list[int]):
+    """Rows of grants or walls naming the user or one of their groups, joined to the collection."""
+    subject = (table.subject_kind == "user") & (table.subject_id == user_id)
+    if group_ids:
+        subject = subject | ((table.subject_kind == "group") & table.subject_id.in_(group_ids))
+    return db.exec(query.join(table, table.collection_id == Collection.id).where(subject)).all()
+
+
+# --- groups --------------------------------------------------------------------------------------
+def add_group(engine: Engine, name: str) -> Group:
+    if not GROUP_NAME.match(name):
+        raise BadRequest("group name must be 1-64 letters, digits or _.@- and start with a letter or digit")
+    with session(engine) as db:
+        if db.exec(select(Group).where(Group.name == name)).first():
+            raise Conflict(f"group '{name}' already exists")
+        group = Group(name=name)
+        db.add(group)
+        db.commit()
+        db.refresh(group)
+        return group
+
+
+def get_group(engine: Engine, name: str) -> Group:
+    with session(engine) as db:
+        group = db.exec(select(Group).where(Group.name == name)).first()
+    if group is None:
+        raise NotFound(f"group '{name}' not found (create it with `appliance groups add {name}`)")
+    return group
+
+
+def add_member(engine: Engine, group_name: str, user_name: str) -> None:
+    group, user = get_group(engine, group_name), get_user(engine, user_name)
+    with session(engine) as db:
+        if db.get(GroupMember, (group.id, user.id)):
+            raise Conflict(f"user '{user_name}' is already a member of group '{group_name}'")
+        db.add(GroupMember(group_id=group.id, user_id=user.id))
+        db.commit()
+
+
+def remove_member(engine: Engine, group_name: str, user_name: str) -> None:
+    group, user = get_group(engine, group_name), get_user(engine, user_name)
+    with session(engine) as db:
+        member = db.get(GroupMember, (group.id, user.id))
+        if member is None:
+            raise NotFound(f"user '{user_name}' is not a member of group '{group_name}'")
+        db.delete(member)
+        db.commit()
+
+
+def list_groups(engine: Engine) -> list[dict]:
+    """Each group with its members' names."""
+    with session(engine) as db:
+        groups = list(db.exec(select(Group).order_by(Group.name)))
+        members = db.exec(
+            select(GroupMember.group_id, User.name).join(User, User.id == GroupMember.user_id).order_by(User.name)
+        ).all()
+    by_group: dict[int, list[str]] = {}
+    for group_id, user_name in members:
+        by_group.setdefault(group_id, []).append(user_name)
+    return [{"name": g.name, "members": by_group.get(g.id or 0, [])} for g in groups]
+
+
+# --- collections ---------------------------------------------------------------------------------
+def check_collection_name(name: str) -> str:
+    if not COLLECTION_NAME.match(name):
+        raise BadRequest("collection name must be 1-128 letters, digits or _.- starting with a letter or digit")
+    return name
+
+
+def add_collection(engine: Engine, name: str, description: str | None = None) -> Collection:
+    check_collection_name(name)
+    with session(engine) as db:
+        if db.exec(select(Collection).where(Collection.name == name)).first():
+            raise Conflict(f"collection '{name}' already exists")
+        collection = Collection(name=name, description=description)
+        db.add(collection)
+        db.commit()
+        db.refresh(collection)
+        return collection
+
+
+def ensure_collection(engine: Engine, name: str) -> Collection:
+    """The named collection, created if it does not exist yet (ingestion and uploads call this)."""
+    check_collection_name(name)
+    with session(engine) as db:
+        existing = db.exec(select(Collection).where(Collection.name == name)).first()
+    if existing is not None:
+        return existing
+    try:
+        return add_collection(engine, name)
+    except Conflict:  # created meanwhile by another process
+        return get_collection(engine, name)
+
+
+def get_collection(engine: Engine, name: str) -> Collection:
+    with session(engine) as db:
+        collection = db.exec(select(Collection).where(Collection.name == name)).first()
+    if collection is None:
+        raise NotFound(f"collection '{name}' not found (create it with `appliance collections add {name}`)")
+    return collection
+
+
+def list_collections(engine: Engine) -> list[dict]:
+    """Each collection with its description and document count."""
+    from sqlalchemy import func
+
+    with session(engine) as db:
+        collections = list(db.exec(select(Collection).order_by(Collection.name)))
+        counts = dict(db.exec(select(Document.collection, func.count()).group_by(Document.collection)).all())
+    return [
+        {
+            "name": c.name,
+            "description": c.description,
+            "documents": counts.get(c.name, 0),
+            "created_at": c.created_at.isoformat(),
+        }
+        for c in collections
+    ]
+
+
+# --- grants and walls ----------------------------------------------------------------------------
+def _subject(engine: Engine, user: str | None, group: str | None) -> tuple[str, int]:
+    if (user is None) == (group is None):
+        raise BadRequest("name exactly one of a user or a group")
+    found = get_user(engine, user) if user is not None else get_group(engine, group or "")
+    assert found.id is not None
+    return ("user" if user is not None else "group"), found.id
+
+
+def add_grant(
+    engine: Engine, collection: str, *, user: str | None = None, group: str | None = None, role: str = "reader"
+) -> Grant:
+    """Grant a user or group read (reader) or read and edit (editor) on a collection; a second grant
+    to the same subject replaces the role."""
+    if role not in GRANT_ROLES:
+        raise BadRequest(f"grant role must be one of {', '.join(GRANT_ROLES)}")
+    target = get_collection(engine, collection)
+    kind, subject_id = _subject(engine, user, group)
+    with session(engine) as db:
+        grant = db.exec(_same_subject(Grant, target.id, kind, subject_id)).first()
+        if grant is None:
+            grant = Grant(collection_id=target.id, subject_kind=kind, subject_id=subject_id, role=role)
+        grant.role = role
+        db.add(grant)
+        db.commit()
+        db.refresh(grant)
+        return grant
+
+
+def remove_grant(
+    engine: Engine, collection: str, *, user: str | None = None, group: str | None = None, role: str | None = None
+) -> None:
+    """Revoke a grant; with `role`, only if the grant has that role."""
+    target = get_collection(engine, collection)
+    kind, subject_id = _subject(engine, user, group)
+    with session(engine) as db:
+        grant = db.exec(_same_subject(Grant, target.id, kind, subject_id)).first()
+        if grant is None or (role is not None and grant.role != role):
+            which = f"{role} grant" if role else "grant"
+            raise NotFound(f"no {which} on '{collection}' for {kind} '{user or group}'")
+        db.delete(grant)
+        db.commit()
+
+
+def add_wall(engine: Engine, collection: str, *, user: str | None = None, group: str | None = None) -> Wall:
+    """Wall a user or group off a collection (idempotent)."""
+    target = get_collection(engine, collection)
+    kind, subject_id = _subject(engine, user, group)
+    with session(engine) as db:
+        wall = db.exec(_same_subject(Wall, target.id, kind, subject_id)).first()
+        if wall is None:
+            wall = Wall(collection_id=target.id, subject_kind=kind, subject_id=subject_id)
+            db.add(wall)
+            db.commit()
+            db.refresh(wall)
+        return wall
+
+
+def remove_wall(engine: Engine, collection: str, *, user: str | None = None, group: str | None = None) -> None:
+    target = get_collection(engine, collection)
+    kind, subject_id = _subject(engine, user, group)
+    with session(engine) as db:
+        wall = db.exec(_same_subject(Wall, target.id, kind, subject_id)).first()
+        if wall is None:
+            raise NotFound(f"no wall on '{collection}' for {kind} '{user or group}'")
+        db.delete(wall)
+        db.commit()
+
+
+def _same_subject(table, collection_id, kind: str, subject_id: int):
+    return select(table).where(
+        table.collection_id == collection_id, table.subject_kind == kind, table.subject_id == subject_id
+    )
+
+
+def list_grants(engine: Engine, collection: str | None = None) -> list[dict]:
+    return [{**row, "role": role} for row, role in _listing(engine, Grant, collection)]
+
+
+def list_walls(engine: Engine, collection: str | None = None) -> list[dict]:
+    return [row for row, _ in _listing(engine, Wall, collection)]
+
+
+def _listing(engine: Engine, table, collection: str | None) -> list[tuple[dict, str | None]]:
+    """Grants or walls as {collection, kind, subject} rows (subject by name), with the grant role."""
+    with session(engine) as db:
+        query = select(table, Collection.name).join(Collection, Collection.id == table.collection_id)
+        if collection is not None:
+            query = query.where(Collection.name == collection)
+        rows = db.exec(query).all()
+        users = dict(db.exec(select(User.id, User.name)).all())
+        groups = dict(db.exec(select(Group.id, Group.name)).all())
+    listing = []
+    for item, collection_name in rows:
+        names = users if item.subject_kind == "user" else groups
+        subject = names.get(item.subject_id, f"#{item.subject_id}")
+        listing.append(
+            (
+                {"collection": collection_name, "kind": item.subject_kind, "subject": subject},
+                getattr(item, "role", None),
+            )
+        )
+    return sorted(listing, key=lambda entry: (entry[0]["collection"], entry[0]["kind"], entry[0]["subject"]))
