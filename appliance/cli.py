@@ -407,6 +407,198 @@ def cmd_keys_revoke(settings: Settings, args) -> int:
     return 0
 
 
+# --- access: groups, collections, grants, walls --------------------------------------------------
+def _ensure_collection(settings: Settings, name: str) -> None:
+    from appliance.rbac import ensure_collection
+
+    ensure_collection(_db(settings), name)
+
+
+def cmd_users_disable(settings: Settings, args) -> int:
+    from appliance.users import disable_user
+
+    count = disable_user(_db(settings), args.name)
+    print(f"disabled user '{args.name}' and revoked {count} key(s)")
+    return 0
+
+
+def cmd_groups_add(settings: Settings, args) -> int:
+    from appliance.rbac import add_group
+
+    print(f"created group '{add_group(_db(settings), args.name).name}'")
+    return 0
+
+
+def cmd_groups_add_member(settings: Settings, args) -> int:
+    from appliance.rbac import add_member
+
+    add_member(_db(settings), args.group, args.user)
+    print(f"added '{args.user}' to group '{args.group}'")
+    return 0
+
+
+def cmd_groups_rm_member(settings: Settings, args) -> int:
+    from appliance.rbac import remove_member
+
+    remove_member(_db(settings), args.group, args.user)
+    print(f"removed '{args.user}' from group '{args.group}'")
+    return 0
+
+
+def cmd_groups_list(settings: Settings, args) -> int:
+    from appliance.rbac import list_groups
+
+    groups = list_groups(_db(settings))
+    if args.json:
+        _print_json(groups)
+    else:
+        for group in groups:
+            print(f"{group['name']:<32} {', '.join(group['members'])}")
+    return 0
+
+
+def cmd_collections_add(settings: Settings, args) -> int:
+    from appliance.rbac import add_collection
+
+    print(f"created collection '{add_collection(_db(settings), args.name, args.description).name}'")
+    return 0
+
+
+def cmd_collections_list(settings: Settings, args) -> int:
+    from appliance.rbac import list_collections
+
+    collections = list_collections(_db(settings))
+    if args.json:
+        _print_json(collections)
+    else:
+        for c in collections:
+            print(f"{c['name']:<32} {c['documents']:>6} documents  {c['description'] or ''}")
+    return 0
+
+
+def cmd_grants_add(settings: Settings, args) -> int:
+    from appliance.rbac import add_grant
+
+    grant = add_grant(_db(settings), args.collection, user=args.user, group=args.group, role=args.role or "reader")
+    print(f"granted {grant.role} on '{args.collection}' to {grant.subject_kind} '{args.user or args.group}'")
+    return 0
+
+
+def cmd_grants_rm(settings: Settings, args) -> int:
+    from appliance.rbac import remove_grant
+
+    remove_grant(_db(settings), args.collection, user=args.user, group=args.group, role=args.role)
+    print(f"revoked the grant on '{args.collection}' for '{args.user or args.group}'")
+    return 0
+
+
+def cmd_grants_list(settings: Settings, args) -> int:
+    from appliance.rbac import list_grants
+
+    grants = list_grants(_db(settings), args.collection)
+    if args.json:
+        _print_json(grants)
+    else:
+        for g in grants:
+            print(f"{g['collection']:<32} {g['kind']:<6} {g['subject']:<32} {g['role']}")
+    return 0
+
+
+def cmd_walls_add(settings: Settings, args) -> int:
+    from appliance.rbac import add_wall
+
+    add_wall(_db(settings), args.collection, user=args.user, group=args.group)
+    print(f"walled '{args.user or args.group}' off '{args.collection}'")
+    return 0
+
+
+def cmd_walls_rm(settings: Settings, args) -> int:
+    from appliance.rbac import remove_wall
+
+    remove_wall(_db(settings), args.collection, user=args.user, group=args.group)
+    print(f"removed the wall between '{args.user or args.group}' and '{args.collection}'")
+    return 0
+
+
+def cmd_walls_list(settings: Settings, args) -> int:
+    from appliance.rbac import list_walls
+
+    walls = list_walls(_db(settings), args.collection)
+    if args.json:
+        _print_json(walls)
+    else:
+        for w in walls:
+            print(f"{w['collection']:<32} {w['kind']:<6} {w['subject']}")
+    return 0
+
+
+def _access_parsers(sub) -> None:
+    """Parser entries for groups, collections, grants and walls."""
+
+    def subject(p, with_role: bool) -> None:
+        p.add_argument("--collection", required=True)
+        who = p.add_mutually_exclusive_group(required=True)
+        who.add_argument("--user")
+        who.add_argument("--group")
+        if with_role:
+            p.add_argument("--role", choices=["reader", "editor"], help="reader (default) or editor")
+
+    groups = sub.add_parser("groups", help="groups of users").add_subparsers(dest="action", required=True)
+    p = groups.add_parser("add")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_groups_add)
+    p = groups.add_parser("add-member")
+    p.add_argument("group")
+    p.add_argument("user")
+    p.set_defaults(func=cmd_groups_add_member)
+    p = groups.add_parser("rm-member")
+    p.add_argument("group")
+    p.add_argument("user")
+    p.set_defaults(func=cmd_groups_rm_member)
+    p = groups.add_parser("list")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_groups_list)
+
+    collections = sub.add_parser("collections", help="document collections").add_subparsers(
+        dest="action", required=True
+    )
+    p = collections.add_parser("add")
+    p.add_argument("name")
+    p.add_argument("--description")
+    p.set_defaults(func=cmd_collections_add)
+    p = collections.add_parser("list")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_collections_list)
+
+    grants = sub.add_parser("grants", help="who may read or edit a collection").add_subparsers(
+        dest="action", required=True
+    )
+    p = grants.add_parser("add", help="grant a user or group reader (default) or editor on a collection")
+    subject(p, with_role=True)
+    p.set_defaults(func=cmd_grants_add)
+    p = grants.add_parser("rm", help="revoke a grant (effective on the server's next request)")
+    subject(p, with_role=True)
+    p.set_defaults(func=cmd_grants_rm)
+    p = grants.add_parser("list")
+    p.add_argument("--collection")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_grants_list)
+
+    walls = sub.add_parser("walls", help="ethical walls: who may never see a collection").add_subparsers(
+        dest="action", required=True
+    )
+    p = walls.add_parser("add", help="wall a user or group off a collection, whatever else grants it")
+    subject(p, with_role=False)
+    p.set_defaults(func=cmd_walls_add)
+    p = walls.add_parser("rm")
+    subject(p, with_role=False)
+    p.set_defaults(func=cmd_walls_rm)
+    p = walls.add_parser("list")
+    p.add_argument("--collection")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_walls_list)
+
+
 # --- documents -----------------------------------------------------------------------------------
 def _ingestor(settings: Settings):
     from appliance.embeddings import SentenceEmbedder
@@ -435,6 +627,7 @@ def cmd_ingest(settings: Settings, args) -> int:
 
     from ingest.pipeline import parse_acl
 
+    _ensure_collection(settings, args.collection)
     acl = parse_acl(args.acl, args.collection)
     files = _walk(args.paths)
     ingestor = _ingestor(settings)
@@ -620,6 +813,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = users.add_parser("list")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_users_list)
+    p = users.add_parser("disable", help="disable a user and revoke all their keys")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_users_disable)
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     p = keys.add_parser("create", help="issue a key (printed once, stored hashed)")
@@ -632,6 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("revoke")
     p.add_argument("prefix", help="the key's prefix as `keys list` shows it")
     p.set_defaults(func=cmd_keys_revoke)
+    _access_parsers(sub)
 
     p = sub.add_parser("ingest", help="ingest files and folders into a collection")
     p.add_argument("paths", nargs="+")

@@ -71,6 +71,20 @@ def list_users(engine: Engine) -> list[User]:
         return list(db.exec(select(User).order_by(User.name)))
 
 
+def disable_user(engine: Engine, name: str) -> int:
+    """Disable a user and revoke all their live API keys at once; returns how many keys were revoked."""
+    user = get_user(engine, name)
+    with session(engine) as db:
+        user.disabled = True
+        db.add(user)
+        keys = db.exec(select(ApiKey).where(ApiKey.user_id == user.id, ApiKey.revoked_at == None)).all()  # noqa: E711
+        for key in keys:
+            key.revoked_at = utcnow()
+            db.add(key)
+        db.commit()
+    return len(keys)
+
+
 def create_key(engine: Engine, user_name: str, label: str = "") -> str:
     """Issue a key for a user and return it; it is shown this once and stored only hashed."""
     user = get_user(engine, user_name)

@@ -17,13 +17,13 @@ from starlette.datastructures import UploadFile
 
 from appliance.db import Document, session
 from appliance.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
+from appliance.rbac import COLLECTION_NAME, ensure_collection
 from appliance.users import Principal
 from ingest.filenames import allowed_suffix, display_name
 from ingest.pipeline import parse_acl
 from web.auth import require_user
 
 router = APIRouter(prefix="/api")
-_COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _DOCUMENT_ID = re.compile(r"^[0-9a-f]{64}$")
 MAX_FILES_PER_REQUEST = 100
 
@@ -43,13 +43,14 @@ async def upload(request: Request, principal: Principal = Depends(require_editor
         raise PayloadTooLarge(f"upload larger than {state.settings.ingest.max_upload_mb} MB (APPLIANCE_MAX_UPLOAD_MB)")
     form = await request.form(max_files=MAX_FILES_PER_REQUEST, max_fields=10)
     collection = form.get("collection")
-    if not isinstance(collection, str) or not _COLLECTION.match(collection):
+    if not isinstance(collection, str) or not COLLECTION_NAME.match(collection):
         raise BadRequest("'collection' is required: 1-128 letters, digits or _.- starting with a letter or digit")
     acl_field = form.get("acl")
     acl = parse_acl(acl_field if isinstance(acl_field, str) else None, collection)
     uploads = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
     if not uploads:
         raise BadRequest("no 'file' parts in the upload")
+    ensure_collection(state.db, collection)
     answers = []
     for item in uploads:
         filename = display_name(item.filename or "upload")
