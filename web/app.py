@@ -26,9 +26,11 @@ from appliance.inference import hardware
 from appliance.inference.engine import Engine
 from appliance.inference.scheduler import Scheduler
 from appliance.models.store import ModelStore
+from appliance.rag import Answerer
+from appliance.retrieve import Retriever
 from ingest.jobs import JobWorker
 from ingest.pipeline import Ingestor
-from web import documents_api, ollama_api, openai_api
+from web import documents_api, ollama_api, openai_api, rag_api
 from web.auth import host_allowed, issue_cli_token
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ def create_app(settings: Settings) -> FastAPI:
         state.engine = Engine(state.store, state.scheduler, state.embedder)
         state.vectors = await asyncio.to_thread(open_vector_store, settings.chroma_dir)
         state.ingestor = Ingestor(settings, ChunkIndex(state.db, state.vectors), state.embedder)
+        state.retriever = Retriever(state.ingestor.index, state.embedder, settings.retrieval)
+        state.answerer = Answerer(state.retriever, state.engine, settings.retrieval, settings.scheduler.num_ctx)
         state.jobs = JobWorker(state.db, state.ingestor, settings.home / "incoming")
         await asyncio.to_thread(state.jobs.recover)
         worker = asyncio.create_task(state.jobs.run_forever())
@@ -124,4 +128,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ollama_api.router)
     app.include_router(openai_api.router)
     app.include_router(documents_api.router)
+    app.include_router(rag_api.router)
     return app

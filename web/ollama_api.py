@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -22,9 +23,11 @@ from appliance.models.modelfile import parse_modelfile, render_modelfile
 from appliance.models.names import parse_digest, parse_name
 from appliance.models.store import ModelRecord
 from appliance.models.template import check_template
+from appliance.rag import AnswerDone
 from appliance.users import Principal
 from web.auth import require_admin, require_user
 from web.body import get, model_name, read_json
+from web.rag_api import caller_access, rag_chat_events, rag_collection, readable_collections
 from web.responses import json_response, ndjson_response, primed
 
 router = APIRouter(prefix="/api")
@@ -86,8 +89,7 @@ def _request_template(template: str | None) -> str | None:
     return template or None
 
 
-async def _generation(request: Request, chat: bool):
-    body = await read_json(request)
+async def _generation(request: Request, chat: bool, body: dict[str, Any]):
     generation = _generation_request(body, chat)
     stream = bool(get(body, "stream", bool, True))
     engine = _state(request).engine
@@ -129,12 +131,66 @@ async def _generation(request: Request, chat: bool):
 
 @router.post("/generate")
 async def generate(request: Request, _: Principal = Depends(require_user)):
-    return await _generation(request, chat=False)
+    body = await read_json(request)
+    if rag_collection(model_name(body)) is not None:
+        raise BadRequest("RAG models answer through /api/chat")
+    return await _generation(request, False, body)
 
 
 @router.post("/chat")
-async def chat(request: Request, _: Principal = Depends(require_user)):
-    return await _generation(request, chat=True)
+async def chat(request: Request, principal: Principal = Depends(require_user)):
+    body = await read_json(request)
+    collection = rag_collection(model_name(body))
+    if collection is None:
+        return await _generation(request, True, body)
+    return await _rag_chat(request, principal, body, collection)
+
+
+_RAG_TIMINGS = ("load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration")
+
+
+async def _rag_chat(request: Request, principal: Principal, body: dict[str, Any], collection: str):
+    """`rag/<collection>` as a chat model: the answer, a Sources block, and structured `citations`."""
+    model = f"rag/{collection}:latest"
+    messages = _messages(body.get("messages") or [])
+    started = time.perf_counter_ns()
+    events = await rag_chat_events(request, principal, collection, messages, get(body, "options", dict))
+
+    def shape(text: str) -> dict[str, Any]:
+        return {
+            "model": model,
+            "created_at": now_iso(),
+            "message": {"role": "assistant", "content": text},
+            "done": False,
+        }
+
+    def final(done: AnswerDone, text: str) -> dict[str, Any]:
+        item = shape(text)
+        item["message"]["citations"] = [c.public() for c in done.citations]
+        item.update(
+            done=True,
+            done_reason="stop",
+            grounded=done.grounded,
+            citations=item["message"]["citations"],
+            total_duration=time.perf_counter_ns() - started,
+            **{k: v for k, v in done.timings.items() if k in _RAG_TIMINGS},
+        )
+        return item
+
+    if get(body, "stream", bool, True):
+
+        async def items() -> AsyncIterator[dict[str, Any]]:
+            async for event in events:
+                yield shape(event.text) if isinstance(event, Token) else final(event, "")
+
+        return ndjson_response(items())
+    pieces: list[str] = []
+    async for event in events:
+        if isinstance(event, Token):
+            pieces.append(event.text)
+        else:
+            return json_response(final(event, "".join(pieces)))
+    raise BadRequest("no answer was produced")
 
 
 # --- embeddings --------------------------------------------------------------------------------
@@ -211,10 +267,32 @@ def _tag_entry(record: ModelRecord) -> dict[str, Any]:
     }
 
 
+def _rag_entry(collection: str) -> dict[str, Any]:
+    name = f"rag/{collection}:latest"
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": now_iso(),
+        "size": 0,
+        "digest": hashlib.sha256(name.encode()).hexdigest(),
+        "details": {
+            "parent_model": "",
+            "format": "rag",
+            "family": "rag",
+            "families": ["rag"],
+            "parameter_size": "",
+            "quantization_level": "",
+        },
+    }
+
+
 @router.get("/tags")
-async def tags(request: Request, _: Principal = Depends(require_user)):
+async def tags(request: Request, principal: Principal = Depends(require_user)):
     records = await asyncio.to_thread(_state(request).store.list)
-    return {"models": [_tag_entry(r) for r in records] + [_embedding_entry(request)]}
+    collections = await asyncio.to_thread(readable_collections, request, caller_access(request, principal))
+    return {
+        "models": [_tag_entry(r) for r in records] + [_embedding_entry(request)] + [_rag_entry(c) for c in collections]
+    }
 
 
 def _parameters_text(parameters: dict[str, Any]) -> str:

@@ -16,9 +16,11 @@ from appliance.embeddings import DEFAULT_EMBEDDING_MODEL
 from appliance.errors import BadRequest, NotFound
 from appliance.inference.engine import Finished, GenerationRequest, Token
 from appliance.models.names import parse_name
+from appliance.rag import AnswerDone
 from appliance.users import Principal
 from web.auth import require_user
 from web.body import get, read_json
+from web.rag_api import caller_access, rag_chat_events, rag_collection, readable_collections
 from web.responses import json_response, primed, sse_response
 
 router = APIRouter(prefix="/v1")
@@ -121,7 +123,7 @@ def _openai_tool_calls(done: Finished) -> list[dict[str, Any]]:
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request, _: Principal = Depends(require_user)):
+async def chat_completions(request: Request, principal: Principal = Depends(require_user)):
     body = await read_json(request)
     raw_messages = get(body, "messages", list, required=True)
     messages = []
@@ -131,6 +133,9 @@ async def chat_completions(request: Request, _: Principal = Depends(require_user
         role = "system" if message["role"] == "developer" else message["role"]
         messages.append({"role": role, "content": _text_content(message.get("content"), index)})
     model = get(body, "model", str, required=True)
+    collection = rag_collection(model)
+    if collection is not None:
+        return await _rag_completion(request, principal, body, collection, messages)
     generation = GenerationRequest(
         model=model,
         messages=messages,
@@ -201,6 +206,58 @@ async def chat_completions(request: Request, _: Principal = Depends(require_user
             }
         )
     raise BadRequest("no response was generated")
+
+
+async def _rag_completion(
+    request: Request, principal: Principal, body: dict[str, Any], collection: str, messages: list[dict[str, Any]]
+):
+    """`rag/<collection>` as a chat model: the answer with a Sources block; `citations` on the last chunk."""
+    events = await rag_chat_events(request, principal, collection, messages, _options(body))
+    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    display = f"rag/{collection}:latest"
+
+    def envelope(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": completion_id,
+            "object": kind,
+            "created": created,
+            "model": display,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [choice],
+        }
+
+    def usage(done: AnswerDone) -> dict[str, int]:
+        prompt = done.timings.get("prompt_eval_count", 0)
+        completion = done.timings.get("eval_count", 0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    if get(body, "stream", bool, False):
+
+        async def items() -> AsyncIterator[dict[str, Any]]:
+            first = True
+            async for event in events:
+                if isinstance(event, Token):
+                    delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
+                    first = False
+                    yield envelope("chat.completion.chunk", {"index": 0, "delta": delta, "finish_reason": None})
+                elif isinstance(event, AnswerDone):
+                    item = envelope("chat.completion.chunk", {"index": 0, "delta": {}, "finish_reason": "stop"})
+                    item.update(citations=[c.public() for c in event.citations], grounded=event.grounded)
+                    yield item
+
+        return sse_response(items(), error_body)
+    pieces: list[str] = []
+    async for event in events:
+        if isinstance(event, Token):
+            pieces.append(event.text)
+        elif isinstance(event, AnswerDone):
+            citations = [c.public() for c in event.citations]
+            message = {"role": "assistant", "content": "".join(pieces), "citations": citations}
+            item = envelope("chat.completion", {"index": 0, "message": message, "finish_reason": "stop"})
+            item.update(usage=usage(event), citations=citations, grounded=event.grounded)
+            return json_response(item)
+    raise BadRequest("no answer was produced")
 
 
 @router.post("/completions")
@@ -278,8 +335,9 @@ async def embeddings(request: Request, _: Principal = Depends(require_user)):
     )
 
 
-async def _model_entries(request: Request) -> list[dict[str, Any]]:
+async def _model_entries(request: Request, principal: Principal) -> list[dict[str, Any]]:
     records = await asyncio.to_thread(request.app.state.store.list)
+    collections = await asyncio.to_thread(readable_collections, request, caller_access(request, principal))
     entries = [
         {
             "id": r.name.display,
@@ -292,18 +350,21 @@ async def _model_entries(request: Request) -> list[dict[str, Any]]:
     entries.append(
         {"id": f"{DEFAULT_EMBEDDING_MODEL}:latest", "object": "model", "created": 0, "owned_by": "appliance"}
     )
+    entries += [
+        {"id": f"rag/{c}:latest", "object": "model", "created": 0, "owned_by": "appliance"} for c in collections
+    ]
     return entries
 
 
 @router.get("/models")
-async def models(request: Request, _: Principal = Depends(require_user)):
-    return {"object": "list", "data": await _model_entries(request)}
+async def models(request: Request, principal: Principal = Depends(require_user)):
+    return {"object": "list", "data": await _model_entries(request, principal)}
 
 
 @router.get("/models/{model:path}")
-async def model(model: str, request: Request, _: Principal = Depends(require_user)):
+async def model(model: str, request: Request, principal: Principal = Depends(require_user)):
     wanted = parse_name(model).display
-    for entry in await _model_entries(request):
+    for entry in await _model_entries(request, principal):
         if entry["id"] == wanted:
             return entry
     raise NotFound(f"model '{model}' not found")

@@ -55,6 +55,7 @@ class Finished:
     prompt_eval_duration: int = 0
     eval_count: int = 0
     eval_duration: int = 0
+    prompt_cache_count: int = 0  # prompt tokens the runner's cache already held (not re-processed)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
     def timings(self) -> dict[str, int]:
@@ -169,6 +170,7 @@ class Engine:
                         prompt_eval_duration=event["prompt_eval_duration"],
                         eval_count=event["eval_count"],
                         eval_duration=event["eval_duration"],
+                        prompt_cache_count=event.get("prompt_cache_count", 0),
                         tool_calls=tool_calls,
                     )
 

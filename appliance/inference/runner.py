@@ -97,6 +97,8 @@ class Runner:
         n_ctx = self.llm.n_ctx()
         limit = n_ctx - len(tokens) if num_predict < 0 else min(num_predict, n_ctx - len(tokens))
         vocab = self.llm._model.vocab
+        # llama-cpp-python re-uses the KV cache for the prompt's prefix that matches what it holds.
+        cached = self.llm.longest_token_prefix(self.llm._input_ids.tolist(), tokens)
         started = time.perf_counter_ns()
         first_token_at = None
         generated = 0
@@ -150,6 +152,7 @@ class Runner:
                 "event": "done",
                 "done_reason": done_reason,
                 "prompt_eval_count": len(tokens),
+                "prompt_cache_count": min(cached, max(len(tokens) - 1, 0)),
                 "prompt_eval_duration": first_token_at - started,
                 "eval_count": generated,
                 "eval_duration": finished - first_token_at,

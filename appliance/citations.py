@@ -1,0 +1,167 @@
+"""Citation verification: every `[n]` in an answer is checked against the passage it names and the
+stored document text; what does not verify is dropped and flagged, never shown as a source.
+
+A citation verifies when `n` names a retrieved passage, the sentence that cites it shares content
+words with that passage, and its quote — the words the answer put in quotation marks, or else the
+passage sentence that best supports the claim — occurs verbatim in the document's stored text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from appliance.retrieve import Hit
+
+_MARKER = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
+_QUOTED = re.compile(r"[\"“”«»]([^\"“”«»]{8,600})[\"“”«»]")
+_SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]+|\n|$)")
+_WORD = re.compile(r"[a-z0-9]+")
+STOPWORDS = frozenset(
+    """a about above after again all also am an and any are as at be because been before being below between
+    both but by can could did do does doing down during each few for from further had has have having he her
+    here hers him his how i if in into is it its itself just me more most my no nor not now of off on once
+    only or other our out over own same she should so some such than that the their them then there these
+    they this those through to too under until up very was we were what when where which while who whom why
+    will with would you your yours""".split()
+)
+
+
+@dataclass
+class Citation:
+    number: int
+    chunk_id: str
+    document_id: str
+    title: str
+    page: int | None
+    section: str
+    quote: str
+    start: int  # offsets of the quote in the document's stored text
+    end: int
+    verified: bool = True
+    reason: str = ""
+
+    def public(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        """`[n] title, page p, section s` for a Sources block."""
+        parts = [self.title]
+        if self.page is not None:
+            parts.append(f"page {self.page}")
+        if self.section:
+            parts.append(f"section {self.section}")
+        return f"[{self.number}] " + ", ".join(parts)
+
+
+@dataclass
+class Flag:
+    """A citation that was dropped, and why."""
+
+    number: int
+    reason: str
+    chunk_id: str | None = None
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in STOPWORDS}
+
+
+def cited_numbers(answer: str) -> list[int]:
+    numbers: list[int] = []
+    for match in _MARKER.finditer(answer):
+        for part in match.group(1).split(","):
+            if int(part) not in numbers:
+                numbers.append(int(part))
+    return numbers
+
+
+def _claims(answer: str) -> dict[int, list[str]]:
+    """For each cited number, the answer's sentences that cite it."""
+    claims: dict[int, list[str]] = {}
+    for sentence in _SENTENCE.findall(answer):
+        for match in _MARKER.finditer(sentence):
+            for part in match.group(1).split(","):
+                claims.setdefault(int(part), []).append(sentence.strip())
+    return claims
+
+
+def find_verbatim(document_text: str, quote: str, start: int = 0, end: int | None = None) -> tuple[int, int] | None:
+    """Where `quote` occurs in the document (whitespace may differ); searched first within [start, end)."""
+    words = quote.split()
+    if not words:
+        return None
+    pattern = re.compile(r"\s+".join(re.escape(w) for w in words))
+    match = pattern.search(document_text, start, end if end is not None else len(document_text))
+    match = match or pattern.search(document_text)
+    return (match.start(), match.end()) if match else None
+
+
+def best_sentence(hit: Hit, claim: str) -> tuple[str, int, int]:
+    """The passage sentence sharing the most content words with the claim, with its document offsets."""
+    claim_words = content_words(claim)
+    best, best_score = None, -1
+    for match in _SENTENCE.finditer(hit.text):
+        sentence = match.group(0).strip()
+        if len(sentence) < 3:
+            continue
+        score = len(claim_words & content_words(sentence))
+        if score > best_score:
+            best, best_score = match, score
+    if best is None:
+        return hit.text, hit.start, hit.end
+    raw = best.group(0)
+    lead = len(raw) - len(raw.lstrip())
+    sentence = raw.strip()
+    start = hit.start + best.start() + lead
+    return sentence, start, start + len(sentence)
+
+
+def verify(answer: str, hits: list[Hit], texts: dict[str, str]) -> tuple[list[Citation], list[Flag]]:
+    """Check every `[n]` of `answer` against `hits` (numbered from 1) and the documents' `texts`."""
+    claims = _claims(answer)
+    citations: list[Citation] = []
+    flags: list[Flag] = []
+    for number in cited_numbers(answer):
+        if not 1 <= number <= len(hits):
+            flags.append(Flag(number, "no passage has this number"))
+            continue
+        hit = hits[number - 1]
+        document_text = texts.get(hit.document_id)
+        if document_text is None or document_text[hit.start : hit.end] != hit.text:
+            flags.append(Flag(number, "the passage no longer matches the stored document", hit.chunk_id))
+            continue
+        sentences = claims.get(number, [])
+        claim = " ".join(sentences)
+        if not content_words(claim.replace(f"[{number}]", "")) & content_words(hit.text):
+            flags.append(Flag(number, "the citing sentence shares no words with the passage", hit.chunk_id))
+            continue
+        quotes = [q.strip() for sentence in sentences for q in _QUOTED.findall(sentence)]
+        if quotes:
+            located = [(q, find_verbatim(document_text, q, hit.start, hit.end)) for q in quotes]
+            missing = [q for q, where in located if where is None]
+            if missing:
+                flags.append(Flag(number, "quoted text does not occur in the document", hit.chunk_id))
+                continue
+            quote, (start, end) = located[0][0], located[0][1]  # type: ignore[misc]
+            quote = document_text[start:end]
+        else:
+            quote, start, end = best_sentence(hit, claim)
+            if document_text[start:end] != quote:
+                flags.append(Flag(number, "the passage no longer matches the stored document", hit.chunk_id))
+                continue
+        citations.append(
+            Citation(number, hit.chunk_id, hit.document_id, hit.title, hit.page, hit.section, quote, start, end)
+        )
+    return citations, flags
+
+
+def sources_block(citations: list[Citation]) -> str:
+    """The plain-text Sources block appended to answers given through chat APIs."""
+    if not citations:
+        return ""
+    lines = ["", "", "Sources:"]
+    for citation in citations:
+        quote = citation.quote if len(citation.quote) <= 300 else citation.quote[:297] + "..."
+        lines.append(f'{citation.label()}: "{quote}"')
+    return "\n".join(lines)

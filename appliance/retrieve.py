@@ -1,0 +1,256 @@
+"""Hybrid retrieval: dense (Chroma) and BM25 (SQLite FTS5) rankings fused by reciprocal rank.
+
+The caller's access is applied inside both queries — a Chroma `where` on the chunk's collection and
+ACL principals, and a join on permitted documents in SQL — so a passage the caller may not read can
+never take a place in a top-k list. An optional local cross-encoder re-ranks the fused list.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sqlalchemy import bindparam
+from sqlalchemy import text as sql
+from sqlmodel import select
+
+from appliance.config import RetrievalSettings
+from appliance.db import FTS_TABLE, Chunk, Document, session
+from appliance.embeddings import SentenceEmbedder
+from appliance.errors import BadRequest, NotFound
+from appliance.index import ChunkIndex
+from appliance.rbac import Access
+
+log = logging.getLogger(__name__)
+
+MAX_QUERY_CHARS = 4000  # longer questions are refused: they are not questions, and they cost every search
+MAX_QUERY_TERMS = 64
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass
+class Hit:
+    """One retrieved passage, with where it comes from and how it ranked."""
+
+    chunk_id: str
+    document_id: str
+    collection: str
+    title: str
+    source: str
+    page: int | None
+    section: str
+    text: str
+    start: int
+    end: int
+    score: float
+    similarity: float | None = None  # cosine similarity to the query, when the vector search found it
+    dense_rank: int | None = None
+    keyword_rank: int | None = None
+
+    def public(self) -> dict:
+        """The passage as the search API shows it."""
+        view = asdict(self)
+        view["score"] = round(self.score, 6)
+        if self.similarity is not None:
+            view["similarity"] = round(self.similarity, 4)
+        return view
+
+
+def check_query(query: object) -> str:
+    if not isinstance(query, str) or not query.strip():
+        raise BadRequest("the question is empty")
+    if len(query) > MAX_QUERY_CHARS:
+        raise BadRequest(f"the question is too long ({len(query)} characters; at most {MAX_QUERY_CHARS})")
+    return query.strip()
+
+
+def fts_query(query: str) -> str | None:
+    """An FTS5 MATCH expression: every word of the query, quoted, OR-ed (BM25 weighs them)."""
+    words: list[str] = []
+    for word in _WORD.findall(query.lower()):
+        if word not in words:
+            words.append(word)
+    if not words:
+        return None
+    return " OR ".join(f'"{w}"' for w in words[:MAX_QUERY_TERMS])
+
+
+def fuse(rankings: list[tuple[list[str], float]], k: int) -> dict[str, float]:
+    """Reciprocal-rank fusion: each ranking (ids best first, weight) adds weight / (k + rank)."""
+    scores: dict[str, float] = {}
+    for ids, weight in rankings:
+        for rank, chunk_id in enumerate(ids, start=1):
+            scores[chunk_id] = scores.get(chunk_id, 0.0) + weight / (k + rank)
+    return scores
+
+
+class Retriever:
+    def __init__(self, index: ChunkIndex, embedder: SentenceEmbedder, settings: RetrievalSettings):
+        self.index = index
+        self.embedder = embedder
+        self.settings = settings
+        self._reranker = None
+        self._reranker_lock = threading.Lock()
+
+    # --- scope -------------------------------------------------------------------------------
+    def scope(self, access: Access, requested: list[str] | None) -> list[str] | None:
+        """The collections to search: the requested ones (each must be readable: else 404, the same
+        answer as for a collection that does not exist), or every readable one. None: no limit."""
+        if requested:
+            if not isinstance(requested, list) or not all(isinstance(c, str) for c in requested):
+                raise BadRequest("'collections' must be a list of collection names")
+            existing = self._existing_collections()
+            for name in requested:
+                if name not in existing or not access.can_read_collection(name):
+                    raise NotFound(f"collection '{name}' not found")
+            return sorted(set(requested))
+        if access.everything:
+            return None
+        return sorted(access.collections - access.walled)
+
+    def _existing_collections(self) -> set[str]:
+        with session(self.index.engine) as db:
+            return set(db.exec(select(Document.collection).distinct()))
+
+    # --- search ------------------------------------------------------------------------------
+    def search(
+        self, query: str, access: Access, collections: list[str] | None = None, top_k: int | None = None
+    ) -> list[Hit]:
+        query = check_query(query)
+        top_k = top_k or self.settings.retrieval_top_k
+        if not 1 <= top_k <= 100:
+            raise BadRequest("top_k must be between 1 and 100")
+        scope = self.scope(access, collections)
+        if scope is not None and not scope:
+            return []
+        if not access.everything and not access.principals:
+            return []
+        vector = self.embedder.encode([query]).vectors[0]
+        dense = self.dense_search(vector, access, scope, self.settings.dense_candidates)
+        keyword = self.keyword_search(query, access, scope, self.settings.keyword_candidates)
+        fused = fuse(
+            [([c for c, _ in dense], self.settings.dense_weight), (keyword, self.settings.keyword_weight)],
+            self.settings.rrf_k,
+        )
+        ranked = sorted(fused, key=lambda c: fused[c], reverse=True)
+        limit = max(top_k, self.settings.rerank_candidates) if self.settings.reranker_model_path else top_k
+        hits = self._hits(ranked[:limit], fused, dict(dense), keyword)
+        if self.settings.reranker_model_path and hits:
+            hits = self._rerank(query, hits)
+        return hits[:top_k]
+
+    def dense_search(self, vector, access: Access, scope: list[str] | None, limit: int) -> list[tuple[str, float]]:
+        """(chunk id, cosine similarity), best first, among the chunks the caller may read."""
+        where = vector_filter(access, scope)
+        result = self.index.vectors.query(
+            query_embeddings=[vector.tolist()], n_results=limit, where=where, include=["distances"]
+        )
+        ids, distances = result["ids"][0], result["distances"][0]
+        return [(chunk_id, 1.0 - float(distance)) for chunk_id, distance in zip(ids, distances, strict=True)]
+
+    def keyword_search(self, query: str, access: Access, scope: list[str] | None, limit: int) -> list[str]:
+        """Chunk ids by BM25, best first, among the chunks the caller may read (SQLite FTS5)."""
+        match = fts_query(query)
+        if match is None or self.index.engine.dialect.name != "sqlite":
+            return []
+        conditions = ["d.status = 'indexed'"]
+        params: dict = {"match": match, "limit": limit}
+        binds = []
+        if scope is not None:
+            conditions.append("f.collection IN :collections")
+            params["collections"] = scope
+            binds.append(bindparam("collections", expanding=True))
+        if not access.everything:
+            conditions.append("EXISTS (SELECT 1 FROM json_each(d.acl) AS p WHERE p.value IN :principals)")
+            params["principals"] = sorted(access.principals)
+            binds.append(bindparam("principals", expanding=True))
+            if access.walled:
+                conditions.append("f.collection NOT IN :walled")
+                params["walled"] = sorted(access.walled)
+                binds.append(bindparam("walled", expanding=True))
+        statement = sql(
+            f"SELECT f.chunk_id FROM {FTS_TABLE} AS f JOIN document AS d ON d.id = f.document_id "  # noqa: S608
+            f"WHERE {FTS_TABLE} MATCH :match AND {' AND '.join(conditions)} ORDER BY f.rank LIMIT :limit"
+        ).bindparams(*binds)
+        with session(self.index.engine) as db:
+            return [row[0] for row in db.exec(statement, params=params)]
+
+    def _hits(
+        self, chunk_ids: list[str], fused: dict[str, float], dense: dict[str, float], keyword: list[str]
+    ) -> list[Hit]:
+        if not chunk_ids:
+            return []
+        keyword_rank = {chunk_id: rank for rank, chunk_id in enumerate(keyword, start=1)}
+        dense_rank = {chunk_id: rank for rank, chunk_id in enumerate(dense, start=1)}
+        with session(self.index.engine) as db:
+            rows = db.exec(
+                select(Chunk, Document)
+                .join(Document, Document.id == Chunk.document_id)
+                .where(Chunk.id.in_(chunk_ids), Document.status == "indexed")  # type: ignore[attr-defined]
+            ).all()
+        found = {chunk.id: (chunk, document) for chunk, document in rows}
+        hits = []
+        for chunk_id in chunk_ids:
+            if chunk_id not in found:
+                continue  # removed between the searches and now
+            chunk, document = found[chunk_id]
+            hits.append(
+                Hit(
+                    chunk_id=chunk.id,
+                    document_id=document.id,
+                    collection=document.collection,
+                    title=document.filename,
+                    source=document.filename,
+                    page=chunk.page,
+                    section=" > ".join(chunk.headings),
+                    text=chunk.text,
+                    start=chunk.start,
+                    end=chunk.end,
+                    score=fused[chunk_id],
+                    similarity=dense.get(chunk_id),
+                    dense_rank=dense_rank.get(chunk_id),
+                    keyword_rank=keyword_rank.get(chunk_id),
+                )
+            )
+        return hits
+
+    # --- re-ranking --------------------------------------------------------------------------
+    def _rerank(self, query: str, hits: list[Hit]) -> list[Hit]:
+        model = self._load_reranker()
+        pairs = [(query, hit.text) for hit in hits]
+        scores = self.embedder.call(lambda: model.predict(pairs, show_progress_bar=False))
+        for hit, score in zip(hits, scores, strict=True):
+            hit.score = float(score)
+        return sorted(hits, key=lambda h: h.score, reverse=True)
+
+    def _load_reranker(self):
+        with self._reranker_lock:
+            if self._reranker is None:
+                path = Path(self.settings.reranker_model_path)
+                if not (path / "config.json").is_file():
+                    raise BadRequest(f"APPLIANCE_RERANKER_MODEL_PATH: no model in '{path}' (config.json missing)")
+                from sentence_transformers import CrossEncoder
+
+                from appliance.embeddings import prepare_offline_hub
+
+                prepare_offline_hub()
+                self._reranker = CrossEncoder(str(path), device="cpu", local_files_only=True)
+            return self._reranker
+
+
+def vector_filter(access: Access, scope: list[str] | None) -> dict | None:
+    """The Chroma `where` that admits only chunks the caller may read, within `scope`."""
+    clauses: list[dict] = []
+    if scope is not None:
+        clauses.append({"collection": {"$in": scope}})
+    if not access.everything:
+        if access.walled:
+            clauses.append({"collection": {"$nin": sorted(access.walled)}})
+        principals = [{"acl": {"$contains": p}} for p in sorted(access.principals)]
+        clauses.append(principals[0] if len(principals) == 1 else {"$or": principals})
+    if not clauses:
+        return None
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}

@@ -1,0 +1,180 @@
+"""Hybrid retrieval on a real index (SQLite + FTS5 + Chroma + the bundled MiniLM), with the access
+filter inside both searches: a passage the caller may not read never takes a place in the results."""
+
+import pytest
+
+from appliance.config import Settings
+from appliance.db import create_db_engine
+from appliance.embeddings import SentenceEmbedder
+from appliance.errors import BadRequest, NotFound
+from appliance.index import ChunkIndex, open_vector_store
+from appliance.rbac import OPERATOR, access_for_user, add_collection, add_grant, add_group, add_member, add_wall
+from appliance.retrieve import Retriever, fts_query, fuse
+from appliance.users import add_user
+from ingest.pipeline import Ingestor
+
+RETENTION = """# Records retention
+
+## Adult records
+
+Adult medical records are kept for eight years after the last treatment.
+
+## Maternity records
+
+Maternity records are kept for twenty-five years after the birth.
+"""
+ONCOLOGY = """# Chemotherapy protocol
+
+## Dose checks
+
+Two registered nurses check every chemotherapy dose against the prescription before it is given.
+"""
+CONFLICTS = """# Conflict checks
+
+## New matters
+
+Every new matter is checked against the conflicts database before the engagement letter is sent.
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two collections, group-restricted and wall-restricted users, and a handful of documents."""
+    home = tmp_path_factory.mktemp("retrieve")
+    settings = Settings(home=home)
+    settings.ensure_dirs()
+    engine = create_db_engine(settings.resolved_database_url)
+    embedder = SentenceEmbedder(settings.embeddings)
+    index = ChunkIndex(engine, open_vector_store(settings.chroma_dir))
+    ingestor = Ingestor(settings, index, embedder)
+    files = home / "files"
+    files.mkdir()
+    documents = {
+        ("hospital", "retention.md", None): RETENTION,
+        ("hospital", "oncology-protocol.md", "group:oncology"): ONCOLOGY,
+        ("lawfirm", "conflicts.md", None): CONFLICTS,
+    }
+    # Many look-alike restricted documents, all matching a question better than the one readable answer.
+    for n in range(12):
+        documents[("hospital", f"secret-{n}.md", "user:nobody")] = (
+            f"# Secret {n}\n\nAdult medical records retention secret number {n}: adult records are kept for ever.\n"
+        )
+    for (collection, name, acl), text in documents.items():
+        path = files / name
+        path.write_text(text)
+        result = ingestor.ingest(path, collection, [acl] if acl else [f"collection:{collection}"])
+        assert result.status == "added", result.reason
+    ingestor.parser.stop()
+    for name in ("alice", "bob", "carol", "dave"):
+        add_user(engine, name, "reader")
+    add_user(engine, "root", "admin")
+    for name in ("hospital", "lawfirm"):
+        add_collection(engine, name)
+    add_group(engine, "oncology")
+    add_group(engine, "staff")
+    add_member(engine, "oncology", "alice")
+    add_member(engine, "staff", "carol")
+    add_member(engine, "staff", "dave")
+    add_grant(engine, "hospital", group="staff")
+    add_grant(engine, "hospital", user="alice")
+    add_grant(engine, "lawfirm", user="bob")
+    add_wall(engine, "hospital", user="dave")  # granted through staff, walled by name: the wall wins
+    retriever = Retriever(index, embedder, settings.retrieval)
+    return engine, retriever
+
+
+def _titles(hits):
+    return [h.title for h in hits]
+
+
+def test_operator_finds_the_answer_first(world):
+    _, retriever = world
+    hits = retriever.search("How long are maternity records kept?", OPERATOR, ["hospital"], top_k=3)
+    assert hits[0].title == "retention.md"
+    assert hits[0].section.endswith("Maternity records")
+    assert "twenty-five years" in hits[0].text
+    assert hits[0].similarity is not None and hits[0].dense_rank and hits[0].keyword_rank
+    assert all(h.collection == "hospital" for h in hits)
+
+
+def test_group_acl_is_applied_inside_both_searches(world):
+    engine, retriever = world
+    question = "Who checks chemotherapy doses?"
+    alice, carol = access_for_user(engine, "alice"), access_for_user(engine, "carol")
+    assert "oncology-protocol.md" in _titles(retriever.search(question, alice, ["hospital"]))
+    assert "oncology-protocol.md" not in _titles(retriever.search(question, carol, ["hospital"]))
+    # Each search on its own admits nothing carol may not read.
+    vector = retriever.embedder.encode([question]).vectors[0]
+    for chunk_id, _ in retriever.dense_search(vector, carol, ["hospital"], 100):
+        assert not chunk_id.startswith(_doc_id(engine, "oncology-protocol.md"))
+    assert retriever.keyword_search("chemotherapy", carol, ["hospital"], 100) == []
+    assert retriever.keyword_search("chemotherapy", alice, ["hospital"], 100)
+
+
+def test_filter_comes_before_top_k(world):
+    """Twelve forbidden passages outrank the readable one; top-1 is still the readable one."""
+    engine, retriever = world
+    carol = access_for_user(engine, "carol")
+    question = "adult medical records retention"
+    assert _titles(retriever.search(question, OPERATOR, ["hospital"], top_k=1))[0].startswith("secret-")
+    hits = retriever.search(question, carol, ["hospital"], top_k=1)
+    assert _titles(hits) == ["retention.md"]
+
+
+def test_walls_beat_grants(world):
+    engine, retriever = world
+    dave = access_for_user(engine, "dave")
+    with pytest.raises(NotFound):
+        retriever.search("maternity records", dave, ["hospital"])
+    assert retriever.search("maternity records", dave) == []  # every readable collection: none
+
+
+def test_unreadable_collection_is_answered_like_a_missing_one(world):
+    engine, retriever = world
+    bob = access_for_user(engine, "bob")
+    with pytest.raises(NotFound) as unreadable:
+        retriever.search("maternity records", bob, ["hospital"])
+    with pytest.raises(NotFound) as missing:
+        retriever.search("maternity records", bob, ["no-such-collection"])
+    assert str(unreadable.value).replace("hospital", "X") == str(missing.value).replace("no-such-collection", "X")
+    assert _titles(retriever.search("conflict check for a new matter", bob))[0] == "conflicts.md"
+
+
+def test_admin_reads_nothing_without_a_grant(world):
+    engine, retriever = world
+    root = access_for_user(engine, "root")
+    with pytest.raises(NotFound):
+        retriever.search("maternity records", root, ["hospital"])
+    assert retriever.search("maternity records", root) == []
+
+
+@pytest.mark.parametrize("question", ["", "   ", "x" * 100_000, None])
+def test_bad_questions_are_refused(world, question):
+    _, retriever = world
+    with pytest.raises(BadRequest):
+        retriever.search(question, OPERATOR)
+
+
+@pytest.mark.parametrize(
+    "query", ['"unbalanced', "NEAR(a b)", "records*", "a AND OR NOT", "col:umn", "^start", "(((", "‘quoted’"]
+)
+def test_fts_syntax_in_questions_is_data(world, query):
+    _, retriever = world
+    retriever.keyword_search(query + " records", OPERATOR, None, 10)  # must not raise
+    assert fts_query("!!! ???") is None
+
+
+def test_fusion_rewards_agreement():
+    scores = fuse([(["a", "b", "c"], 1.0), (["c", "a"], 1.0)], k=60)
+    assert max(scores, key=scores.get) == "a"
+    assert scores["c"] > scores["b"]
+    assert fuse([(["a"], 0.0), (["b"], 1.0)], k=60)["a"] == 0
+
+
+def _doc_id(engine, filename: str) -> str:
+    from sqlmodel import select
+
+    from appliance.db import Document, session
+
+    with session(engine) as db:
+        return db.exec(select(Document.id).where(Document.filename == filename)).one()
