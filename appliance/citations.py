@@ -97,19 +97,26 @@ def find_verbatim(document_text: str, quote: str, start: int = 0, end: int | Non
     return (match.start(), match.end()) if match else None
 
 
-def best_sentence(hit: Hit, claim: str) -> tuple[str, int, int]:
-    """The passage sentence sharing the most content words with the claim, with its document offsets."""
+def best_sentence(hit: Hit, claim: str) -> tuple[str, int, int] | None:
+    """The passage sentence sharing the most content words with the claim, with its document offsets;
+    None when the passage has no sentence of its own (a bare heading).
+
+    Headings repeated at the top of a passage and fragments ("3.") are passed over: they match a
+    question's words well and say nothing.
+    """
     claim_words = content_words(claim)
-    best, best_score = None, -1
+    headings = {h.strip().lower() for h in hit.section.split(" > ")} if hit.section else set()
+    best, best_score = None, (-1, 0)
     for match in _SENTENCE.finditer(hit.text):
         sentence = match.group(0).strip()
-        if len(sentence) < 3:
+        words = content_words(sentence)
+        if len(words) < 3 or sentence.lower().rstrip(".:") in headings:
             continue
-        score = len(claim_words & content_words(sentence))
+        score = (len(claim_words & words), -abs(len(sentence) - 160))  # then prefer a readable length
         if score > best_score:
             best, best_score = match, score
     if best is None:
-        return hit.text, hit.start, hit.end
+        return None
     raw = best.group(0)
     lead = len(raw) - len(raw.lstrip())
     sentence = raw.strip()
@@ -146,7 +153,7 @@ def verify(answer: str, hits: list[Hit], texts: dict[str, str]) -> tuple[list[Ci
             quote, (start, end) = located[0][0], located[0][1]  # type: ignore[misc]
             quote = document_text[start:end]
         else:
-            quote, start, end = best_sentence(hit, claim)
+            quote, start, end = best_sentence(hit, claim) or (hit.text, hit.start, hit.end)
             if document_text[start:end] != quote:
                 flags.append(Flag(number, "the passage no longer matches the stored document", hit.chunk_id))
                 continue

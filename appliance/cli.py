@@ -748,6 +748,138 @@ def cmd_index_rebuild(settings: Settings, args) -> int:
     return cmd_index_check(settings, argparse.Namespace(json=False))
 
 
+# --- search and ask ------------------------------------------------------------------------------
+def _retriever(settings: Settings):
+    from appliance.embeddings import SentenceEmbedder
+    from appliance.index import ChunkIndex, open_vector_store
+    from appliance.retrieve import Retriever
+
+    settings.ensure_dirs()
+    index = ChunkIndex(_db(settings), open_vector_store(settings.chroma_dir))
+    return Retriever(index, SentenceEmbedder(settings.embeddings), settings.retrieval)
+
+
+def _cli_access(settings: Settings, as_user: str | None):
+    """The local operator reads everything; `--as USER` shows exactly what that user would see."""
+    from appliance.rbac import OPERATOR, access_for_user
+
+    return access_for_user(_db(settings), as_user) if as_user else OPERATOR
+
+
+def _where(item: dict) -> str:
+    parts = [item["title"]]
+    if item.get("page") is not None:
+        parts.append(f"page {item['page']}")
+    if item.get("section"):
+        parts.append(item["section"])
+    return ", ".join(parts)
+
+
+def cmd_search(settings: Settings, args) -> int:
+    retriever = _retriever(settings)
+    hits = retriever.search(args.query, _cli_access(settings, args.as_user), args.collection or None, args.top_k)
+    results = [hit.public() for hit in hits]
+    if args.json:
+        _print_json({"results": results})
+        return 0
+    if not results:
+        print("no passages found")
+    for rank, item in enumerate(results, start=1):
+        print(f"{rank}. [{item['score']:.4f}] {_where(item)}  ({item['chunk_id'][:12]}…)")
+        print(f"   {' '.join(item['text'].split())[:300]}")
+    return 0
+
+
+def cmd_ask(settings: Settings, args) -> int:
+    import asyncio
+
+    from appliance.inference import hardware
+    from appliance.inference.engine import Engine, Token
+    from appliance.inference.scheduler import Scheduler
+    from appliance.rag import AnswerDone, Answerer
+
+    retriever = _retriever(settings)
+    access = _cli_access(settings, args.as_user)
+    store = _store(settings)
+    scheduler = Scheduler(settings.scheduler, store, hardware.detect())
+    answerer = Answerer(
+        retriever, Engine(store, scheduler, retriever.embedder), settings.retrieval, settings.scheduler.num_ctx
+    )
+
+    async def run() -> AnswerDone | None:
+        done = None
+        try:
+            async for event in answerer.ask(
+                args.question, access, args.collection or None, model=args.model, top_k=args.top_k
+            ):
+                if isinstance(event, Token) and not args.json:
+                    print(event.text, end="", flush=True)
+                elif isinstance(event, AnswerDone):
+                    done = event
+        finally:
+            await scheduler.shutdown()
+        return done
+
+    done = asyncio.run(run())
+    if done is None:
+        raise ApplianceError("no answer was produced")
+    if args.json:
+        _print_json({"answer": done.answer, **done.public()})
+        return 0
+    print()
+    if done.citations:
+        print("\nSources:")
+        for citation in done.citations:
+            print(f"  {citation.label()}")
+            print(f'      "{" ".join(citation.quote.split())[:400]}"')
+    for flag in done.flags:
+        print(f"  (citation [{flag.number}] dropped: {flag.reason})", file=sys.stderr)
+    return 0
+
+
+# --- eval ----------------------------------------------------------------------------------------
+def cmd_eval(settings: Settings, args) -> int:
+    """Retrieval quality on a BEIR dataset or on golden questions, in a throw-away index."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from appliance import evaluation
+
+    if args.limit is not None and args.limit < 1:
+        raise BadRequest("--limit must be at least 1")
+    dataset = Path(args.dataset).expanduser() if args.dataset else None
+    questions = Path(args.questions).expanduser() if args.questions else None
+    if dataset is not None and not (dataset / "corpus.jsonl").exists() and (dataset / "questions.yaml").is_file():
+        dataset, questions = None, dataset / "questions.yaml"  # `--dataset sample_corpus` means its questions
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=args.json) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        if dataset is not None:
+            data = evaluation.load_beir(dataset, args.split)
+            report = evaluation.evaluate_beir(data, settings, limit=args.limit, progress=progress)
+            report["split"] = args.split
+        else:
+            assert questions is not None
+            report = evaluation.evaluate_questions(questions, settings, limit=args.limit, progress=progress)
+    if args.json:
+        _print_json(report)
+        return 0
+    what = f"{report['dataset']} ({report['split']})" if "split" in report else report["dataset"]
+    print(f"{what}: {report['queries']} queries, {report['documents']} documents")
+    print(evaluation.table(report))
+    for warning in report.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+    for source, reason in report.get("failed", {}).items():
+        print(f"not indexed: {source}: {reason}", file=sys.stderr)
+    return 0
+
+
 def cmd_version(settings: Settings, args) -> int:
     print(f"appliance {__version__}")
     return 0
@@ -855,6 +987,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_index_check)
     p = index.add_parser("rebuild", help="rebuild FTS and Chroma from the database's chunks")
     p.set_defaults(func=cmd_index_rebuild)
+
+    p = sub.add_parser("search", help="ranked passages for a query (as the local operator, or --as USER)")
+    p.add_argument("query")
+    p.add_argument("--collection", action="append", help="a collection to search (repeatable; default: all)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--as", dest="as_user", metavar="USER", help="see exactly what USER would see")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
+    p = sub.add_parser("ask", help="answer a question from the documents, with verified citations")
+    p.add_argument("question")
+    p.add_argument("--collection", action="append", help="a collection to ask (repeatable; default: all)")
+    p.add_argument("--model", help="generation model (default: APPLIANCE_RAG_MODEL or the first installed)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--as", dest="as_user", metavar="USER", help="answer from exactly what USER may read")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser(
+        "eval", help="retrieval quality (nDCG@10, recall, MRR; hit@5) on a BEIR dataset or golden questions"
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", help="a BEIR directory: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
+    source.add_argument("--questions", help="a golden-question file such as sample_corpus/questions.yaml")
+    p.add_argument("--split", default="test", help="qrels split of a BEIR dataset (default: test)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N queries (a quick run)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
