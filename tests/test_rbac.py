@@ -244,3 +244,13 @@ def test_migration_0004_gives_existing_collections_a_row(tmp_path):
     engine = create_db_engine(url)  # upgrades to head
     with session(engine) as db:
         assert sorted(c.name for c in db.exec(select(Collection))) == ["legal", "wards"]
+
+
+def test_an_upload_creates_its_collection(server):
+    with server.http() as api:
+        response = api.post(
+            "/api/documents", data={"collection": "uploaded-here"}, files=[("file", ("a.md", b"# Rota\n\nNights."))]
+        )
+    assert response.status_code == 200, response.text
+    listed = json.loads(run_cli(server.home, "collections", "list", "--json").stdout)
+    assert "uploaded-here" in [c["name"] for c in listed]
