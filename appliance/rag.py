@@ -236,14 +236,16 @@ class Answerer:
                 yield event
             else:
                 finished = event
-        answer = "".join(pieces).strip()
+        answer = "".join(pieces)  # exactly what was streamed
         citations, flags = verify(answer, used, texts)
         grounded = bool(citations)
-        if not grounded:
-            note = ("\n\n" if answer else "") + (UNVERIFIED_NOTE if answer and NOT_FOUND not in answer else NOT_FOUND)
-            if answer.strip() != NOT_FOUND:
-                yield Token(note)
-                answer += note
+        said = answer.strip()
+        if not grounded and said != NOT_FOUND:
+            # Whatever the model wrote without a verifiable source is marked as such, plainly.
+            note = UNVERIFIED_NOTE if said and NOT_FOUND not in said else NOT_FOUND
+            note = ("\n\n" if said else "") + note
+            yield Token(note)
+            answer += note
         if flags:
             log.info("dropped %d citation(s) that did not verify", len(flags))
         yield AnswerDone(
