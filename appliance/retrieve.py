@@ -87,6 +87,19 @@ def fuse(rankings: list[tuple[list[str], float]], k: int) -> dict[str, float]:
     return scores
 
 
+@dataclass
+class Ranking:
+    """One question's rankings of chunk ids, best first: vector (with cosine similarity), BM25, fused."""
+
+    dense: list[tuple[str, float]]
+    keyword: list[str]
+    fused: dict[str, float]  # chunk id -> fused score
+
+    @property
+    def ids(self) -> list[str]:
+        return sorted(self.fused, key=lambda c: self.fused[c], reverse=True)
+
+
 class Retriever:
     def __init__(self, index: ChunkIndex, embedder: SentenceEmbedder, settings: RetrievalSettings):
         self.index = index
@@ -123,24 +136,36 @@ class Retriever:
         top_k = top_k or self.settings.retrieval_top_k
         if not 1 <= top_k <= 100:
             raise BadRequest("top_k must be between 1 and 100")
+        ranking = self.rank(query, access, collections)
+        limit = max(top_k, self.settings.rerank_candidates) if self.settings.reranker_model_path else top_k
+        hits = self._hits(ranking.ids[:limit], ranking.fused, dict(ranking.dense), ranking.keyword)
+        if self.settings.reranker_model_path and hits:
+            hits = self._rerank(query, hits)
+        return hits[:top_k]
+
+    def rank(
+        self,
+        query: str,
+        access: Access,
+        collections: list[str] | None = None,
+        *,
+        dense_candidates: int | None = None,
+        keyword_candidates: int | None = None,
+    ) -> Ranking:
+        """The vector, BM25 and fused rankings of all candidates (what `search` cuts to top-k; `appliance
+        eval` reads all three). Candidate counts default to the settings."""
+        query = check_query(query)
         scope = self.scope(access, collections)
-        if scope is not None and not scope:
-            return []
-        if not access.everything and not access.principals:
-            return []
+        if (scope is not None and not scope) or (not access.everything and not access.principals):
+            return Ranking([], [], {})
         vector = self.embedder.encode([query]).vectors[0]
-        dense = self.dense_search(vector, access, scope, self.settings.dense_candidates)
-        keyword = self.keyword_search(query, access, scope, self.settings.keyword_candidates)
+        dense = self.dense_search(vector, access, scope, dense_candidates or self.settings.dense_candidates)
+        keyword = self.keyword_search(query, access, scope, keyword_candidates or self.settings.keyword_candidates)
         fused = fuse(
             [([c for c, _ in dense], self.settings.dense_weight), (keyword, self.settings.keyword_weight)],
             self.settings.rrf_k,
         )
-        ranked = sorted(fused, key=lambda c: fused[c], reverse=True)
-        limit = max(top_k, self.settings.rerank_candidates) if self.settings.reranker_model_path else top_k
-        hits = self._hits(ranked[:limit], fused, dict(dense), keyword)
-        if self.settings.reranker_model_path and hits:
-            hits = self._rerank(query, hits)
-        return hits[:top_k]
+        return Ranking(dense, keyword, fused)
 
     def dense_search(self, vector, access: Access, scope: list[str] | None, limit: int) -> list[tuple[str, float]]:
         """(chunk id, cosine similarity), best first, among the chunks the caller may read."""
