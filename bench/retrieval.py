@@ -1,0 +1,225 @@
+"""Retrieval latency: `Retriever.search` for an ACL-restricted user, at 10k and 100k chunks, on this machine.
+
+    .venv/bin/python bench/retrieval.py [--sizes 10000 100000] [--queries 300]
+
+Builds, for each size, a throw-away home (SQLite + FTS5 + Chroma) of synthetic chunks: text drawn from
+a Zipf-distributed vocabulary, random unit vectors (384 dimensions, as MiniLM's) for speed, inserted
+through `ChunkIndex.add` in documents of 50 chunks spread over 8 collections with mixed ACLs
+(collection readers, a group, single users). The caller is a reader with a group grant on three
+collections, membership of two groups, and a wall on a fourth. Queries (3-8 vocabulary words) are
+embedded with the real bundled MiniLM. Per query, in one alternating loop:
+  * access:   `rbac.access_for` (runs on every request);
+  * search:   `Retriever.search(top_k=6)` with that access (query embedding + both filtered searches + fusion);
+  * baseline: the same query embedding + a plain Chroma query (no filter) + a plain FTS5 MATCH (no ACL join),
+    the same candidate counts;
+  * the filtered searches on their own (dense, keyword) and the embedding on its own.
+Prints p50/p95 (ms) and writes bench/out/retrieval.json. Record results in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from appliance.config import Settings  # noqa: E402
+from appliance.db import FTS_TABLE, Document, create_db_engine  # noqa: E402
+from appliance.embeddings import SentenceEmbedder  # noqa: E402
+from appliance.index import ChunkIndex, open_vector_store  # noqa: E402
+from appliance.rbac import access_for, add_collection, add_grant, add_group, add_member, add_wall  # noqa: E402
+from appliance.retrieve import Retriever, fts_query  # noqa: E402
+from appliance.users import Principal, add_user  # noqa: E402
+from ingest.chunking import Chunk as Piece  # noqa: E402
+from ingest.pipeline import chunk_rows  # noqa: E402
+
+CHUNKS_PER_DOCUMENT = 50
+COLLECTIONS = [f"c{n}" for n in range(8)]
+DIMENSIONS = 384
+SYLLABLES = ["ka", "lo", "mi", "re", "su", "ta", "ne", "vo", "pi", "da", "go", "chi", "ran", "tel", "mor", "sin"]
+
+
+def vocabulary(size: int, rng: random.Random) -> list[str]:
+    words: set[str] = set()
+    while len(words) < size:
+        words.add("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))))
+    return sorted(words)
+
+
+def sampler(words: list[str], rng: random.Random):
+    weights = [1 / (rank + 1) for rank in range(len(words))]  # Zipf
+
+    def sample(count: int) -> list[str]:
+        return rng.choices(words, weights=weights, k=count)
+
+    return sample
+
+
+def acl_for(document: int, collection: str) -> list[str]:
+    kind = document % 5
+    if kind == 3:
+        return ["group:oncology"]
+    if kind == 4:
+        return [f"user:someone{document % 7}"]
+    return [f"collection:{collection}"]
+
+
+def build(home: Path, size: int, sample, rng: np.random.Generator) -> tuple[ChunkIndex, float]:
+    settings = Settings(home=home)
+    settings.ensure_dirs()
+    engine = create_db_engine(settings.resolved_database_url)
+    index = ChunkIndex(engine, open_vector_store(settings.chroma_dir))
+    started = time.perf_counter()
+    for number in range(size // CHUNKS_PER_DOCUMENT):
+        collection = COLLECTIONS[number % len(COLLECTIONS)]
+        texts = [" ".join(sample(int(rng.integers(60, 160)))) for _ in range(CHUNKS_PER_DOCUMENT)]
+        full, pieces, position = "", [], 0
+        for i, text in enumerate(texts):
+            pieces.append(Piece(i, text, position, position + len(text), None, [f"Section {i}"]))
+            full += text + "\n\n"
+            position += len(text) + 2
+        document_id = f"{number:064x}"
+        document = Document(
+            id=document_id,
+            collection=collection,
+            source=f"synthetic-{number}",
+            filename=f"synthetic-{number}.txt",
+            kind="txt",
+            size=len(full),
+            acl=acl_for(number, collection),
+        )
+        vectors = rng.standard_normal((CHUNKS_PER_DOCUMENT, DIMENSIONS)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        index.add(document, full, chunk_rows(document_id, pieces), vectors)
+    return index, time.perf_counter() - started
+
+
+def make_user(engine) -> Principal:
+    """A reader: group grant on c0-c2 (via 'staff'), member of 'oncology' too, walled off c3."""
+    user = add_user(engine, "reader", "reader")
+    for name in COLLECTIONS:
+        add_collection(engine, name)
+    add_group(engine, "staff")
+    add_group(engine, "oncology")
+    add_member(engine, "staff", "reader")
+    add_member(engine, "oncology", "reader")
+    for name in COLLECTIONS[:3]:
+        add_grant(engine, name, group="staff")
+    add_wall(engine, COLLECTIONS[3], user="reader")
+    return Principal(user_id=user.id, name=user.name, role=user.role)
+
+
+def baseline(retriever: Retriever, query: str, settings) -> None:
+    """Embedding + an unfiltered Chroma query + an FTS5 MATCH with no ACL join: what the filter costs over."""
+    from sqlalchemy import text as sql
+
+    vector = retriever.embedder.encode([query]).vectors[0]
+    retriever.index.vectors.query(
+        query_embeddings=[vector.tolist()], n_results=settings.dense_candidates, include=["distances"]
+    )
+    statement = sql(
+        f"SELECT chunk_id FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH :match ORDER BY rank LIMIT :limit"  # noqa: S608
+    )
+    with retriever.index.engine.connect() as connection:
+        connection.execute(statement, {"match": fts_query(query), "limit": settings.keyword_candidates}).fetchall()
+
+
+def timed(function) -> float:
+    started = time.perf_counter()
+    function()
+    return (time.perf_counter() - started) * 1000
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def measure(size: int, queries: int, out: Path, seed: int) -> dict:
+    rng = random.Random(seed)
+    sample = sampler(vocabulary(5000, rng), rng)
+    with tempfile.TemporaryDirectory(prefix="appliance-bench-retrieval-") as scratch:
+        home = Path(scratch)
+        print(f"{size} chunks: building ...", flush=True)
+        index, build_s = build(home, size, sample, np.random.default_rng(seed))
+        principal = make_user(index.engine)
+        settings = Settings(home=home)
+        retriever = Retriever(index, SentenceEmbedder(settings.embeddings), settings.retrieval)
+        questions = [" ".join(sample(rng.randint(3, 8))) for _ in range(queries + 10)]
+        access = access_for(index.engine, principal)
+        for question in questions[:10]:  # warm-up: model load, caches
+            retriever.search(question, access)
+            baseline(retriever, question, settings.retrieval)
+        rows: dict[str, list[float]] = {
+            k: [] for k in ("access", "search", "baseline", "embed", "dense_filtered", "keyword_filtered")
+        }
+        scope = sorted(access.collections - access.walled)
+        results = 0
+        for question in questions[10:]:
+            rows["access"].append(timed(lambda: access_for(index.engine, principal)))
+            started = time.perf_counter()
+            results += len(retriever.search(question, access))
+            rows["search"].append((time.perf_counter() - started) * 1000)
+            rows["baseline"].append(timed(lambda q=question: baseline(retriever, q, settings.retrieval)))
+            vector = retriever.embedder.encode([question]).vectors[0]
+            rows["embed"].append(timed(lambda q=question: retriever.embedder.encode([q])))
+            rows["dense_filtered"].append(
+                timed(lambda v=vector: retriever.dense_search(v, access, scope, settings.retrieval.dense_candidates))
+            )
+            rows["keyword_filtered"].append(
+                timed(
+                    lambda q=question: retriever.keyword_search(q, access, scope, settings.retrieval.keyword_candidates)
+                )
+            )
+        readable = sum(1 for n in range(size // CHUNKS_PER_DOCUMENT) if _readable(n, access))
+        return {
+            "chunks": size,
+            "documents": size // CHUNKS_PER_DOCUMENT,
+            "readable_documents": readable,
+            "build_s": round(build_s, 1),
+            "queries": queries,
+            "mean_hits": results / queries,
+            **{
+                name: {"p50_ms": round(statistics.median(values), 2), "p95_ms": round(percentile(values, 0.95), 2)}
+                for name, values in rows.items()
+            },
+        }
+
+
+def _readable(number: int, access) -> bool:
+    collection = COLLECTIONS[number % len(COLLECTIONS)]
+    return access.can_read(collection, acl_for(number, collection))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = [measure(size, args.queries, args.out, args.seed) for size in args.sizes]
+    names = ("access", "embed", "dense_filtered", "keyword_filtered", "search", "baseline")
+    print(f"\n{'chunks':>8} {'readable docs':>14} " + " ".join(f"{n:>22}" for n in names))
+    print(f"{'':>8} {'':>14} " + " ".join(f"{'p50 / p95 ms':>22}" for _ in names))
+    for row in results:
+        cells = " ".join(f"{row[n]['p50_ms']:>10.2f} / {row[n]['p95_ms']:<9.2f}" for n in names)
+        print(f"{row['chunks']:>8} {row['readable_documents']:>6}/{row['documents']:<7} {cells}")
+    report = {"machine": {"python": platform.python_version(), "platform": platform.platform()}, "results": results}
+    (args.out / "retrieval.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
