@@ -851,50 +851,8 @@ def cmd_eval(settings: Settings, args) -> int:
     questions = Path(args.questions).expanduser() if args.questions else None
     if dataset is not None and not (dataset / "corpus.jsonl").exists() and (dataset / "questions.yaml").is_file():
         dataset, questions = None, dataset / "questions.yaml"  # `--dataset sample_corpus` means its questions
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=Console(stderr=True), transient=True, disable=args.json) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        if dataset is not None:
-            data = evaluation.load_beir(dataset, args.split)
-            report = evaluation.evaluate_beir(data, settings, limit=args.limit, progress=progress)
-            report["split"] = args.split
-        else:
-            assert questions is not None
-            report = evaluation.evaluate_questions(questions, settings, limit=args.limit, progress=progress)
-    if args.json:
-        _print_json(report)
-        return 0
-    what = f"{report['dataset']} ({report['split']})" if "split" in report else report["dataset"]
-    print(f"{what}: {report['queries']} queries, {report['documents']} documents")
-    print(evaluation.table(report))
-    for warning in report.get("warnings", []):
-        print(f"warning: {warning}", file=sys.stderr)
-    for source, reason in report.get("failed", {}).items():
-        print(f"not indexed: {source}: {reason}", file=sys.stderr)
-    return 0
-
-
-# --- eval ----------------------------------------------------------------------------------------
-def cmd_eval(settings: Settings, args) -> int:
-    """Retrieval quality on a BEIR dataset or on golden questions, in a throw-away index."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from appliance import evaluation
-
-    if args.limit is not None and args.limit < 1:
-        raise BadRequest("--limit must be at least 1")
-    dataset = Path(args.dataset).expanduser() if args.dataset else None
-    questions = Path(args.questions).expanduser() if args.questions else None
-    if dataset is not None and not (dataset / "corpus.jsonl").exists() and (dataset / "questions.yaml").is_file():
-        dataset, questions = None, dataset / "questions.yaml"  # `--dataset sample_corpus` means its questions
     data = evaluation.load_beir(dataset, args.split) if dataset is not None else None
+    workdir = Path(args.workdir).expanduser() if args.workdir else None
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=Console(stderr=True), transient=True, disable=args.json) as bar:
         tasks: dict[str, Any] = {}
@@ -905,7 +863,7 @@ def cmd_eval(settings: Settings, args) -> int:
             bar.update(tasks[stage], completed=done, total=total)
 
         if data is not None:
-            report = evaluation.evaluate_beir(data, settings, limit=args.limit, progress=progress)
+            report = evaluation.evaluate_beir(data, settings, limit=args.limit, progress=progress, keep=workdir)
             report["split"] = args.split
         else:
             assert questions is not None
@@ -1055,17 +1013,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--questions", help="a golden-question file such as sample_corpus/questions.yaml")
     p.add_argument("--split", default="test", help="qrels split of a BEIR dataset (default: test)")
     p.add_argument("--limit", type=int, help="evaluate only the first N queries (a quick run)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser(
-        "eval", help="retrieval quality (nDCG@10, recall, MRR; hit@5) on a BEIR dataset or golden questions"
+    p.add_argument(
+        "--workdir",
+        help="keep the BEIR index in this directory instead of a temporary one; a later run reuses it (tuning)",
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", help="a BEIR directory: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
-    source.add_argument("--questions", help="a golden-question file such as sample_corpus/questions.yaml")
-    p.add_argument("--split", default="test", help="qrels split of a BEIR dataset (default: test)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N queries (a quick run)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

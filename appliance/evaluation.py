@@ -264,6 +264,22 @@ def index_corpus(retriever, corpus: dict[str, tuple[str, str]], progress: Progre
     return total_chunks
 
 
+def indexed_chunks(retriever, corpus_ids: dict[str, str]) -> int | None:
+    """The chunk count when a kept work directory already holds exactly this corpus, fully indexed (a
+    later run reuses it); None when it is empty; an error when it holds something else."""
+    from sqlmodel import select
+
+    from appliance.db import Document, session
+
+    with session(retriever.index.engine) as db:
+        documents = {d.id: (d.status, d.chunk_count) for d in db.exec(select(Document))}
+    if not documents:
+        return None
+    if set(documents) != set(corpus_ids) or any(status != "indexed" for status, _ in documents.values()):
+        raise BadRequest("the work directory holds another or an unfinished index; give an empty directory")
+    return sum(count for _, count in documents.values())
+
+
 # --- BEIR evaluation -----------------------------------------------------------------------------
 def rankings(retriever, query: str) -> dict[str, list[str]]:
     """The three chunk rankings of one question through the real retrieval code, as the operator: the
@@ -293,7 +309,9 @@ def evaluate_beir(
     with throwaway_home(settings, keep) as scoped:
         retriever = open_retriever(scoped)
         started = time.perf_counter()
-        chunks = index_corpus(retriever, dataset.corpus, progress)
+        chunks = indexed_chunks(retriever, corpus_ids)
+        if chunks is None:
+            chunks = index_corpus(retriever, dataset.corpus, progress)
         indexing_s = time.perf_counter() - started
         per_method: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
         started = time.perf_counter()

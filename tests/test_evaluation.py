@@ -118,7 +118,8 @@ def _append(path: Path, text: str) -> None:
 # --- through the CLI -----------------------------------------------------------------------------
 def test_eval_on_a_tiny_beir_dataset(tmp_path, fresh_home):
     root = write_dataset(tmp_path / "tiny")
-    report = json.loads(run_cli(fresh_home, "eval", "--dataset", str(root), "--json").stdout)
+    work = tmp_path / "work"
+    report = json.loads(run_cli(fresh_home, "eval", "--dataset", str(root), "--workdir", str(work), "--json").stdout)
     assert report["queries"] == 4 and report["documents"] == 12 and report["chunks"] >= 12
     assert report["split"] == "test"
     for method in ("dense", "bm25", "hybrid"):
@@ -127,11 +128,14 @@ def test_eval_on_a_tiny_beir_dataset(tmp_path, fresh_home):
         assert all(0.0 <= value <= 1.0 for value in metrics.values())
         assert metrics["recall@100"] == 1.0  # twelve documents: everything is in the top 100
         assert metrics["ndcg@10"] > 0.7, (method, metrics)
-    # The user's own index was never touched: the eval used a throw-away home.
+    # The user's own index was never touched: the eval used a home of its own.
+    assert (work / "appliance.db").is_file()
     assert not (fresh_home / "appliance.db").exists() or "eval" not in run_cli(fresh_home, "documents", "list").stdout
 
-    perfect = json.loads(run_cli(fresh_home, "eval", "--dataset", str(root), "--split", "perfect", "--json").stdout)
-    assert perfect["queries"] == 1
+    # A second split reuses the kept index (same chunks, nothing indexed twice).
+    again = ("eval", "--dataset", str(root), "--split", "perfect", "--workdir", str(work), "--json")
+    perfect = json.loads(run_cli(fresh_home, *again).stdout)
+    assert perfect["queries"] == 1 and perfect["chunks"] == report["chunks"]
     for method in ("dense", "bm25", "hybrid"):
         assert perfect["metrics"][method]["ndcg@10"] == pytest.approx(1.0)
         assert perfect["metrics"][method]["mrr@10"] == pytest.approx(1.0)
