@@ -168,6 +168,27 @@ class Wall(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class Conversation(SQLModel, table=True):
+    """A user's conversation with the documents; only its owner sees it."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    user_id: int = Field(index=True)  # 0 is the local operator
+    title: str = Field(max_length=200)
+    collections: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class ConversationMessage(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    conversation_id: str = Field(foreign_key="conversation.id", index=True, max_length=32)
+    role: str = Field(max_length=16)  # user | assistant
+    content: str
+    citations: list[dict] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    grounded: bool | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 # The FTS5 table for BM25 lives beside these (created by migration 0002, outside the ORM).
 FTS_TABLE = "chunk_fts"
 

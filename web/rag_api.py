@@ -13,11 +13,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from sqlmodel import select
 
+from appliance import conversations
 from appliance.db import Document, session
 from appliance.errors import BadRequest
 from appliance.inference.engine import Token
 from appliance.rag import AnswerDone, require_collections
 from appliance.rbac import Access, access_for
+from appliance.retrieve import check_query
 from appliance.users import Principal
 from web.auth import require_user
 from web.body import get, read_json
@@ -67,16 +69,23 @@ async def search(request: Request, principal: Principal = Depends(require_user))
 
 @router.post("/ask")
 async def ask(request: Request, principal: Principal = Depends(require_user)):
+    """Answer a question; the question and answer are stored in the caller's conversation
+    (`conversation_id` continues one, whose history then replaces `messages`; `store: false` keeps none)."""
     body = await read_json(request)
+    state = request.app.state
     collections = require_collections(body.get("collections"))
+    question = check_query(body.get("question"))
     history = get(body, "messages", list)
     if history is not None and not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in history
     ):
         raise BadRequest("'messages' must be a list of {role, content} objects (the conversation so far)")
+    conversation_id = get(body, "conversation_id", str)
+    if conversation_id is not None:
+        history = await asyncio.to_thread(conversations.history, state.db, principal.user_id, conversation_id)
     events = await primed(
-        request.app.state.answerer.ask(
-            body.get("question"),
+        state.answerer.ask(
+            question,
             caller_access(request, principal),
             collections,
             model=get(body, "model", str),
@@ -85,6 +94,29 @@ async def ask(request: Request, principal: Principal = Depends(require_user)):
             top_k=get(body, "top_k", int),
         )
     )
+    store = get(body, "store", bool, True)
+
+    async def finish(done: AnswerDone) -> dict[str, Any]:
+        nonlocal conversation_id
+        if store:
+            if conversation_id is None:
+                started = await asyncio.to_thread(
+                    conversations.start, state.db, principal.user_id, question, collections
+                )
+                conversation_id = started.id
+            citations = [c.public() for c in done.citations]
+            await asyncio.to_thread(
+                conversations.record,
+                state.db,
+                principal.user_id,
+                conversation_id,
+                question,
+                done.answer,
+                citations,
+                done.grounded,
+            )
+        return {"done": True, "answer": done.answer, "conversation_id": conversation_id, **done.public()}
+
     if get(body, "stream", bool, True):
 
         async def items() -> AsyncIterator[dict[str, Any]]:
@@ -92,13 +124,34 @@ async def ask(request: Request, principal: Principal = Depends(require_user)):
                 if isinstance(event, Token):
                     yield {"response": event.text, "done": False}
                 elif isinstance(event, AnswerDone):
-                    yield {"response": "", "done": True, "answer": event.answer, **event.public()}
+                    yield {"response": "", **(await finish(event))}
 
         return ndjson_response(items())
     async for event in events:
         if isinstance(event, AnswerDone):
-            return json_response({"answer": event.answer, "done": True, **event.public()})
+            return json_response(await finish(event))
     raise BadRequest("no answer was produced")
+
+
+@router.get("/conversations")
+async def list_conversations(request: Request, principal: Principal = Depends(require_user)):
+    items = await asyncio.to_thread(conversations.list_for, request.app.state.db, principal.user_id)
+    return json_response({"conversations": items})
+
+
+@router.get("/conversations/{conversation_id}")
+async def show_conversation(conversation_id: str, request: Request, principal: Principal = Depends(require_user)):
+    access = caller_access(request, principal)
+    shown = await asyncio.to_thread(
+        conversations.show, request.app.state.db, principal.user_id, conversation_id, access
+    )
+    return json_response(shown)
+
+
+@router.delete("/conversations/{conversation_id}")
+async def delete_conversation(conversation_id: str, request: Request, principal: Principal = Depends(require_user)):
+    await asyncio.to_thread(conversations.delete, request.app.state.db, principal.user_id, conversation_id)
+    return json_response({"deleted": conversation_id})
 
 
 async def rag_chat_events(
