@@ -113,6 +113,11 @@ async def _generation(request: Request, chat: bool, body: dict[str, Any]):
         item.update(done=True, done_reason=done.done_reason, **done.timings())
         return item
 
+    return await _respond(events, stream, shape, final)
+
+
+async def _respond(events: AsyncIterator[Any], stream: bool, shape, final):
+    """Token events shaped as NDJSON lines (or gathered into one object), closed by `final`."""
     if stream:
 
         async def items() -> AsyncIterator[dict[str, Any]]:
@@ -177,20 +182,7 @@ async def _rag_chat(request: Request, principal: Principal, body: dict[str, Any]
         )
         return item
 
-    if get(body, "stream", bool, True):
-
-        async def items() -> AsyncIterator[dict[str, Any]]:
-            async for event in events:
-                yield shape(event.text) if isinstance(event, Token) else final(event, "")
-
-        return ndjson_response(items())
-    pieces: list[str] = []
-    async for event in events:
-        if isinstance(event, Token):
-            pieces.append(event.text)
-        else:
-            return json_response(final(event, "".join(pieces)))
-    raise BadRequest("no answer was produced")
+    return await _respond(events, get(body, "stream", bool, True), shape, final)
 
 
 # --- embeddings --------------------------------------------------------------------------------
