@@ -89,13 +89,13 @@ class RetrievalSettings(BaseSettings):
 
     retrieval_top_k: int = Field(6, ge=1, le=100, description="Passages retrieved for a question by default.")
     dense_candidates: int = Field(
-        50, ge=1, le=1000, description="Candidates taken from the vector search before fusion."
+        100, ge=1, le=1000, description="Candidates taken from the vector search before fusion."
     )
     keyword_candidates: int = Field(
-        50, ge=1, le=1000, description="Candidates taken from the BM25 (FTS5) search before fusion."
+        100, ge=1, le=1000, description="Candidates taken from the BM25 (FTS5) search before fusion."
     )
-    rrf_k: int = Field(60, ge=1, le=1000, description="Reciprocal-rank-fusion constant k (score = sum 1/(k + rank)).")
-    dense_weight: float = Field(1.0, ge=0, le=10, description="Weight of the vector ranking in the fusion.")
+    rrf_k: int = Field(20, ge=1, le=1000, description="Reciprocal-rank-fusion constant k (score = sum 1/(k + rank)).")
+    dense_weight: float = Field(0.75, ge=0, le=10, description="Weight of the vector ranking in the fusion.")
     keyword_weight: float = Field(1.0, ge=0, le=10, description="Weight of the BM25 ranking in the fusion.")
     min_similarity: float = Field(
         0.3,
