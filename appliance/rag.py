@@ -187,7 +187,12 @@ class Answerer:
     async def _extractive(self, hits: list[Hit], texts: dict[str, str], searched: str, retrieved: list[str]):
         citations: list[Citation] = []
         lines = [NO_MODEL_NOTE, ""]
-        question_words = content_words(searched)
+        # Words of the question that most passages share (an organisation's own name, say) do not make
+        # a passage relevant; a passage must carry at least one of the question's more specific words.
+        passage_words = [content_words(h.text) for h in hits]
+        question_words = {
+            w for w in content_words(searched) if sum(w in words for words in passage_words) <= len(hits) // 2
+        }
         for hit in hits:
             if len(citations) == EXTRACTIVE_PASSAGES:
                 break
