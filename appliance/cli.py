@@ -630,6 +630,9 @@ def cmd_ingest(settings: Settings, args) -> int:
     _ensure_collection(settings, args.collection)
     acl = parse_acl(args.acl, args.collection)
     files = _walk(args.paths)
+    # Parser processes share the cores with embedding: torch's OpenMP threads must sleep when they wait,
+    # not spin, or they take the time parsing needs (set before torch is imported).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ingestor = _ingestor(settings)
     results = []
     console = Console(stderr=True)
@@ -638,22 +641,25 @@ def cmd_ingest(settings: Settings, args) -> int:
         overall = bar.add_task("all files", total=len(files))
         current = bar.add_task("", total=3)
         stages = {"parsing": 0, "embedding": 1, "indexing": 2}
-        name = ""  # the file being ingested, for the per-file bar
 
-        def show_stage(stage: str) -> None:
-            bar.update(current, completed=stages[stage], description=f"  {stage} {name[:40]}")
+        def show_stage(stage: str, subject: str) -> None:
+            bar.update(current, completed=stages[stage], description=f"  {stage} {subject[:40]}")
 
         ingestor.on_stage = show_stage
-        for path in files:
-            name = path.name
-            bar.update(current, completed=0, description=f"  reading {name[:40]}")
-            for result in ingestor.ingest_with_attachments(path, args.collection, acl, source=str(path.resolve())):
-                results.append(result)
-                if not args.json:
-                    detail = f" ({result.chunks} chunks)" if result.status in ("added", "updated") else ""
-                    reason = f": {result.reason}" if result.reason else ""
-                    console.print(f"{result.status:<9} {result.source}{detail}{reason}", markup=False, highlight=False)
-            bar.advance(overall)
+        try:
+            for file_results in ingestor.ingest_many(
+                ((path, str(path.resolve())) for path in files), args.collection, acl
+            ):
+                for result in file_results:
+                    results.append(result)
+                    if not args.json:
+                        detail = f" ({result.chunks} chunks)" if result.status in ("added", "updated") else ""
+                        reason = f": {result.reason}" if result.reason else ""
+                        line = f"{result.status:<9} {result.source}{detail}{reason}"
+                        console.print(line, markup=False, highlight=False)
+                bar.advance(overall)
+        finally:
+            ingestor.close()
     counts = {
         status: sum(1 for r in results if r.status == status) for status in ("added", "unchanged", "updated", "failed")
     }

@@ -6,6 +6,7 @@ Every field has a description and bounds; environment variables use the `APPLIAN
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -82,6 +83,16 @@ class IngestSettings(BaseSettings):
     parse_memory_mb: int = Field(
         4096, ge=256, le=1_048_576, description="Address-space limit of the process parsing one document, in MB."
     )
+    parse_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Parser processes working ahead of embedding when ingesting many files; 0 = CPU cores - 1 (min 1).",
+    )
+
+    @property
+    def parser_count(self) -> int:
+        return self.parse_workers or max(1, (os.cpu_count() or 1) - 1)
 
 
 class RetrievalSettings(BaseSettings):

@@ -99,13 +99,19 @@ class SentenceEmbedder:
             return function()
         return self._thread.submit(function).result()
 
-    def encode(self, texts: list[str], *, truncate: bool = True, dimensions: int | None = None) -> EmbeddingResult:
-        """Embed `texts` on the embedding thread, from any thread (blocks until done)."""
+    def encode(
+        self, texts: list[str], *, truncate: bool = True, dimensions: int | None = None, batch_size: int | None = None
+    ) -> EmbeddingResult:
+        """Embed `texts` on the embedding thread, from any thread (blocks until done); `batch_size`
+        overrides the configured batch size."""
+        options = {"truncate": truncate, "dimensions": dimensions, "batch_size": batch_size}
         if threading.current_thread().name.startswith("embeddings"):
-            return self._encode(texts, truncate=truncate, dimensions=dimensions)
-        return self._thread.submit(self._encode, texts, truncate=truncate, dimensions=dimensions).result()
+            return self._encode(texts, **options)
+        return self._thread.submit(self._encode, texts, **options).result()
 
-    def _encode(self, texts: list[str], *, truncate: bool = True, dimensions: int | None = None) -> EmbeddingResult:
+    def _encode(
+        self, texts: list[str], *, truncate: bool = True, dimensions: int | None = None, batch_size: int | None = None
+    ) -> EmbeddingResult:
         """Embed `texts`: each text is tokenized once, and its token count comes from the same pass."""
         import torch
 
@@ -117,7 +123,7 @@ class SentenceEmbedder:
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         vectors = np.zeros((len(texts), self.dimensions), dtype=np.float32)
         tokens = 0
-        size = self.settings.embedding_batch_size
+        size = batch_size or self.settings.embedding_batch_size
         with self._lock, torch.inference_mode():
             for begin in range(0, len(order), size):
                 batch = order[begin : begin + size]

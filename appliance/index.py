@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import text as sql
 from sqlalchemy.engine import Engine
-from sqlmodel import select
+from sqlmodel import col, select
 
 from appliance.db import FTS_TABLE, Chunk, Document, DocumentText, session
 from appliance.errors import NotFound
@@ -90,23 +90,32 @@ class ChunkIndex:
 
     def add(self, document: Document, text: str, chunks: list[Chunk], embeddings: np.ndarray) -> None:
         """Index a new document version (its id must not be indexed yet)."""
-        if len(chunks) != len(embeddings):
-            raise ValueError("one embedding per chunk")
-        document.status, document.chunk_count = "indexing", len(chunks)
+        self.add_many([(document, text, chunks, embeddings)])
+
+    def add_many(self, entries: list[tuple[Document, str, list[Chunk], np.ndarray]]) -> None:
+        """Index several new document versions with one write to each store; each entry is a document,
+        its text, its chunks and their embeddings. Until all are in Chroma, all stay `indexing`."""
+        for document, _text, chunks, embeddings in entries:
+            if len(chunks) != len(embeddings):
+                raise ValueError("one embedding per chunk")
+            document.status, document.chunk_count = "indexing", len(chunks)
+        documents = {document.id: document for document, *_ in entries}
+        all_chunks = [chunk for _document, _text, chunks, _embeddings in entries for chunk in chunks]
         with session(self.engine) as db:
-            db.add(document)
-            db.flush()  # the rows below refer to it
-            db.add(DocumentText(document_id=document.id, text=text))
-            db.add_all(chunks)
+            db.add_all(documents.values())
+            db.flush()  # the rows below refer to them
+            db.add_all(DocumentText(document_id=document.id, text=text) for document, text, *_ in entries)
+            db.add_all(all_chunks)
             db.flush()
-            _insert_fts(db, chunks, {document.id: document})
+            _insert_fts(db, all_chunks, documents)
             db.commit()
-        if chunks:
-            self._upsert_vectors(chunks, embeddings, {document.id: document})
+        if all_chunks:
+            vectors = np.concatenate([np.asarray(e, dtype=np.float32) for _, _, chunks, e in entries if chunks])
+            self._upsert_vectors(all_chunks, vectors, documents)
         with session(self.engine) as db:
-            stored = db.get(Document, document.id)
-            stored.status = "indexed"
-            db.add(stored)
+            for stored in db.exec(select(Document).where(col(Document.id).in_(list(documents)))):
+                stored.status = "indexed"
+                db.add(stored)
             db.commit()
 
     def remove(self, document_id: str) -> None:

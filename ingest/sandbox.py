@@ -4,15 +4,18 @@ A hostile or broken file can make a parser loop, allocate without bound or crash
 the child process and becomes a clear per-file failure, never a problem for the server or the CLI.
 The child lives on between files (importing the parsing stack once costs seconds), under an
 address-space limit for its whole life; after a timeout, a crash or a memory error it is replaced.
+A `ParserPool` holds a few such children so that several files can be parsed at once.
 
 Protocol (`python -m ingest.sandbox MAX_BYTES`): one file path per line on stdin, one JSON line per
-file on stdout: {"kind", "elements"} or {"error", "message"}.
+file on stdout: {"kind", "elements"} or {"error", "message"}. An empty line asks the child to import
+the parsing stack now; it answers {"ready": true}.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import resource
 import select
 import signal
@@ -76,28 +79,35 @@ class ParserProcess:
             self._stderr.close()
             self._stderr = None
 
+    def warm_up(self) -> None:
+        """Start the child and let it import the parsing stack (otherwise the first file pays for that)."""
+        self._ask("")
+
     def partition(self, path: Path) -> tuple[str, list[Element]]:
         """The document's format and elements; raises a BadRequest subclass with the reason."""
-        with self._lock:
-            if self._process is None or self._process.poll() is not None:
-                self._process = self._start()
-            process = self._process
-            assert process.stdin and process.stdout
-            try:
-                process.stdin.write(str(path) + "\n")
-                process.stdin.flush()
-            except BrokenPipeError:
-                pass  # the child died starting up; reading below reports how
-            line = self._read_line(process, time.monotonic() + self.settings.parse_timeout_s)
-            if line is None:
-                raise self._failure(process)
-            answer = json.loads(line)
+        answer = self._ask(str(path))
         if "error" in answer:
             if answer["error"] == "MemoryError":
                 self.stop()
                 raise ParseFailed(f"parsing needed more than {self.settings.parse_memory_mb} MB and was stopped")
             raise _ERRORS.get(answer["error"], ParseFailed)(answer["message"])
         return answer["kind"], [Element(**element) for element in answer["elements"]]
+
+    def _ask(self, line: str) -> dict:
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                self._process = self._start()
+            process = self._process
+            assert process.stdin and process.stdout
+            try:
+                process.stdin.write(line + "\n")
+                process.stdin.flush()
+            except BrokenPipeError:
+                pass  # the child died starting up; reading below reports how
+            answer = self._read_line(process, time.monotonic() + self.settings.parse_timeout_s)
+            if answer is None:
+                raise self._failure(process)
+            return json.loads(answer)
 
     @staticmethod
     def _read_line(process: subprocess.Popen, deadline: float) -> str | None:
@@ -128,6 +138,50 @@ class ParserProcess:
         return ParseFailed("the parser failed on this file")
 
 
+class ParserPool:
+    """A few parser processes; `partition` uses a free one (thread-safe: one file per process at a time).
+
+    Children start when first needed, and the most recently used one is taken first, so a pool that
+    parses one file at a time (the server's job worker) keeps a single child alive.
+    """
+
+    def __init__(self, settings: IngestSettings, size: int):
+        self.size = max(1, size)
+        self._parsers = [ParserProcess(settings) for _ in range(self.size)]
+        self._free: queue.LifoQueue[ParserProcess] = queue.LifoQueue()
+        for parser in reversed(self._parsers):
+            self._free.put(parser)
+
+    def partition(self, path: Path) -> tuple[str, list[Element]]:
+        parser = self._free.get()
+        try:
+            return parser.partition(path)
+        finally:
+            self._free.put(parser)
+
+    def warm_up(self) -> None:
+        """Start every child and wait until each has imported the parsing stack."""
+        threads = [threading.Thread(target=parser.warm_up) for parser in self._parsers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def stop(self) -> None:
+        for parser in self._parsers:
+            parser.stop()
+
+
+def _import_parsing_stack() -> None:
+    from ingest.partition import prepare_offline
+
+    prepare_offline()
+    import unstructured.partition.auto  # noqa: F401
+    import unstructured.partition.docx  # noqa: F401
+    import unstructured.partition.html  # noqa: F401
+    import unstructured.partition.pdf  # noqa: F401
+
+
 def _parse_one(path: Path, max_bytes: int) -> dict:
     from ingest.partition import detect_format, partition_document
     from ingest.safety import check_document
@@ -150,6 +204,14 @@ def _main(argv: list[str]) -> int:
     os.dup2(2, 1)  # anything a library prints goes to stderr, never into the answers
     sys.stdout = sys.stderr
     for line in sys.stdin:
+        if not line.strip():
+            try:
+                _import_parsing_stack()
+            except Exception:  # noqa: S110  (the next file reports what is wrong, with its own answer)
+                pass
+            protocol.write(json.dumps({"ready": True}) + "\n")
+            protocol.flush()
+            continue
         answer = _parse_one(Path(line.rstrip("\n")), max_bytes)
         protocol.write(json.dumps(answer) + "\n")
         protocol.flush()
