@@ -258,8 +258,13 @@ def main() -> int:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+    paired = [b["wall_s"] / o["wall_s"] for b, o in zip(base_runs, our_runs, strict=True)]
     print(
-        "\nper run, pages/s: baseline "
+        f"\nours / baseline run by run (back to back): {', '.join(f'{r:.2f}' for r in paired)}; "
+        f"median {statistics.median(paired):.2f}"
+    )
+    print(
+        "per run, pages/s: baseline "
         + ", ".join(f"{pages / r['wall_s']:.2f}" for r in base_runs)
         + "; ours "
         + ", ".join(f"{pages / r['wall_s']:.2f}" for r in our_runs)
