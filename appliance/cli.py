@@ -600,14 +600,18 @@ def _access_parsers(sub) -> None:
 
 
 # --- documents -----------------------------------------------------------------------------------
-def _ingestor(settings: Settings):
-    from appliance.embeddings import SentenceEmbedder
+def _chunk_index(settings: Settings):
     from appliance.index import ChunkIndex, open_vector_store
-    from ingest.pipeline import Ingestor
 
     settings.ensure_dirs()
-    index = ChunkIndex(_db(settings), open_vector_store(settings.chroma_dir))
-    return Ingestor(settings, index, SentenceEmbedder(settings.embeddings))
+    return ChunkIndex(_db(settings), open_vector_store(settings.chroma_dir))
+
+
+def _ingestor(settings: Settings):
+    from appliance.embeddings import SentenceEmbedder
+    from ingest.pipeline import Ingestor
+
+    return Ingestor(settings, _chunk_index(settings), SentenceEmbedder(settings.embeddings))
 
 
 def _walk(paths: list[str]) -> list[Path]:
@@ -733,10 +737,7 @@ def cmd_documents_rm(settings: Settings, args) -> int:
 
 
 def cmd_index_check(settings: Settings, args) -> int:
-    from appliance.index import ChunkIndex, open_vector_store
-
-    settings.ensure_dirs()
-    report = ChunkIndex(_db(settings), open_vector_store(settings.chroma_dir)).check()
+    report = _chunk_index(settings).check()
     if args.json:
         _print_json({**report.__dict__, "clean": report.clean})
     else:
@@ -757,12 +758,9 @@ def cmd_index_rebuild(settings: Settings, args) -> int:
 # --- search and ask ------------------------------------------------------------------------------
 def _retriever(settings: Settings):
     from appliance.embeddings import SentenceEmbedder
-    from appliance.index import ChunkIndex, open_vector_store
     from appliance.retrieve import Retriever
 
-    settings.ensure_dirs()
-    index = ChunkIndex(_db(settings), open_vector_store(settings.chroma_dir))
-    return Retriever(index, SentenceEmbedder(settings.embeddings), settings.retrieval)
+    return Retriever(_chunk_index(settings), SentenceEmbedder(settings.embeddings), settings.retrieval)
 
 
 def _cli_access(settings: Settings, as_user: str | None):

@@ -52,6 +52,20 @@ def model_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("gguf")
 
 
+def local_ingestor(home: Path, embedder=None, **settings_fields):
+    """An Ingestor on a fresh home of its own (SQLite, Chroma, originals), as `appliance ingest` builds it."""
+    from appliance.config import Settings
+    from appliance.db import create_db_engine
+    from appliance.embeddings import SentenceEmbedder
+    from appliance.index import ChunkIndex, open_vector_store
+    from ingest.pipeline import Ingestor
+
+    settings = Settings(home=home, **settings_fields)
+    settings.ensure_dirs()
+    index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings.chroma_dir))
+    return Ingestor(settings, index, embedder or SentenceEmbedder(settings.embeddings))
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(model_dir) -> Path:
     return write_gguf(model_dir / "tiny.gguf", TINY, seed=1)

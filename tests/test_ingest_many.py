@@ -9,11 +9,11 @@ import pytest
 from sqlmodel import select
 
 from appliance.config import IngestSettings, Settings
-from appliance.db import Chunk, Document, create_db_engine, session
+from appliance.db import Chunk, Document, session
 from appliance.embeddings import SentenceEmbedder
-from appliance.index import ChunkIndex, open_vector_store
 from ingest.pipeline import Ingestor
 from ingest.sandbox import ParserPool
+from tests.conftest import local_ingestor
 from tests.documents import write_all, write_docx, write_eml, write_pdf
 
 
@@ -38,10 +38,7 @@ def files(tmp_path_factory) -> list[Path]:
 
 
 def _ingestor(home: Path, embedder, workers: int) -> Ingestor:
-    settings = Settings(home=home, ingest=IngestSettings(parse_workers=workers))
-    settings.ensure_dirs()
-    index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings.chroma_dir))
-    return Ingestor(settings, index, embedder)
+    return local_ingestor(home, embedder, ingest=IngestSettings(parse_workers=workers))
 
 
 def _stored(ingestor: Ingestor) -> dict[str, tuple]:

@@ -5,14 +5,12 @@ import shutil
 
 import pytest
 
-from appliance.config import RetrievalSettings, Settings
-from appliance.db import create_db_engine
-from appliance.embeddings import SentenceEmbedder, bundled_model_path
+from appliance.config import RetrievalSettings
+from appliance.embeddings import bundled_model_path
 from appliance.errors import BadRequest
-from appliance.index import ChunkIndex, open_vector_store
 from appliance.rbac import OPERATOR
 from appliance.retrieve import Retriever
-from ingest.pipeline import Ingestor
+from tests.conftest import local_ingestor
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +35,7 @@ def cross_encoder_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
     home = tmp_path_factory.mktemp("rerank-home")
-    settings = Settings(home=home)
-    settings.ensure_dirs()
-    engine = create_db_engine(settings.resolved_database_url)
-    embedder = SentenceEmbedder(settings.embeddings)
-    index = ChunkIndex(engine, open_vector_store(settings.chroma_dir))
-    ingestor = Ingestor(settings, index, embedder)
+    ingestor = local_ingestor(home)
     for n, text in enumerate(
         [
             "Maternity records are kept for 25 years.",
@@ -54,7 +47,7 @@ def index(tmp_path_factory):
         path.write_text(f"# Policy {n}\n\n{text}\n")
         assert ingestor.ingest(path, "hospital", ["collection:hospital"]).status == "added"
     ingestor.parser.stop()
-    return index, embedder
+    return ingestor.index, ingestor.embedder
 
 
 def test_reranker_scores_replace_fusion_scores(index, cross_encoder_dir):

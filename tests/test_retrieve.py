@@ -3,15 +3,11 @@ filter inside both searches: a passage the caller may not read never takes a pla
 
 import pytest
 
-from appliance.config import Settings
-from appliance.db import create_db_engine
-from appliance.embeddings import SentenceEmbedder
 from appliance.errors import BadRequest, NotFound
-from appliance.index import ChunkIndex, open_vector_store
 from appliance.rbac import OPERATOR, access_for_user, add_collection, add_grant, add_group, add_member, add_wall
 from appliance.retrieve import Retriever, fts_query, fuse
 from appliance.users import add_user
-from ingest.pipeline import Ingestor
+from tests.conftest import local_ingestor
 
 RETENTION = """# Records retention
 
@@ -41,12 +37,8 @@ Every new matter is checked against the conflicts database before the engagement
 def world(tmp_path_factory):
     """Two collections, group-restricted and wall-restricted users, and a handful of documents."""
     home = tmp_path_factory.mktemp("retrieve")
-    settings = Settings(home=home)
-    settings.ensure_dirs()
-    engine = create_db_engine(settings.resolved_database_url)
-    embedder = SentenceEmbedder(settings.embeddings)
-    index = ChunkIndex(engine, open_vector_store(settings.chroma_dir))
-    ingestor = Ingestor(settings, index, embedder)
+    ingestor = local_ingestor(home)
+    engine, index, embedder = ingestor.index.engine, ingestor.index, ingestor.embedder
     files = home / "files"
     files.mkdir()
     documents = {
@@ -79,7 +71,7 @@ def world(tmp_path_factory):
     add_grant(engine, "hospital", user="alice")
     add_grant(engine, "lawfirm", user="bob")
     add_wall(engine, "hospital", user="dave")  # granted through staff, walled by name: the wall wins
-    retriever = Retriever(index, embedder, settings.retrieval)
+    retriever = Retriever(index, embedder, ingestor.settings.retrieval)
     return engine, retriever
 
 
