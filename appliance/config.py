@@ -128,6 +128,41 @@ class RetrievalSettings(BaseSettings):
     answer_max_tokens: int = Field(512, ge=16, le=32768, description="Most tokens a generated answer may take.")
 
 
+class WebSettings(BaseSettings):
+    """Browser sign-in: sessions, lockout, second factor."""
+
+    model_config = _group_config()
+
+    session_idle_s: int = Field(
+        1800, ge=1, le=86_400 * 7, description="A browser session ends after this many seconds without a request."
+    )
+    session_max_s: int = Field(
+        43_200, ge=1, le=86_400 * 30, description="A browser session ends this many seconds after sign-in, used or not."
+    )
+    cookie_secure: bool = Field(
+        False,
+        description=(
+            "Always mark the session cookie Secure and name it __Host-session (set when TLS ends at a proxy that "
+            "sends no X-Forwarded-Proto); otherwise that happens only for requests that arrive over https."
+        ),
+    )
+    login_max_failures: int = Field(
+        5, ge=1, le=1000, description="Failed sign-ins (password or code) on one account before it is locked."
+    )
+    login_max_failures_per_address: int = Field(
+        20, ge=1, le=100_000, description="Failed sign-ins from one client address before that address is locked."
+    )
+    login_lockout_s: int = Field(
+        300,
+        ge=1,
+        le=86_400,
+        description="First lockout in seconds; each further failure while over the limit doubles it (up to a day).",
+    )
+    totp_issuer: str = Field(
+        "Knowledge appliance", max_length=64, description="Issuer name shown by authenticator apps for the TOTP entry."
+    )
+
+
 class Settings(BaseSettings):
     model_config = _group_config()
 
@@ -144,6 +179,7 @@ class Settings(BaseSettings):
     embeddings: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
 
     @field_validator("home")
     @classmethod

@@ -28,6 +28,8 @@ class User(SQLModel, table=True):
     password_hash: str | None = None
     disabled: bool = False
     created_at: datetime = Field(default_factory=utcnow)
+    totp_secret: str | None = Field(default=None, max_length=64)  # base32; set once enrolment is confirmed
+    totp_last_step: int | None = None  # the last accepted TOTP time step (a code is never accepted twice)
 
 
 class ApiKey(SQLModel, table=True):
@@ -187,6 +189,34 @@ class ConversationMessage(SQLModel, table=True):
     citations: list[dict] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     grounded: bool | None = None
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class WebSession(SQLModel, table=True):
+    """A browser session. Only the SHA-256 of the random session id is stored.
+
+    stage: `full` (signed in), `mfa` (password checked, TOTP code pending), `enrol` (password checked,
+    an admin who must enrol TOTP first).
+    """
+
+    __tablename__ = "web_session"
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(unique=True, max_length=64)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    stage: str = Field(default="full", max_length=8)
+    csrf_token: str = Field(max_length=64)  # the synchronizer token of the session's forms and fetch calls
+    pending_totp: str | None = Field(default=None, max_length=64)  # secret being enrolled, not yet confirmed
+    created_at: datetime = Field(default_factory=utcnow)
+    last_seen_at: datetime = Field(default_factory=utcnow)
+
+
+class LoginThrottle(SQLModel, table=True):
+    """Failed sign-ins per account name ("user:NAME") or client address ("addr:IP"), and the lockout."""
+
+    __tablename__ = "login_throttle"
+    key: str = Field(primary_key=True, max_length=200)
+    failures: int = 0
+    locked_until: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
 
 
 # The FTS5 table for BM25 lives beside these (created by migration 0002, outside the ORM).

@@ -12,10 +12,12 @@ import secrets
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import delete
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from appliance.db import ApiKey, User, session, utcnow
+from appliance.db import ApiKey, User, WebSession, session, utcnow
 from appliance.errors import BadRequest, Conflict, NotFound, Unauthorized
 
 ROLES = ("admin", "editor", "reader")
@@ -72,11 +74,13 @@ def list_users(engine: Engine) -> list[User]:
 
 
 def disable_user(engine: Engine, name: str) -> int:
-    """Disable a user and revoke all their live API keys at once; returns how many keys were revoked."""
+    """Disable a user, end their browser sessions and revoke all their live API keys at once; returns how
+    many keys were revoked."""
     user = get_user(engine, name)
     with session(engine) as db:
         user.disabled = True
         db.add(user)
+        db.execute(delete(WebSession).where(WebSession.user_id == user.id))
         keys = db.exec(select(ApiKey).where(ApiKey.user_id == user.id, ApiKey.revoked_at == None)).all()  # noqa: E711
         for key in keys:
             key.revoked_at = utcnow()
@@ -133,3 +137,87 @@ def authenticate_key(engine: Engine, key: str) -> Principal:
             raise Unauthorized("API key revoked or user disabled")
         assert user.id is not None
         return Principal(user.id, user.name, user.role)
+
+
+MIN_PASSWORD = 8
+# Verified against when the user does not exist, so that a wrong name costs as much time as a wrong password.
+_DUMMY_HASH = _hasher.hash("not-a-real-password-" + secrets.token_hex(8))
+
+
+def check_password_strength(password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise BadRequest(f"password must be at least {MIN_PASSWORD} characters")
+    if len(password) > 1024:
+        raise BadRequest("password must be at most 1024 characters")
+
+
+def verify_password(engine: Engine, name: str, password: str) -> User | None:
+    """The enabled user with this name and password, or None (always one argon2 verification)."""
+    with session(engine) as db:
+        user = db.exec(select(User).where(User.name == name)).first() if _USER_NAME.match(name) else None
+    stored = user.password_hash if user is not None and user.password_hash else _DUMMY_HASH
+    try:
+        _hasher.verify(stored, password)
+    except (VerificationError, InvalidHashError):
+        return None
+    if user is None or not user.password_hash or user.disabled:
+        return None
+    if _hasher.check_needs_rehash(stored):
+        with session(engine) as db:
+            user.password_hash = _hasher.hash(password)
+            db.add(user)
+            db.commit()
+    return user
+
+
+def set_password(engine: Engine, name: str, password: str) -> None:
+    """Set (or reset) a user's password; their browser sessions end (they sign in again)."""
+    check_password_strength(password)
+    user = get_user(engine, name)
+    with session(engine) as db:
+        user.password_hash = _hasher.hash(password)
+        db.add(user)
+        db.execute(delete(WebSession).where(WebSession.user_id == user.id))
+        db.commit()
+
+
+def enable_user(engine: Engine, name: str) -> None:
+    """Enable a disabled user again (their revoked keys stay revoked)."""
+    user = get_user(engine, name)
+    with session(engine) as db:
+        user.disabled = False
+        db.add(user)
+        db.commit()
+
+
+def set_totp(engine: Engine, user_id: int, secret: str | None, last_step: int | None = None) -> None:
+    """Confirm a TOTP enrolment (secret) or remove the second factor (None)."""
+    with session(engine) as db:
+        user = db.get(User, user_id)
+        if user is None:
+            raise NotFound("user not found")
+        user.totp_secret = secret
+        user.totp_last_step = last_step
+        db.add(user)
+        db.commit()
+
+
+def reset_mfa(engine: Engine, name: str) -> None:
+    """Remove a user's second factor (a lost phone); an admin must enrol again at the next sign-in,
+    and their browser sessions end now."""
+    user = get_user(engine, name)
+    assert user.id is not None
+    set_totp(engine, user.id, None)
+    with session(engine) as db:
+        db.execute(delete(WebSession).where(WebSession.user_id == user.id))
+        db.commit()
+
+
+def count_admins(engine: Engine) -> int:
+    with session(engine) as db:
+        return len(db.exec(select(User.id).where(User.role == "admin")).all())
+
+
+def user_by_id(engine: Engine, user_id: int) -> User | None:
+    with session(engine) as db:
+        return db.get(User, user_id)
