@@ -174,6 +174,13 @@ class Settings(BaseSettings):
         "", description="SQLAlchemy URL of the metadata database; empty uses SQLite in the home directory."
     )
     log_level: str = Field("INFO", description="Logging level of the server.")
+    audit_question_text: bool = Field(
+        False,
+        description=(
+            "Keep the text of each question in the audit log; otherwise a question's record names only who "
+            "asked, where, which passages were retrieved and cited, and the model."
+        ),
+    )
     server: ServerSettings = Field(default_factory=ServerSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     embeddings: EmbeddingSettings = Field(default_factory=EmbeddingSettings)

@@ -266,3 +266,23 @@ def migrate(engine: Engine) -> None:
 
 def session(engine: Engine) -> Session:
     return Session(engine, expire_on_commit=False)
+
+
+class AuditRecord(SQLModel, table=True):
+    """One append-only, hash-chained audit event (`appliance.audit` writes and verifies them).
+
+    `details` holds identifiers only (collections, chunk ids, model, job id...), never document text,
+    passwords or keys. On SQLite, triggers from migration 0007 refuse UPDATE and DELETE.
+    """
+
+    __tablename__ = "audit_record"
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    actor: str = Field(index=True, max_length=64)  # the user's name; "local-operator" for the CLI
+    actor_id: int | None = None  # User.id; 0 for the local operator; None when no user is known
+    action: str = Field(index=True, max_length=32)
+    target: str | None = Field(default=None, max_length=1024)
+    outcome: str = Field(default="ok", max_length=8)  # ok | denied | failed
+    details: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(unique=True, max_length=64)
