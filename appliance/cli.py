@@ -41,6 +41,13 @@ def _db(settings: Settings):
     return create_db_engine(settings.resolved_database_url)
 
 
+def _audit(engine, action: str, target: str | None = None, *, outcome: str = "ok", **details: Any) -> None:
+    """An audit record of something the local operator did (the CLI acts as the local operator)."""
+    from appliance import audit
+
+    audit.record(engine, audit.LOCAL_OPERATOR, action, actor_id=0, target=target, outcome=outcome, details=details)
+
+
 class ServerClient:
     """A small HTTP client for the running server (used by run, ps, stop)."""
 
@@ -363,7 +370,9 @@ def cmd_users_add(settings: Settings, args) -> int:
     from appliance.users import add_user
 
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
-    user = add_user(_db(settings), args.name, args.role, password)
+    engine = _db(settings)
+    user = add_user(engine, args.name, args.role, password)
+    _audit(engine, "user_add", user.name, role=user.role, with_password=password is not None)
     print(f"created user '{user.name}' with role {user.role}")
     return 0
 
@@ -386,7 +395,10 @@ def cmd_users_list(settings: Settings, args) -> int:
 def cmd_keys_create(settings: Settings, args) -> int:
     from appliance.users import create_key
 
-    print(create_key(_db(settings), args.user, args.label or ""))
+    engine = _db(settings)
+    key = create_key(engine, args.user, args.label or "")
+    _audit(engine, "key_create", args.user, prefix=key[:12], label=args.label or "")
+    print(key)
     return 0
 
 
@@ -402,7 +414,9 @@ def cmd_keys_list(settings: Settings, args) -> int:
 def cmd_keys_revoke(settings: Settings, args) -> int:
     from appliance.users import revoke_key
 
-    count = revoke_key(_db(settings), args.prefix)
+    engine = _db(settings)
+    count = revoke_key(engine, args.prefix)
+    _audit(engine, "key_revoke", args.prefix, revoked=count)
     print(f"revoked {count} key(s)")
     return 0
 
@@ -414,10 +428,21 @@ def _ensure_collection(settings: Settings, name: str) -> None:
     ensure_collection(_db(settings), name)
 
 
+def _subject_details(args) -> dict[str, str]:
+    """Whom a grant or wall names, for its audit record."""
+    return (
+        {"subject_kind": "user", "subject": args.user}
+        if args.user
+        else {"subject_kind": "group", "subject": args.group}
+    )
+
+
 def cmd_users_disable(settings: Settings, args) -> int:
     from appliance.users import disable_user
 
-    count = disable_user(_db(settings), args.name)
+    engine = _db(settings)
+    count = disable_user(engine, args.name)
+    _audit(engine, "user_disable", args.name, keys_revoked=count)
     print(f"disabled user '{args.name}' and revoked {count} key(s)")
     return 0
 
@@ -425,14 +450,19 @@ def cmd_users_disable(settings: Settings, args) -> int:
 def cmd_groups_add(settings: Settings, args) -> int:
     from appliance.rbac import add_group
 
-    print(f"created group '{add_group(_db(settings), args.name).name}'")
+    engine = _db(settings)
+    group = add_group(engine, args.name)
+    _audit(engine, "group_add", group.name)
+    print(f"created group '{group.name}'")
     return 0
 
 
 def cmd_groups_add_member(settings: Settings, args) -> int:
     from appliance.rbac import add_member
 
-    add_member(_db(settings), args.group, args.user)
+    engine = _db(settings)
+    add_member(engine, args.group, args.user)
+    _audit(engine, "member_add", args.group, user=args.user)
     print(f"added '{args.user}' to group '{args.group}'")
     return 0
 
@@ -440,7 +470,9 @@ def cmd_groups_add_member(settings: Settings, args) -> int:
 def cmd_groups_rm_member(settings: Settings, args) -> int:
     from appliance.rbac import remove_member
 
-    remove_member(_db(settings), args.group, args.user)
+    engine = _db(settings)
+    remove_member(engine, args.group, args.user)
+    _audit(engine, "member_rm", args.group, user=args.user)
     print(f"removed '{args.user}' from group '{args.group}'")
     return 0
 
@@ -460,7 +492,10 @@ def cmd_groups_list(settings: Settings, args) -> int:
 def cmd_collections_add(settings: Settings, args) -> int:
     from appliance.rbac import add_collection
 
-    print(f"created collection '{add_collection(_db(settings), args.name, args.description).name}'")
+    engine = _db(settings)
+    collection = add_collection(engine, args.name, args.description)
+    _audit(engine, "collection_add", collection.name)
+    print(f"created collection '{collection.name}'")
     return 0
 
 
@@ -479,7 +514,9 @@ def cmd_collections_list(settings: Settings, args) -> int:
 def cmd_grants_add(settings: Settings, args) -> int:
     from appliance.rbac import add_grant
 
-    grant = add_grant(_db(settings), args.collection, user=args.user, group=args.group, role=args.role or "reader")
+    engine = _db(settings)
+    grant = add_grant(engine, args.collection, user=args.user, group=args.group, role=args.role or "reader")
+    _audit(engine, "grant_add", args.collection, **_subject_details(args), role=grant.role)
     print(f"granted {grant.role} on '{args.collection}' to {grant.subject_kind} '{args.user or args.group}'")
     return 0
 
@@ -487,7 +524,9 @@ def cmd_grants_add(settings: Settings, args) -> int:
 def cmd_grants_rm(settings: Settings, args) -> int:
     from appliance.rbac import remove_grant
 
-    remove_grant(_db(settings), args.collection, user=args.user, group=args.group, role=args.role)
+    engine = _db(settings)
+    remove_grant(engine, args.collection, user=args.user, group=args.group, role=args.role)
+    _audit(engine, "grant_rm", args.collection, **_subject_details(args), role=args.role)
     print(f"revoked the grant on '{args.collection}' for '{args.user or args.group}'")
     return 0
 
@@ -507,7 +546,9 @@ def cmd_grants_list(settings: Settings, args) -> int:
 def cmd_walls_add(settings: Settings, args) -> int:
     from appliance.rbac import add_wall
 
-    add_wall(_db(settings), args.collection, user=args.user, group=args.group)
+    engine = _db(settings)
+    add_wall(engine, args.collection, user=args.user, group=args.group)
+    _audit(engine, "wall_add", args.collection, **_subject_details(args))
     print(f"walled '{args.user or args.group}' off '{args.collection}'")
     return 0
 
@@ -515,7 +556,9 @@ def cmd_walls_add(settings: Settings, args) -> int:
 def cmd_walls_rm(settings: Settings, args) -> int:
     from appliance.rbac import remove_wall
 
-    remove_wall(_db(settings), args.collection, user=args.user, group=args.group)
+    engine = _db(settings)
+    remove_wall(engine, args.collection, user=args.user, group=args.group)
+    _audit(engine, "wall_rm", args.collection, **_subject_details(args))
     print(f"removed the wall between '{args.user or args.group}' and '{args.collection}'")
     return 0
 
@@ -656,6 +699,16 @@ def cmd_ingest(settings: Settings, args) -> int:
             ):
                 for result in file_results:
                     results.append(result)
+                    _audit(
+                        ingestor.index.engine,
+                        "upload",
+                        args.collection,
+                        outcome="failed" if result.status == "failed" else "ok",
+                        source=result.source,
+                        document_id=result.document_id,
+                        result=result.status,
+                        reason=result.reason or None,
+                    )
                     if not args.json:
                         detail = f" ({result.chunks} chunks)" if result.status in ("added", "updated") else ""
                         reason = f": {result.reason}" if result.reason else ""
@@ -731,7 +784,9 @@ def cmd_documents_show(settings: Settings, args) -> int:
 
 def cmd_documents_rm(settings: Settings, args) -> int:
     document = _find_document(settings, args.id)
-    _ingestor(settings).remove(document.id)
+    ingestor = _ingestor(settings)
+    ingestor.remove(document.id)
+    _audit(ingestor.index.engine, "delete", document.id, collection=document.collection, filename=document.filename)
     print(f"removed {document.filename} ({document.id[:12]})")
     return 0
 
@@ -779,9 +834,35 @@ def _where(item: dict) -> str:
     return ", ".join(parts)
 
 
+def _question_audit(settings: Settings, args, text: str) -> dict[str, Any]:
+    """What every CLI question's audit record carries besides its outcome."""
+    details: dict[str, Any] = {"collections": args.collection or None, "as_user": args.as_user}
+    if settings.audit_question_text:
+        details["question"] = text
+    return details
+
+
 def cmd_search(settings: Settings, args) -> int:
+    from appliance.errors import Forbidden, NotFound
+
     retriever = _retriever(settings)
-    hits = retriever.search(args.query, _cli_access(settings, args.as_user), args.collection or None, args.top_k)
+    engine = retriever.index.engine
+    target = ",".join(args.collection) if args.collection else None
+    try:
+        hits = retriever.search(args.query, _cli_access(settings, args.as_user), args.collection or None, args.top_k)
+    except (NotFound, Forbidden) as exc:
+        _audit(
+            engine,
+            "search",
+            target,
+            outcome="denied",
+            **_question_audit(settings, args, args.query),
+            reason=exc.message,
+        )
+        raise
+    _audit(
+        engine, "search", target, **_question_audit(settings, args, args.query), retrieved=[h.chunk_id for h in hits]
+    )
     results = [hit.public() for hit in hits]
     if args.json:
         _print_json({"results": results})
@@ -824,9 +905,26 @@ def cmd_ask(settings: Settings, args) -> int:
             await scheduler.shutdown()
         return done
 
-    done = asyncio.run(run())
+    from appliance import audit
+    from appliance.errors import Forbidden, NotFound
+
+    target = ",".join(args.collection) if args.collection else None
+    try:
+        done = asyncio.run(run())
+    except (NotFound, Forbidden) as exc:
+        details = _question_audit(settings, args, args.question)
+        _audit(retriever.index.engine, "ask", target, outcome="denied", **details, reason=exc.message)
+        raise
     if done is None:
         raise ApplianceError("no answer was produced")
+    details = audit.ask_details(
+        done,
+        args.collection or None,
+        question=args.question,
+        keep_question=settings.audit_question_text,
+        as_user=args.as_user,
+    )
+    _audit(retriever.index.engine, "ask", target, **details)
     if args.json:
         _print_json({"answer": done.answer, **done.public()})
         return 0
@@ -882,6 +980,26 @@ def cmd_eval(settings: Settings, args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     for source, reason in report.get("failed", {}).items():
         print(f"not indexed: {source}: {reason}", file=sys.stderr)
+    return 0
+
+
+# --- audit ---------------------------------------------------------------------------------------
+def cmd_audit_verify(settings: Settings, args) -> int:
+    from appliance import audit
+
+    result = audit.check(_db(settings))
+    if result.ok:
+        print(f"OK: {result.records} records, the chain is intact (head {result.head})")
+        return 0
+    print(f"BROKEN: record {result.first_bad_id}: {result.reason} ({result.records} records before it verify)")
+    return 1
+
+
+def cmd_audit_export(settings: Settings, args) -> int:
+    from appliance import audit
+
+    for item in audit.export(_db(settings), since=args.since, actor=args.user, action=args.only_action):
+        sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
     return 0
 
 
@@ -1023,6 +1141,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True)
+    p = audit.add_parser("verify", help="recompute the hash chain (exit 1 when a record was edited or removed)")
+    p.set_defaults(func=cmd_audit_verify)
+    p = audit.add_parser("export", help="records as JSON lines, oldest first")
+    p.add_argument("--since", help="only records at or after this ISO date or time (UTC unless a zone is given)")
+    p.add_argument("--user", help="only records of this user (local-operator for the CLI)")
+    p.add_argument("--action", dest="only_action", help="only this action (upload, delete, ask, grant_add, ...)")
+    p.set_defaults(func=cmd_audit_export)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
