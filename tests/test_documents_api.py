@@ -1,5 +1,8 @@
-"""Uploads through POST /api/documents become persistent jobs that the server's worker ingests."""
+"""Uploads through POST /api/documents become persistent jobs that the server's worker ingests; who may
+upload, list and delete follows the one policy (grants, walls, document ACLs), and each upload and
+delete, allowed or denied, leaves an audit record."""
 
+import json
 import time
 
 import httpx
@@ -29,6 +32,10 @@ def uploads(tmp_path_factory):
 
 
 def test_upload_ingests_through_jobs(server, uploads):
+    # The admin creates "wards" by uploading to it (and so becomes its editor); the documents' ACL names
+    # group nursing, so the admin reads them as a member of that group, not by being admin.
+    run_cli(server.home, "groups", "add", "nursing")
+    run_cli(server.home, "groups", "add-member", "nursing", "admin")
     with server.http() as api:
         files = [
             ("file", ("discharge.docx", uploads["docx"].read_bytes())),
@@ -86,8 +93,8 @@ def test_only_editors_upload_and_jobs_are_private(server, uploads):
     with server.http(server.reader_key) as reader, server.http() as admin:
         files = [("file", ("d.docx", uploads["docx"].read_bytes()))]
         assert reader.post("/api/documents", data={"collection": "wards"}, files=files).status_code == 403
-        assert reader.get("/api/documents").status_code == 403
-        assert reader.delete("/api/documents/" + "0" * 64).status_code == 403
+        assert reader.get("/api/documents").json() == {"documents": []}  # a reader without grants reads nothing
+        assert reader.delete("/api/documents/" + "0" * 64).status_code == 404
         job = admin.post("/api/documents", data={"collection": "private"}, files=files).json()["jobs"][0]
         assert reader.get(f"/api/jobs/{job['job_id']}").status_code == 404
         assert admin.get(f"/api/jobs/{job['job_id']}").status_code == 200
@@ -132,3 +139,88 @@ def test_kill_9_during_ingestion_then_restart_leaves_a_clean_index(tmp_path, upl
         assert check.returncode == 0 and f"{len(documents)} documents" in check.stdout and "clean" in check.stdout
     finally:
         stop_server(restarted)
+
+
+def _audit_export(home, *args: str) -> list[dict]:
+    return [json.loads(line) for line in run_cli(home, "audit", "export", *args).stdout.splitlines()]
+
+
+def test_documents_follow_grants_walls_and_acls_and_are_audited(server, uploads):
+    """role x route x object -> status, with every upload and delete (allowed or not) in the audit log."""
+    from appliance.db import create_db_engine
+    from appliance.rbac import add_collection, add_grant, add_wall
+    from appliance.users import add_user, create_key
+
+    engine = create_db_engine(f"sqlite:///{server.home / 'appliance.db'}")
+    keys = {}
+    for name, role in (
+        ("m-editor", "editor"),  # editor grant on matrix
+        ("m-stranger", "editor"),  # editor, no grant on matrix
+        ("m-reader", "reader"),  # reader grant on matrix
+        ("m-nobody", "reader"),  # no grant
+        ("m-walled", "reader"),  # reader grant, but walled off matrix
+        ("m-admin", "admin"),  # admin role, no grant
+    ):
+        add_user(engine, name, role)
+        keys[name] = create_key(engine, name)
+    add_collection(engine, "matrix")
+    add_grant(engine, "matrix", user="m-editor", role="editor")
+    for name in ("m-reader", "m-walled"):
+        add_grant(engine, "matrix", user=name)
+    add_wall(engine, "matrix", user="m-walled")
+    files = [("file", ("policy.md", b"# Matrix policy\n\nVisitors sign in at the front desk of ward nine."))]
+
+    def call(who: str, method: str, path: str, **kwargs) -> httpx.Response:
+        with server.http(keys[who]) as http:
+            return http.request(method, path, **kwargs)
+
+    for who in ("m-stranger", "m-reader", "m-nobody", "m-walled", "m-admin"):
+        response = call(who, "POST", "/api/documents", data={"collection": "matrix"}, files=files)
+        assert response.status_code == 403, (who, response.text)
+    response = call("m-editor", "POST", "/api/documents", data={"collection": "matrix"}, files=files)
+    assert response.status_code == 200, response.text
+    job = response.json()["jobs"][0]
+    with server.http(keys["m-editor"]) as http:
+        document_id = _wait(http, job["job_id"])["document_id"]
+    assert call("m-reader", "GET", f"/api/jobs/{job['job_id']}").status_code == 404  # not the reader's job
+
+    listed = {who: [d["id"] for d in call(who, "GET", "/api/documents").json()["documents"]] for who in keys}
+    assert document_id in listed["m-editor"] and document_id in listed["m-reader"]
+    for who in ("m-stranger", "m-nobody", "m-walled", "m-admin"):
+        assert document_id not in listed[who], who
+    assert call("m-walled", "GET", "/api/documents", params={"collection": "matrix"}).json() == {"documents": []}
+
+    for who in ("m-stranger", "m-nobody", "m-walled", "m-admin"):  # cannot read it: exactly like a missing one
+        response = call(who, "DELETE", f"/api/documents/{document_id}")
+        assert response.status_code == 404 and response.json() == {"error": f"document {document_id} not found"}
+    assert call("m-reader", "DELETE", f"/api/documents/{document_id}").status_code == 403  # reads, may not edit
+    assert call("m-editor", "DELETE", f"/api/documents/{document_id}").status_code == 200
+    assert call("m-editor", "DELETE", f"/api/documents/{document_id}").status_code == 404
+
+    # An editor naming a collection that does not exist yet creates it and becomes its editor.
+    files = [("file", ("own.md", b"# Own\n\nThe stranger keeps notes on the loading bay."))]
+    response = call("m-stranger", "POST", "/api/documents", data={"collection": "stranger-own"}, files=files)
+    assert response.status_code == 200, response.text
+    grants = json.loads(run_cli(server.home, "grants", "list", "--collection", "stranger-own", "--json").stdout)
+    assert grants == [{"collection": "stranger-own", "kind": "user", "subject": "m-stranger", "role": "editor"}]
+    with server.http(keys["m-stranger"]) as http:
+        _wait(http, response.json()["jobs"][0]["job_id"])
+
+    uploads_logged = [r for r in _audit_export(server.home, "--action", "upload") if r["actor"].startswith("m-")]
+    denied = {r["actor"] for r in uploads_logged if r["outcome"] == "denied"}
+    assert denied == {"m-stranger", "m-reader", "m-nobody", "m-walled", "m-admin"}
+    [accepted] = [r for r in uploads_logged if r["actor"] == "m-editor"]
+    assert accepted["outcome"] == "ok" and accepted["target"] == "matrix"
+    assert accepted["details"]["job_id"] == job["job_id"] and accepted["details"]["filename"] == "policy.md"
+    deletes = [r for r in _audit_export(server.home, "--action", "delete") if r["target"] == document_id]
+    assert [(r["actor"], r["outcome"]) for r in deletes] == [
+        ("m-stranger", "denied"),
+        ("m-nobody", "denied"),
+        ("m-walled", "denied"),
+        ("m-admin", "denied"),
+        ("m-reader", "denied"),
+        ("m-editor", "ok"),
+    ]
+    assert deletes[-1]["details"] == {"collection": "matrix", "filename": "policy.md"}
+    verify = run_cli(server.home, "audit", "verify")
+    assert verify.stdout.startswith("OK: ")

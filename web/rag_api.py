@@ -1,7 +1,9 @@
 """Grounded answers over HTTP: /api/rag/search, /api/rag/ask, and `rag/<collection>` as a chat model.
 
 Every request computes the caller's access afresh (a revoked grant applies at once). A collection
-the caller cannot read is answered exactly like one that does not exist.
+the caller cannot read is answered exactly like one that does not exist. Every question (search, ask,
+a `rag/<collection>` chat through the Ollama or OpenAI API) leaves an audit record: who, where, the
+chunks retrieved and cited, the model; a refused one is recorded as denied.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from sqlmodel import select
 
-from appliance import conversations
+from appliance import audit, conversations
 from appliance.db import Document, session
-from appliance.errors import BadRequest
+from appliance.errors import ApplianceError, BadRequest, Forbidden, NotFound
 from appliance.inference.engine import Token
 from appliance.rag import AnswerDone, require_collections
 from appliance.rbac import Access, access_for
@@ -56,6 +58,60 @@ def _options(body: dict[str, Any]) -> dict[str, Any] | None:
     return get(body, "options", dict)
 
 
+async def record_question(
+    request: Request,
+    principal: Principal,
+    action: str,
+    collections: list[str] | None,
+    question: str | None,
+    outcome: str = "ok",
+    **details: Any,
+) -> None:
+    """The audit record of one question (the text only when APPLIANCE_AUDIT_QUESTION_TEXT allows it)."""
+    state = request.app.state
+    actor, actor_id = audit.actor_of(principal)
+    details = {"route": request.url.path, "collections": collections, **details}
+    if state.settings.audit_question_text and question is not None:
+        details["question"] = question
+    target = ",".join(collections) if collections else None
+    await asyncio.to_thread(
+        audit.record, state.db, actor, action, actor_id=actor_id, target=target, outcome=outcome, details=details
+    )
+
+
+async def audited_answer(
+    request: Request,
+    principal: Principal,
+    question: str,
+    collections: list[str] | None,
+    events: AsyncIterator[Token | AnswerDone],
+    **extra: Any,
+) -> AsyncIterator[Token | AnswerDone]:
+    """The answer's events, primed (a refused collection raises here, recorded as denied); the answer is
+    recorded once it is done (or failed, if the stream breaks first)."""
+    try:
+        events = await primed(events)
+    except (NotFound, Forbidden) as exc:
+        await record_question(request, principal, "ask", collections, question, "denied", reason=exc.message, **extra)
+        raise
+
+    async def stream() -> AsyncIterator[Token | AnswerDone]:
+        try:
+            async for event in events:
+                if isinstance(event, AnswerDone):
+                    details = audit.ask_details(event, collections, **extra)
+                    del details["collections"]
+                    await record_question(request, principal, "ask", collections, question, **details)
+                yield event
+        except ApplianceError as exc:
+            await record_question(
+                request, principal, "ask", collections, question, "failed", reason=exc.message, **extra
+            )
+            raise
+
+    return stream()
+
+
 @router.post("/search")
 async def search(request: Request, principal: Principal = Depends(require_user)):
     body = await read_json(request)
@@ -63,7 +119,14 @@ async def search(request: Request, principal: Principal = Depends(require_user))
     collections = require_collections(body.get("collections"))
     top_k = get(body, "top_k", int)
     access = caller_access(request, principal)
-    hits = await asyncio.to_thread(request.app.state.retriever.search, query, access, collections, top_k)
+    question = query if isinstance(query, str) else None
+    try:
+        hits = await asyncio.to_thread(request.app.state.retriever.search, query, access, collections, top_k)
+    except (NotFound, Forbidden) as exc:
+        await record_question(request, principal, "search", collections, question, "denied", reason=exc.message)
+        raise
+    retrieved = [hit.chunk_id for hit in hits]
+    await record_question(request, principal, "search", collections, question, retrieved=retrieved)
     return json_response({"results": [hit.public() for hit in hits]})
 
 
@@ -82,8 +145,18 @@ async def ask(request: Request, principal: Principal = Depends(require_user)):
         raise BadRequest("'messages' must be a list of {role, content} objects (the conversation so far)")
     conversation_id = get(body, "conversation_id", str)
     if conversation_id is not None:
-        history = await asyncio.to_thread(conversations.history, state.db, principal.user_id, conversation_id)
-    events = await primed(
+        try:
+            history = await asyncio.to_thread(conversations.history, state.db, principal.user_id, conversation_id)
+        except NotFound as exc:  # someone else's conversation is answered like a missing one
+            await record_question(
+                request, principal, "ask", collections, question, "denied", reason=exc.message, conversation=True
+            )
+            raise
+    events = await audited_answer(
+        request,
+        principal,
+        question,
+        collections,
         state.answerer.ask(
             question,
             caller_access(request, principal),
@@ -92,7 +165,7 @@ async def ask(request: Request, principal: Principal = Depends(require_user)):
             history=history,
             options=_options(body),
             top_k=get(body, "top_k", int),
-        )
+        ),
     )
     store = get(body, "store", bool, True)
 
@@ -166,14 +239,15 @@ async def rag_chat_events(
         raise BadRequest("a RAG chat needs a user message with the question")
     last = questions[-1]
     history = [m for m in messages[:last] if m.get("role") in ("user", "assistant")]
-    events = await primed(
+    question = messages[last]["content"]
+    events = await audited_answer(
+        request,
+        principal,
+        question,
+        [collection],
         request.app.state.answerer.ask(
-            messages[last]["content"],
-            caller_access(request, principal),
-            [collection],
-            history=history,
-            options=options,
-        )
+            question, caller_access(request, principal), [collection], history=history, options=options
+        ),
     )
 
     async def stream() -> AsyncIterator[Token | AnswerDone]:
