@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
@@ -30,13 +31,17 @@ from appliance.rag import Answerer
 from appliance.retrieve import Retriever
 from ingest.jobs import JobWorker
 from ingest.pipeline import Ingestor
-from web import documents_api, ollama_api, openai_api, rag_api
+from web import admin_pages, documents_api, ollama_api, openai_api, pages, rag_api, signin
 from web.auth import host_allowed, issue_cli_token
+from web.rendering import SignInRequired, error_page, is_page
+from web.security import CsrfRefused, add_security_headers, audit
 
 log = logging.getLogger(__name__)
 
 
-def _error_response(request: Request, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+def _error_response(request: Request, status: int, message: str, headers: dict | None = None) -> Response:
+    if is_page(request):
+        return error_page(request, status, message)
     if request.url.path.startswith("/v1"):
         return JSONResponse(openai_api.error_body(message, status), status_code=status, headers=headers)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -62,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
         await asyncio.to_thread(state.jobs.recover)
         worker = asyncio.create_task(state.jobs.run_forever())
         state.cli_token_hash = issue_cli_token(settings.run_dir)
+        state.form_key = secrets.token_bytes(32)  # signs the sign-in forms' CSRF tokens (per process)
         state.started_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         warm = asyncio.create_task(state.embedder.aload())
         log.info(
@@ -93,8 +99,20 @@ def create_app(settings: Settings) -> FastAPI:
     async def check_host(request: Request, call_next):
         host = request.headers.get("host", "")
         if not host_allowed(host, settings.server.host, settings.server.allowed_hosts):
-            return _error_response(request, 403, "forbidden host header")
-        return await call_next(request)
+            response = JSONResponse({"error": "forbidden host header"}, status_code=403)
+        else:
+            response = await call_next(request)
+        add_security_headers(response, request.url.path)
+        return response
+
+    @app.exception_handler(SignInRequired)
+    async def sign_in_required(request: Request, exc: SignInRequired):
+        return RedirectResponse(exc.location, status_code=303)
+
+    @app.exception_handler(CsrfRefused)
+    async def csrf_refused(request: Request, exc: CsrfRefused):
+        audit(request, "-", "signin_failed", outcome="denied", reason="csrf", path=request.url.path[:200])
+        return _error_response(request, exc.status, exc.message)
 
     @app.exception_handler(ApplianceError)
     async def appliance_error(request: Request, exc: ApplianceError):
@@ -118,7 +136,10 @@ def create_app(settings: Settings) -> FastAPI:
         return _error_response(request, 500, "internal server error")
 
     @app.api_route("/", methods=["GET", "HEAD"])
-    async def root():
+    async def root(request: Request):
+        """A browser gets the ask page (or the sign-in); programs get Ollama's answer."""
+        if request.method == "GET" and is_page(request):
+            return await pages.ask_page(request)
         return PlainTextResponse("Ollama is running")
 
     @app.get("/favicon.ico")
@@ -129,4 +150,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai_api.router)
     app.include_router(documents_api.router)
     app.include_router(rag_api.router)
+    app.include_router(signin.router)
+    app.include_router(pages.router)
+    app.include_router(admin_pages.router)
     return app

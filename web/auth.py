@@ -1,4 +1,5 @@
-"""API authentication: bearer keys on every /api and /v1 route, the local CLI token, Host checks."""
+"""API authentication: bearer keys on every /api and /v1 route, the local CLI token, the browser's
+session cookie (state-changing methods only with the session's X-CSRF-Token header), Host checks."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from fastapi import Request
 
 from appliance.errors import Forbidden, Unauthorized
 from appliance.users import Principal, authenticate_key
+from web import sessions
+from web.security import CsrfRefused
 
 CLI_TOKEN_FILE = "cli.token"  # noqa: S105 (a file name, not a secret)
 LOCAL_ADMIN = Principal(user_id=0, name="local-cli", role="admin")
@@ -42,10 +45,20 @@ def bearer_token(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def require_user(request: Request) -> Principal:
-    """The caller behind the request's key; raises Unauthorized."""
+    """The caller behind the request's key, or behind a signed-in browser session; raises Unauthorized."""
     token = bearer_token(request)
     if not token:
+        signed, _reason = sessions.current(request)
+        if signed is not None and signed.row.stage == "full":
+            if request.method not in SAFE_METHODS and not sessions.csrf_matches(
+                request.headers.get("x-csrf-token"), signed.csrf
+            ):
+                raise CsrfRefused("missing or stale X-CSRF-Token header: reload the page and try again")
+            return signed.principal
         raise Unauthorized(
             "missing API key: send 'Authorization: Bearer <key>' (create one with `appliance keys create --user NAME`)"
         )

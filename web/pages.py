@@ -1,0 +1,147 @@
+"""The everyday pages: ask (chat with citations), documents (list, filter, open, delete), the document
+view with the cited passage highlighted, and upload.
+
+Each route authorizes through the caller's rbac Access: collections offered on the ask page are the
+readable ones, the document list shows only documents `can_read` allows, delete and upload are offered
+only where `allowed(access, "edit", collection)`. The pages' scripts call the JSON APIs with the
+session cookie and the session's CSRF token in a header. Document text is only ever rendered escaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from sqlmodel import select
+
+from appliance.db import Chunk, Document, DocumentText, session
+from appliance.errors import NotFound
+from appliance.rbac import allowed, list_collections, list_groups
+from web.rendering import nav, render, serve_asset, signed_in, viewer_access
+
+router = APIRouter()
+MAX_PASSAGE = 20_000
+
+
+@router.get("/static/{name}")
+async def static_file(name: str):
+    return serve_asset(name)
+
+
+def readable_collections(request: Request, access) -> list[str]:
+    with session(request.app.state.db) as db:
+        names = set(db.exec(select(Document.collection).where(Document.status == "indexed").distinct()))
+    return sorted(name for name in names if allowed(access, "read", name))
+
+
+async def ask_page(request: Request):
+    signed = signed_in(request)
+    access = viewer_access(request, signed)
+    collections = await asyncio.to_thread(readable_collections, request, access)
+    return render(
+        request,
+        "ask.html",
+        title="Ask",
+        collections=collections,
+        scripts=["common.js", "ask.js"],
+        **nav(request, signed),
+    )
+
+
+def _visible_documents(request: Request, access, collection: str, name: str) -> list[Document]:
+    with session(request.app.state.db) as db:
+        query = select(Document).order_by(Document.collection, Document.filename)
+        if collection:
+            query = query.where(Document.collection == collection)
+        documents = list(db.exec(query))
+    needle = name.strip().lower()
+    return [
+        d for d in documents if access.can_read(d.collection, d.acl) and (not needle or needle in d.filename.lower())
+    ]
+
+
+@router.get("/documents")
+async def documents_page(request: Request, collection: str = "", name: str = ""):
+    signed = signed_in(request)
+    access = viewer_access(request, signed)
+    documents = await asyncio.to_thread(_visible_documents, request, access, collection[:128], name[:200])
+    readable = sorted({d.collection for d in await asyncio.to_thread(_visible_documents, request, access, "", "")})
+    rows = [{"doc": d, "can_delete": allowed(access, "edit", d.collection)} for d in documents]
+    return render(
+        request,
+        "documents.html",
+        title="Documents",
+        rows=rows,
+        collections=readable,
+        collection=collection,
+        name=name,
+        scripts=["common.js", "documents.js"],
+        **nav(request, signed),
+    )
+
+
+def _document_view(request: Request, access, document_id: str, chunk_id: str, start: int | None, end: int | None):
+    with session(request.app.state.db) as db:
+        document = db.get(Document, document_id) if len(document_id) == 64 else None
+        if document is None or not access.can_read(document.collection, document.acl):
+            raise NotFound("No such document, or you may not read it.")  # the same answer for both
+        text_row = db.get(DocumentText, document_id)
+        chunk = db.get(Chunk, chunk_id) if chunk_id else None
+    text = text_row.text if text_row else ""
+    if chunk is not None and chunk.document_id != document_id:
+        chunk = None
+    span = None
+    if start is not None and end is not None and 0 <= start < end <= len(text) and end - start <= MAX_PASSAGE:
+        span = (start, end)
+    elif chunk is not None and 0 <= chunk.start < chunk.end <= len(text):
+        span = (chunk.start, chunk.end)
+    parts = {"before": text, "passage": "", "after": ""}
+    if span:
+        parts = {"before": text[: span[0]], "passage": text[span[0] : span[1]], "after": text[span[1] :]}
+    page = chunk.page if chunk is not None else None
+    section = " › ".join(chunk.headings) if chunk is not None else ""
+    return document, parts, page, section
+
+
+@router.get("/documents/{document_id}")
+async def document_page(
+    request: Request, document_id: str, chunk: str = "", start: int | None = None, end: int | None = None
+):
+    signed = signed_in(request)
+    access = viewer_access(request, signed)
+    document, parts, page, section = await asyncio.to_thread(
+        _document_view, request, access, document_id, chunk[:100], start, end
+    )
+    return render(
+        request,
+        "document.html",
+        title=document.filename,
+        doc=document,
+        parts=parts,
+        page=page,
+        section=section,
+        can_delete=allowed(access, "edit", document.collection),
+        scripts=["common.js", "documents.js"],
+        **nav(request, signed),
+    )
+
+
+@router.get("/upload")
+async def upload_page(request: Request):
+    signed = signed_in(request)
+    access = viewer_access(request, signed)
+    state = request.app.state
+    existing = {c["name"] for c in await asyncio.to_thread(list_collections, state.db)}
+    editable = sorted(c for c in existing if allowed(access, "edit", c))
+    groups = [g["name"] for g in await asyncio.to_thread(list_groups, state.db)]
+    return render(
+        request,
+        "upload.html",
+        title="Upload",
+        collections=editable,
+        groups=groups,
+        may_upload=allowed(access, "edit", editable[0]) if editable else False,
+        max_mb=state.settings.ingest.max_upload_mb,
+        scripts=["common.js", "upload.js"],
+        **nav(request, signed),
+    )

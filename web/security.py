@@ -1,0 +1,165 @@
+"""Browser-facing protections: security headers, the pre-sign-in CSRF token, sign-in throttling, audit.
+
+Every response carries a strict CSP (no inline script or style, nothing from another origin), nosniff,
+no referrer and no framing. Forms before sign-in (login, setup) carry a token bound to a random cookie
+(HMAC with a per-process key); after sign-in forms and fetch calls carry the session's own token.
+Failed sign-ins are counted per account name and per client address; over the limit the key is locked,
+and each further failure doubles the lock (up to a day).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from datetime import timedelta
+
+from fastapi import Request, Response
+from sqlalchemy.engine import Engine
+
+from appliance import audit as audit_log
+from appliance.config import WebSettings
+from appliance.db import LoginThrottle, session, utcnow
+from appliance.errors import Forbidden
+
+log = logging.getLogger(__name__)
+
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
+PRELOGIN_SECURE = "__Host-prelogin"
+PRELOGIN_PLAIN = "appliance_prelogin"
+MAX_LOCK_S = 86_400
+STALE_FORM = "This form has expired or did not come from this site. Reload the page and try again."
+
+
+class CsrfRefused(Forbidden):
+    """A state-changing request without the right CSRF token."""
+
+
+def add_security_headers(response: Response, path: str) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if not path.startswith("/static/"):
+        response.headers.setdefault("Cache-Control", "no-store")
+
+
+# --- CSRF before sign-in -------------------------------------------------------------------------
+def _prelogin_cookie(request: Request) -> str:
+    from web.sessions import is_secure
+
+    return PRELOGIN_SECURE if is_secure(request) else PRELOGIN_PLAIN
+
+
+def _form_token(request: Request, nonce: str) -> str:
+    return hmac.new(request.app.state.form_key, nonce.encode(), hashlib.sha256).hexdigest()
+
+
+def prelogin_token(request: Request) -> tuple[str, str | None]:
+    """(token for the form, new cookie nonce to set or None when the browser already has one)."""
+    nonce = request.cookies.get(_prelogin_cookie(request))
+    fresh = None
+    if not nonce or len(nonce) > 64:
+        nonce = fresh = secrets.token_urlsafe(24)
+    return _form_token(request, nonce), fresh
+
+
+def set_prelogin_cookie(request: Request, response: Response, nonce: str | None) -> None:
+    if nonce:
+        from web.sessions import is_secure
+
+        response.set_cookie(
+            _prelogin_cookie(request), nonce, path="/", httponly=True, samesite="strict", secure=is_secure(request)
+        )
+
+
+def check_prelogin(request: Request, sent: object) -> None:
+    nonce = request.cookies.get(_prelogin_cookie(request))
+    if not nonce or not isinstance(sent, str) or not hmac.compare_digest(sent, _form_token(request, nonce)):
+        raise CsrfRefused(STALE_FORM)
+
+
+# --- sign-in throttling --------------------------------------------------------------------------
+def throttle_keys(name: str, address: str) -> list[str]:
+    return [f"user:{name.lower()[:64]}", f"addr:{address[:64]}"]
+
+
+def locked_for(engine: Engine, keys: list[str]) -> int:
+    """Seconds until every one of these keys may try again (0: none is locked)."""
+    now = utcnow()
+    wait = 0
+    with session(engine) as db:
+        for key in keys:
+            row = db.get(LoginThrottle, key)
+            if row is not None and row.locked_until is not None and row.locked_until > now:
+                wait = max(wait, int((row.locked_until - now).total_seconds()) + 1)
+    return wait
+
+
+def record_failure(engine: Engine, settings: WebSettings, keys: list[str]) -> None:
+    now = utcnow()
+    window = timedelta(seconds=max(900, settings.login_lockout_s))
+    with session(engine) as db:
+        for key in keys:
+            limit = settings.login_max_failures if key.startswith("user:") else settings.login_max_failures_per_address
+            row = db.get(LoginThrottle, key) or LoginThrottle(key=key)
+            unlocked = row.locked_until is None or row.locked_until <= now
+            if unlocked and now - row.updated_at > window and row.failures < limit:
+                row.failures = 0  # old failures below the limit are forgotten
+            row.failures += 1
+            if row.failures >= limit:
+                lock = min(MAX_LOCK_S, settings.login_lockout_s * 2 ** min(20, row.failures - limit))
+                row.locked_until = now + timedelta(seconds=lock)
+            row.updated_at = now
+            db.add(row)
+        db.commit()
+
+
+def clear_failures(engine: Engine, key: str) -> None:
+    with session(engine) as db:
+        row = db.get(LoginThrottle, key)
+        if row is not None:
+            db.delete(row)
+            db.commit()
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+# --- audit ---------------------------------------------------------------------------------------
+def audit(
+    request: Request,
+    actor: str,
+    action: str,
+    *,
+    actor_id: int | None = None,
+    target: str | None = None,
+    outcome: str = "ok",
+    **details,
+) -> None:
+    """An audit record (appliance.audit's vocabulary: signin, signin_failed, signout, user_add, ...), with the
+    client address. Never a secret or document text in `details`. An action the audit log does not know
+    yet is logged instead (names only)."""
+    if action not in audit_log.ACTIONS:
+        log.info("audit (no such audit action yet) %s %s by %s on %s", action, outcome, actor, target)
+        return
+    audit_log.record(
+        request.app.state.db,
+        actor or "-",
+        action,
+        actor_id=actor_id,
+        target=target,
+        outcome=outcome,
+        details={"address": client_address(request), **details},
+    )
