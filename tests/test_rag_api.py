@@ -311,3 +311,56 @@ def _user_id(engine, name: str) -> int:
 
     with session(engine) as db:
         return db.exec(select(User.id).where(User.name == name)).one()
+
+
+def _audit(world: World, since: str, *args: str) -> list[dict]:
+    result = run_cli(world.server.home, "audit", "export", "--since", since, *args)
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_every_question_is_audited_without_its_text(world):
+    """/api/rag/ask, /api/rag/search, rag/<collection> through /api/chat and /v1/chat/completions: who, where,
+    the chunks retrieved and cited, the model; refused ones as denied; never the question or passage text."""
+    from datetime import UTC, datetime
+
+    since = datetime.now(UTC).isoformat()
+    question = "How long are maternity records kept?"
+    status, lines = _ask(world, world.alice, question=question, collections=["hospital"], options={"num_predict": 8})
+    assert status == 200
+    final = lines[-1]
+    with world.server.http(world.alice) as http:
+        results = http.post("/api/rag/search", json={"query": question, "collections": ["hospital"]}).json()
+        chat = {"model": "rag/hospital", "messages": [{"role": "user", "content": question}], "stream": False}
+        assert http.post("/api/chat", json=chat, timeout=120).status_code == 200
+        completion = {**chat, "max_tokens": 8}
+        assert http.post("/v1/chat/completions", json=completion, timeout=120).status_code == 200
+    assert _ask(world, world.walled, question=question, collections=["hospital"])[0] == 404
+    with world.server.http(world.walled) as http:
+        refused = http.post("/api/chat", json={**chat, "model": "rag/hospital"})
+        assert refused.status_code == 404
+
+    [asked, ollama_chat, openai_chat] = _audit(world, since, "--user", "alice", "--action", "ask")
+    assert asked["outcome"] == "ok" and asked["actor_id"] is not None and asked["target"] == "hospital"
+    details = asked["details"]
+    assert details["route"] == "/api/rag/ask" and details["collections"] == ["hospital"]
+    assert details["retrieved"] == final["retrieved"] and details["retrieved"]
+    assert details["cited"] == [c["chunk_id"] for c in final["citations"]]
+    assert (details["model"], details["mode"], details["grounded"]) == (
+        final["model"],
+        final["mode"],
+        final["grounded"],
+    )
+    assert "question" not in details  # APPLIANCE_AUDIT_QUESTION_TEXT is off
+    assert ollama_chat["details"]["route"] == "/api/chat" and ollama_chat["details"]["collections"] == ["hospital"]
+    assert openai_chat["details"]["route"] == "/v1/chat/completions" and openai_chat["details"]["retrieved"]
+    [searched] = _audit(world, since, "--user", "alice", "--action", "search")
+    assert searched["details"]["retrieved"] == [r["chunk_id"] for r in results["results"]]
+    denied = _audit(world, since, "--user", "walled")
+    assert [(r["action"], r["outcome"], r["details"]["route"]) for r in denied] == [
+        ("ask", "denied", "/api/rag/ask"),
+        ("ask", "denied", "/api/chat"),
+    ]
+    exported = run_cli(world.server.home, "audit", "export").stdout
+    assert question not in exported and "maternity" not in exported.lower()
+    assert "twenty-five" not in exported  # no passage text
+    assert run_cli(world.server.home, "audit", "verify").stdout.startswith("OK: ")
