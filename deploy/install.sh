@@ -33,6 +33,15 @@ if ! command -v tesseract >/dev/null 2>&1 || ! command -v pdftoppm >/dev/null 2>
     echo "Optional, for scanned PDFs: sudo apt-get install tesseract-ocr poppler-utils" >&2
   fi
 fi
+# The web app's browser tests drive Debian's chromium (Playwright never downloads a browser here).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+      || echo "chromium not installed: the browser tests (tests/test_web_e2e.py) will be skipped" >&2
+  else
+    echo "Optional, for the browser tests: sudo apt-get install chromium" >&2
+  fi
+fi
 "$python" -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is required"'
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip)
