@@ -170,7 +170,7 @@ def check(engine: Engine) -> Verification:
         if row.prev_hash != expected_prev:
             reason = (
                 "its prev_hash is not the hash of the record before it "
-                "(a record before it was removed, inserted or reordered)"
+                "(a record before it was removed, inserted, reordered, or edited and re-hashed)"
             )
             return Verification(False, row.id, reason, count, expected_prev)
         if _digest(fields) != row.hash:
