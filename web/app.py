@@ -99,7 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def check_host(request: Request, call_next):
         host = request.headers.get("host", "")
         if not host_allowed(host, settings.server.host, settings.server.allowed_hosts):
-            response = JSONResponse({"error": "forbidden host header"}, status_code=403)
+            response = _error_response(request, 403, "forbidden host header")
         else:
             response = await call_next(request)
         add_security_headers(response, request.url.path)

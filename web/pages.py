@@ -140,7 +140,6 @@ async def upload_page(request: Request):
         title="Upload",
         collections=editable,
         groups=groups,
-        may_upload=allowed(access, "edit", editable[0]) if editable else False,
         max_mb=state.settings.ingest.max_upload_mb,
         scripts=["common.js", "upload.js"],
         **nav(request, signed),
