@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -108,6 +109,22 @@ class RetrievalSettings(BaseSettings):
     rrf_k: int = Field(20, ge=1, le=1000, description="Reciprocal-rank-fusion constant k (score = sum 1/(k + rank)).")
     dense_weight: float = Field(0.75, ge=0, le=10, description="Weight of the vector ranking in the fusion.")
     keyword_weight: float = Field(1.0, ge=0, le=10, description="Weight of the BM25 ranking in the fusion.")
+    keyword_max_df: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description=(
+            "Query words found in more than this fraction of all chunks are left out of the BM25 query while "
+            "rarer words remain (they weigh almost nothing and make every chunk a match); 1 keeps every word."
+        ),
+    )
+    vector_search: Literal["memory", "chroma"] = Field(
+        "memory",
+        description=(
+            "Where the access-filtered vector search runs: 'memory', an exact scan of an in-memory copy of the "
+            "vectors (~150 MB per 100k chunks); 'chroma', Chroma's own filtered query (slower at scale)."
+        ),
+    )
     min_similarity: float = Field(
         0.3,
         ge=-1,

@@ -89,6 +89,15 @@ class Chunk(SQLModel, table=True):
     text: str
 
 
+class ChunkVector(SQLModel, table=True):
+    """A chunk's embedding (float32 bytes), kept beside the chunk so that every process reads the vectors
+    through the database (the in-memory search copy; rebuilding Chroma) rather than through embedded Chroma,
+    which one process cannot see another's writes through."""
+
+    chunk_id: str = Field(primary_key=True, foreign_key="chunk.id", max_length=80)
+    vector: bytes
+
+
 class Job(SQLModel, table=True):
     """A persistent unit of ingestion work; survives restarts (running jobs are re-run after a crash)."""
 
@@ -217,6 +226,15 @@ class LoginThrottle(SQLModel, table=True):
     failures: int = 0
     locked_until: datetime | None = None
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class IndexState(SQLModel, table=True):
+    """One row (id 1): `generation` grows with every write to the chunk index, so that a process holding
+    a copy of it (the in-memory vectors) sees writes made by another process (a CLI ingest)."""
+
+    id: int = Field(default=1, primary_key=True)
+    generation: int = 0
+    rebuilds: int = 0  # `index rebuild` re-embeds everything: a holder of a copy reads it all again
 
 
 # The FTS5 table for BM25 lives beside these (created by migration 0002, outside the ORM).

@@ -1,6 +1,7 @@
 """The chunk index: every chunk in the three places retrieval reads, kept in step.
 
-    database   document, its extracted text, its chunks (the record of truth)
+    database   document, its extracted text, its chunks and their vectors (the record of truth; the
+               in-memory vector search reads the vectors from here, see vector_search.py)
     FTS5       chunk_fts, for BM25 keyword search (same SQLite database)
     Chroma     one collection of chunk vectors with document, collection and ACL principals as
                metadata (embeddings always passed in; Chroma never picks an embedding function)
@@ -21,7 +22,7 @@ from sqlalchemy import text as sql
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
-from appliance.db import FTS_TABLE, Chunk, Document, DocumentText, session
+from appliance.db import FTS_TABLE, Chunk, ChunkVector, Document, DocumentText, session
 from appliance.errors import NotFound
 
 VECTOR_COLLECTION = "chunks"
@@ -46,6 +47,7 @@ class IndexReport:
     unfinished: list[str] = field(default_factory=list)  # documents left indexing or deleting
     missing_in_fts: list[str] = field(default_factory=list)
     missing_in_chroma: list[str] = field(default_factory=list)
+    missing_vectors: list[str] = field(default_factory=list)  # chunks without a stored vector in the database
     orphans_in_fts: list[str] = field(default_factory=list)
     orphans_in_chroma: list[str] = field(default_factory=list)
 
@@ -55,6 +57,7 @@ class IndexReport:
             self.unfinished
             or self.missing_in_fts
             or self.missing_in_chroma
+            or self.missing_vectors
             or self.orphans_in_fts
             or self.orphans_in_chroma
         )
@@ -75,6 +78,21 @@ def _insert_fts(db, chunks: list[Chunk], documents: dict[str, Document]) -> None
             "collection": documents[chunk.document_id].collection,
         }
         db.exec(_FTS_INSERT, params=params)
+
+
+def _vector_rows(chunks: list[Chunk], embeddings) -> list[ChunkVector]:
+    vectors = np.asarray(embeddings, dtype=np.float32)
+    return [
+        ChunkVector(chunk_id=chunk.id, vector=vector.tobytes()) for chunk, vector in zip(chunks, vectors, strict=True)
+    ]
+
+
+def _bump_generation(db, rebuilt: bool = False) -> None:
+    """Tell processes holding a copy of the vectors (vector_search.VectorMirror) that the index changed."""
+    db.exec(
+        sql("UPDATE indexstate SET generation = generation + 1, rebuilds = rebuilds + :r WHERE id = 1"),
+        params={"r": int(rebuilt)},
+    )
 
 
 class ChunkIndex:
@@ -108,6 +126,8 @@ class ChunkIndex:
             db.add_all(all_chunks)
             db.flush()
             _insert_fts(db, all_chunks, documents)
+            for _document, _text, chunks, embeddings in entries:
+                db.add_all(_vector_rows(chunks, embeddings))
             db.commit()
         if all_chunks:
             vectors = np.concatenate([np.asarray(e, dtype=np.float32) for _, _, chunks, e in entries if chunks])
@@ -116,6 +136,7 @@ class ChunkIndex:
             for stored in db.exec(select(Document).where(col(Document.id).in_(list(documents)))):
                 stored.status = "indexed"
                 db.add(stored)
+            _bump_generation(db)
             db.commit()
 
     def remove(self, document_id: str) -> None:
@@ -130,6 +151,10 @@ class ChunkIndex:
         self.vectors.delete(where={"document_id": document_id})
         with session(self.engine) as db:
             db.exec(sql(f"DELETE FROM {FTS_TABLE} WHERE document_id = :id"), params={"id": document_id})  # noqa: S608
+            db.exec(
+                sql("DELETE FROM chunkvector WHERE chunk_id IN (SELECT id FROM chunk WHERE document_id = :id)"),
+                params={"id": document_id},
+            )
             for chunk in db.exec(select(Chunk).where(Chunk.document_id == document_id)):
                 db.delete(chunk)
             text_row = db.get(DocumentText, document_id)
@@ -137,6 +162,7 @@ class ChunkIndex:
                 db.delete(text_row)
             db.flush()
             db.delete(db.get(Document, document_id))
+            _bump_generation(db)
             db.commit()
 
     def rebuild(self, embed: Callable[[list[str]], np.ndarray], batch: int = 256) -> int:
@@ -157,9 +183,24 @@ class ChunkIndex:
             ]
             _insert_fts(db, chunks, documents)
             db.commit()
+        with session(self.engine) as db:
+            db.exec(
+                sql(
+                    "DELETE FROM chunkvector WHERE chunk_id IN (SELECT c.id FROM chunk AS c "
+                    "JOIN document AS d ON d.id = c.document_id WHERE d.status = 'indexed')"
+                )
+            )
+            db.commit()
         for begin in range(0, len(chunks), batch):
             part = chunks[begin : begin + batch]
-            self._upsert_vectors(part, embed([c.text for c in part]), documents)
+            vectors = embed([c.text for c in part])
+            self._upsert_vectors(part, vectors, documents)
+            with session(self.engine) as db:
+                db.add_all(_vector_rows(part, vectors))
+                db.commit()
+        with session(self.engine) as db:
+            _bump_generation(db, rebuilt=True)
+            db.commit()
         return len(chunks)
 
     def _upsert_vectors(self, chunks: list[Chunk], embeddings, documents: dict[str, Document]) -> None:
@@ -182,6 +223,7 @@ class ChunkIndex:
             documents = list(db.exec(select(Document)))
             chunk_ids = set(db.exec(select(Chunk.id)))
             fts_ids = {row[0] for row in db.exec(sql(f"SELECT chunk_id FROM {FTS_TABLE}"))}  # noqa: S608
+            vector_ids = set(db.exec(select(ChunkVector.chunk_id)))
         chroma_ids = set(self.vectors.get(include=[])["ids"])
         return IndexReport(
             documents=len(documents),
@@ -191,4 +233,5 @@ class ChunkIndex:
             missing_in_chroma=sorted(chunk_ids - chroma_ids),
             orphans_in_fts=sorted(fts_ids - chunk_ids),
             orphans_in_chroma=sorted(chroma_ids - chunk_ids),
+            missing_vectors=sorted(chunk_ids - vector_ids),
         )

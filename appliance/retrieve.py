@@ -23,6 +23,7 @@ from appliance.embeddings import SentenceEmbedder
 from appliance.errors import BadRequest, NotFound
 from appliance.index import ChunkIndex
 from appliance.rbac import Access
+from appliance.vector_search import VectorMirror
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +68,39 @@ def check_query(query: object) -> str:
     return query.strip()
 
 
-def fts_query(query: str) -> str | None:
-    """An FTS5 MATCH expression: every word of the query, quoted, OR-ed (BM25 weighs them)."""
+def query_words(query: str) -> list[str]:
+    """The distinct words of a query, lower-cased, in order, at most MAX_QUERY_TERMS."""
     words: list[str] = []
     for word in _WORD.findall(query.lower()):
         if word not in words:
             words.append(word)
-    if not words:
-        return None
-    return " OR ".join(f'"{w}"' for w in words[:MAX_QUERY_TERMS])
+    return words[:MAX_QUERY_TERMS]
+
+
+def fts_query(query: str) -> str | None:
+    """An FTS5 MATCH expression: every word of the query, quoted, OR-ed (BM25 weighs them)."""
+    words = query_words(query)
+    return " OR ".join(f'"{w}"' for w in words) if words else None
+
+
+def document_frequencies(db, words: list[str]) -> dict[str, int]:
+    """How many chunks hold each word, as FTS5 indexed it (stemmed by the same porter tokenizer, which a
+    scratch FTS5 table in the connection's temp schema applies to the words)."""
+    db.exec(sql("CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_terms USING fts5(word, tokenize='porter unicode61')"))
+    db.exec(sql("CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_stems USING fts5vocab(temp, query_terms, 'instance')"))
+    db.exec(sql("DELETE FROM temp.query_terms"))
+    for number, word in enumerate(words):
+        db.exec(sql("INSERT INTO temp.query_terms (rowid, word) VALUES (:n, :w)"), params={"n": number, "w": word})
+    stems = {row[1]: row[0] for row in db.exec(sql("SELECT term, doc FROM temp.query_stems"))}
+    db.exec(sql("DELETE FROM temp.query_terms"))
+    db.commit()  # only the temp schema was written; committing keeps the scratch tables for the next query
+    if not stems:
+        return {}
+    statement = sql("SELECT term, doc FROM chunk_fts_vocab WHERE term IN :terms").bindparams(
+        bindparam("terms", expanding=True)
+    )
+    counts = dict(db.exec(statement, params={"terms": sorted(set(stems.values()))}).all())
+    return {word: counts.get(stems[number], 0) for number, word in enumerate(words) if number in stems}
 
 
 def fuse(rankings: list[tuple[list[str], float]], k: int) -> dict[str, float]:
@@ -105,6 +130,8 @@ class Retriever:
         self.index = index
         self.embedder = embedder
         self.settings = settings
+        self.mirror = VectorMirror(index)
+        self._counted = (-1, 0)  # (index generation, number of chunks) for keyword_max_df
         self._reranker = None
         self._reranker_lock = threading.Lock()
 
@@ -169,6 +196,8 @@ class Retriever:
 
     def dense_search(self, vector, access: Access, scope: list[str] | None, limit: int) -> list[tuple[str, float]]:
         """(chunk id, cosine similarity), best first, among the chunks the caller may read."""
+        if self.settings.vector_search == "memory":
+            return self.mirror.search(vector, self.permitted_documents(access, scope), limit)
         where = vector_filter(access, scope)
         result = self.index.vectors.query(
             query_embeddings=[vector.tolist()], n_results=limit, where=where, include=["distances"]
@@ -176,32 +205,48 @@ class Retriever:
         ids, distances = result["ids"][0], result["distances"][0]
         return [(chunk_id, 1.0 - float(distance)) for chunk_id, distance in zip(ids, distances, strict=True)]
 
-    def keyword_search(self, query: str, access: Access, scope: list[str] | None, limit: int) -> list[str]:
-        """Chunk ids by BM25, best first, among the chunks the caller may read (SQLite FTS5)."""
-        match = fts_query(query)
-        if match is None or self.index.engine.dialect.name != "sqlite":
-            return []
-        conditions = ["d.status = 'indexed'"]
-        params: dict = {"match": match, "limit": limit}
-        binds = []
-        if scope is not None:
-            conditions.append("f.collection IN :collections")
-            params["collections"] = scope
-            binds.append(bindparam("collections", expanding=True))
-        if not access.everything:
-            conditions.append("EXISTS (SELECT 1 FROM json_each(d.acl) AS p WHERE p.value IN :principals)")
-            params["principals"] = sorted(access.principals)
-            binds.append(bindparam("principals", expanding=True))
-            if access.walled:
-                conditions.append("f.collection NOT IN :walled")
-                params["walled"] = sorted(access.walled)
-                binds.append(bindparam("walled", expanding=True))
-        statement = sql(
-            f"SELECT f.chunk_id FROM {FTS_TABLE} AS f JOIN document AS d ON d.id = f.document_id "  # noqa: S608
-            f"WHERE {FTS_TABLE} MATCH :match AND {' AND '.join(conditions)} ORDER BY f.rank LIMIT :limit"
-        ).bindparams(*binds)
+    def permitted_documents(self, access: Access, scope: list[str] | None) -> list[str] | None:
+        """Ids of the indexed documents the caller may read within `scope`; None: every document."""
+        if access.everything and scope is None:
+            return None
+        conditions, params, binds = _permission_sql(access, scope)
+        statement = sql(f"SELECT d.id FROM document AS d WHERE {' AND '.join(conditions)}").bindparams(*binds)  # noqa: S608
         with session(self.index.engine) as db:
             return [row[0] for row in db.exec(statement, params=params)]
+
+    def keyword_search(self, query: str, access: Access, scope: list[str] | None, limit: int) -> list[str]:
+        """Chunk ids by BM25, best first, among the chunks the caller may read (SQLite FTS5)."""
+        if self.index.engine.dialect.name != "sqlite":
+            return []
+        with session(self.index.engine) as db:
+            words = self._selective_words(db, query_words(query), limit)
+            if not words:
+                return []
+            conditions, params, binds = _permission_sql(access, scope)
+            params.update(match=" OR ".join(f'"{w}"' for w in words), limit=limit)
+            statement = sql(
+                f"SELECT f.chunk_id FROM {FTS_TABLE} AS f JOIN document AS d ON d.id = f.document_id "  # noqa: S608
+                f"WHERE {FTS_TABLE} MATCH :match AND {' AND '.join(conditions)} ORDER BY f.rank LIMIT :limit"
+            ).bindparams(*binds)
+            return [row[0] for row in db.exec(statement, params=params)]
+
+    def _selective_words(self, db, words: list[str], limit: int) -> list[str]:
+        """The query words without the near-universal ones: those in more than `keyword_max_df` of all chunks
+        and in more than ten times `limit` chunks, as long as a rarer word remains. BM25 gives such words
+        almost no weight, yet every chunk that holds one must be ranked, which is most of the cost of the
+        query on a large index; on a small one nothing is left out."""
+        if self.settings.keyword_max_df >= 1 or len(words) < 2:
+            return words
+        ceiling = max(self.settings.keyword_max_df * self._chunk_count(db), 10 * limit)
+        frequency = document_frequencies(db, words)
+        rare = [w for w in words if frequency.get(w, 0) <= ceiling]
+        return rare or words
+
+    def _chunk_count(self, db) -> int:
+        generation = db.exec(sql("SELECT generation FROM indexstate WHERE id = 1")).scalar() or 0
+        if self._counted[0] != generation:
+            self._counted = (generation, db.exec(sql("SELECT count(*) FROM chunk")).scalar() or 0)
+        return self._counted[1]
 
     def _hits(
         self, chunk_ids: list[str], fused: dict[str, float], dense: dict[str, float], keyword: list[str]
@@ -264,6 +309,27 @@ class Retriever:
                 prepare_offline_hub()
                 self._reranker = CrossEncoder(str(path), device="cpu", local_files_only=True)
             return self._reranker
+
+
+def _permission_sql(access: Access, scope: list[str] | None) -> tuple[list[str], dict, list]:
+    """SQL conditions on `document AS d` that admit only indexed documents the caller may read within
+    `scope`: (conditions, parameters, expanding bind parameters)."""
+    conditions = ["d.status = 'indexed'"]
+    params: dict = {}
+    binds = []
+    if scope is not None:
+        conditions.append("d.collection IN :collections")
+        params["collections"] = scope
+        binds.append(bindparam("collections", expanding=True))
+    if not access.everything:
+        conditions.append("EXISTS (SELECT 1 FROM json_each(d.acl) AS p WHERE p.value IN :principals)")
+        params["principals"] = sorted(access.principals)
+        binds.append(bindparam("principals", expanding=True))
+        if access.walled:
+            conditions.append("d.collection NOT IN :walled")
+            params["walled"] = sorted(access.walled)
+            binds.append(bindparam("walled", expanding=True))
+    return conditions, params, binds
 
 
 def vector_filter(access: Access, scope: list[str] | None) -> dict | None:

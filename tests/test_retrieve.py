@@ -3,9 +3,10 @@ filter inside both searches: a passage the caller may not read never takes a pla
 
 import pytest
 
+from appliance.db import session
 from appliance.errors import BadRequest, NotFound
 from appliance.rbac import OPERATOR, access_for_user, add_collection, add_grant, add_group, add_member, add_wall
-from appliance.retrieve import Retriever, fts_query, fuse
+from appliance.retrieve import Retriever, document_frequencies, fts_query, fuse
 from appliance.users import add_user
 from tests.conftest import local_ingestor
 
@@ -170,3 +171,44 @@ def _doc_id(engine, filename: str) -> str:
 
     with session(engine) as db:
         return db.exec(select(Document.id).where(Document.filename == filename)).one()
+
+
+def test_chroma_and_memory_vector_searches_admit_the_same_chunks(world):
+    """The in-memory exact search (default) and Chroma's filtered query agree for every caller."""
+    engine, retriever = world
+    in_chroma = Retriever(
+        retriever.index, retriever.embedder, retriever.settings.model_copy(update={"vector_search": "chroma"})
+    )
+    vector = retriever.embedder.encode(["adult medical records retention"]).vectors[0]
+    for name in ("alice", "bob", "carol", "dave", "root"):
+        access = access_for_user(engine, name)
+        scope = retriever.scope(access, None)
+        memory = retriever.dense_search(vector, access, scope, 100)
+        if scope == []:  # walled off everything, or no grant: Chroma refuses an empty $in, search never asks
+            assert memory == [], name
+            continue
+        chroma = in_chroma.dense_search(vector, access, scope, 100)
+        assert {c for c, _ in memory} == {c for c, _ in chroma}, name
+        for (_, a), (_, b) in zip(memory, chroma, strict=True):
+            assert a == pytest.approx(b, abs=1e-4)
+    everything = retriever.dense_search(vector, OPERATOR, None, 100)
+    assert len(everything) == len(in_chroma.dense_search(vector, OPERATOR, None, 100)) > 12
+
+
+def test_near_universal_words_are_left_out_of_the_bm25_query(world):
+    """'records' is in most chunks: with a rarer word beside it, it is dropped; alone, it is kept; and nothing is
+    dropped while the index is small beside the number of candidates asked for."""
+    _, retriever = world
+    strict = Retriever(
+        retriever.index, retriever.embedder, retriever.settings.model_copy(update={"keyword_max_df": 0.3})
+    )
+    with session(retriever.index.engine) as db:
+        frequency = document_frequencies(db, ["records", "Records", "kept", "chemotherapy", "zzzunknown"])
+        assert frequency["records"] >= 13  # stemmed like the index: 'records' and 'record' are one term
+        assert 1 <= frequency["chemotherapy"] <= 2 and frequency["zzzunknown"] == 0
+        assert frequency["Records"] == frequency["records"]
+        assert strict._selective_words(db, ["records", "chemotherapy"], 1) == ["chemotherapy"]
+        assert strict._selective_words(db, ["records", "kept"], 1) == ["records", "kept"]  # nothing rarer: all kept
+        assert strict._selective_words(db, ["records", "chemotherapy"], 10) == ["records", "chemotherapy"]  # small
+    hits = strict.keyword_search("records of chemotherapy", OPERATOR, None, 1)
+    assert hits and hits[0].startswith(_doc_id(retriever.index.engine, "oncology-protocol.md"))
