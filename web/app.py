@@ -70,6 +70,9 @@ def create_app(settings: Settings) -> FastAPI:
         state.form_key = secrets.token_bytes(32)  # signs the sign-in forms' CSRF tokens (per process)
         state.started_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         warm = asyncio.create_task(state.embedder.aload())
+        if settings.retrieval.vector_search == "memory":  # read the vectors now, not on the first question
+            warm_vectors = asyncio.create_task(asyncio.to_thread(state.retriever.mirror.current))
+            warm_vectors.add_done_callback(lambda task: task.cancelled() or task.exception())
         log.info(
             "appliance %s ready: %d CPU cores, %.1f GiB memory, %d GPU(s)",
             __version__,
