@@ -47,6 +47,16 @@ def _error_response(request: Request, status: int, message: str, headers: dict |
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _log_failure(what: str):
+    """A done-callback for a background task: its failure is logged, not lost (the next query retries)."""
+
+    def check(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s failed: %s", what, task.exception())
+
+    return check
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -72,7 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
         warm = asyncio.create_task(state.embedder.aload())
         if settings.retrieval.vector_search == "memory":  # read the vectors now, not on the first question
             warm_vectors = asyncio.create_task(asyncio.to_thread(state.retriever.mirror.current))
-            warm_vectors.add_done_callback(lambda task: task.cancelled() or task.exception())
+            warm_vectors.add_done_callback(_log_failure("reading the vector copy"))
         log.info(
             "appliance %s ready: %d CPU cores, %.1f GiB memory, %d GPU(s)",
             __version__,
