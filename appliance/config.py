@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "APPLIANCE_"
@@ -180,6 +180,65 @@ class WebSettings(BaseSettings):
     )
 
 
+class OidcSettings(BaseSettings):
+    """Sign-in with the organisation's OpenID Connect provider (off unless issuer and client id are set)."""
+
+    model_config = _group_config()
+
+    oidc_issuer: str = Field(
+        "",
+        max_length=512,
+        description=(
+            "Issuer URL of the organisation's OpenID Connect provider, exactly as its ID tokens name it (its "
+            "/.well-known/openid-configuration is read from there); empty turns OIDC sign-in off."
+        ),
+    )
+    oidc_client_id: str = Field("", max_length=256, description="Client id of the appliance at the OIDC provider.")
+    oidc_client_secret: SecretStr = Field(
+        SecretStr(""),
+        description="Client secret of the appliance at the OIDC provider (never logged); empty for a public client.",
+    )
+    oidc_scopes: str = Field(
+        "openid profile email", max_length=512, description="Scopes asked for at sign-in (openid is always added)."
+    )
+    oidc_groups_claim: str = Field(
+        "groups",
+        max_length=128,
+        description="ID-token claim that lists the user's groups at the provider (a dotted path reaches nested claims).",
+    )
+    oidc_group_map: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            'Provider group -> appliance group, as a JSON object (e.g. {"idp-nurses": "clinical"}); at each OIDC '
+            "sign-in the user joins the mapped groups named in the claim and leaves mapped groups no longer named; "
+            "unmapped claim values and other groups are left alone."
+        ),
+    )
+    oidc_default_role: Literal["reader", "editor"] = Field(
+        "reader", description="Role of a user created by their first OIDC sign-in (reader or editor)."
+    )
+    oidc_redirect_base: str = Field(
+        "",
+        max_length=512,
+        description=(
+            "External base URL of the appliance (e.g. https://appliance.example.lan) from which the redirect URI "
+            "<base>/login/oidc/callback is built; empty uses the address the browser used."
+        ),
+    )
+    oidc_display_name: str = Field(
+        "single sign-on", max_length=64, description="Name on the sign-in page's button: 'Sign in with <name>'."
+    )
+    oidc_ca_file: str = Field(
+        "",
+        max_length=1024,
+        description="PEM file of the CA that signed the provider's TLS certificate; empty uses the bundled CA list.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.oidc_issuer and self.oidc_client_id)
+
+
 class Settings(BaseSettings):
     model_config = _group_config()
 
@@ -204,6 +263,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
 
     @field_validator("home")
     @classmethod

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, Column, UniqueConstraint, event
+from sqlalchemy import JSON, Column, Index, UniqueConstraint, event
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, create_engine
 
@@ -22,6 +22,8 @@ def utcnow() -> datetime:
 
 
 class User(SQLModel, table=True):
+    # An OIDC identity (issuer + subject) belongs to at most one user; local users have neither.
+    __table_args__ = (Index("ix_user_oidc_identity", "oidc_issuer", "oidc_subject", unique=True),)
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(index=True, unique=True, max_length=64)
     role: str = Field(max_length=16)  # admin | editor | reader (grows into full RBAC)
@@ -30,6 +32,8 @@ class User(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     totp_secret: str | None = Field(default=None, max_length=64)  # base32; set once enrolment is confirmed
     totp_last_step: int | None = None  # the last accepted TOTP time step (a code is never accepted twice)
+    oidc_issuer: str | None = Field(default=None, max_length=512)  # set for users who sign in through OIDC
+    oidc_subject: str | None = Field(default=None, max_length=255)  # the provider's `sub` for them
 
 
 class ApiKey(SQLModel, table=True):
@@ -216,6 +220,22 @@ class WebSession(SQLModel, table=True):
     pending_totp: str | None = Field(default=None, max_length=64)  # secret being enrolled, not yet confirmed
     created_at: datetime = Field(default_factory=utcnow)
     last_seen_at: datetime = Field(default_factory=utcnow)
+
+
+class OidcLogin(SQLModel, table=True):
+    """An OIDC sign-in under way: what the callback must find (single use, for a few minutes).
+
+    Keyed by the SHA-256 of `state`; `binding_hash` is the SHA-256 of the random cookie the browser got
+    when it started, so a callback from another browser (login CSRF) finds nothing to complete.
+    """
+
+    __tablename__ = "oidc_login"
+    state_hash: str = Field(primary_key=True, max_length=64)
+    binding_hash: str = Field(max_length=64)
+    nonce: str = Field(max_length=128)
+    code_verifier: str = Field(max_length=128)
+    next_path: str = Field(default="/", max_length=1000)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
 
 
 class LoginThrottle(SQLModel, table=True):
