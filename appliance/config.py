@@ -204,7 +204,7 @@ class OidcSettings(BaseSettings):
     oidc_groups_claim: str = Field(
         "groups",
         max_length=128,
-        description="ID-token claim that lists the user's groups at the provider (a dotted path reaches nested claims).",
+        description="ID-token claim listing the user's groups at the provider (a dotted path reaches nested claims).",
     )
     oidc_group_map: dict[str, str] = Field(
         default_factory=dict,

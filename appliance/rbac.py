@@ -208,6 +208,33 @@ def list_groups(engine: Engine) -> list[dict]:
     return [{"name": g.name, "members": by_group.get(g.id or 0, [])} for g in groups]
 
 
+def sync_mapped_groups(engine: Engine, user_id: int, wanted: set[str], mapped: set[str]) -> tuple[list[str], list[str]]:
+    """Make the user a member of exactly the `wanted` groups among the `mapped` ones (groups an identity
+    provider's claim decides); groups outside `mapped` are left alone. A wanted group that does not exist
+    yet is created. Returns (joined, left) group names."""
+    wanted = {name for name in wanted & mapped if GROUP_NAME.match(name)}
+    joined: list[str] = []
+    left: list[str] = []
+    with session(engine) as db:
+        groups = {g.name: g for g in db.exec(select(Group).where(Group.name.in_(sorted(mapped))))}  # type: ignore[attr-defined]
+        for name in sorted(wanted - set(groups)):
+            group = Group(name=name)
+            db.add(group)
+            db.flush()
+            groups[name] = group
+        member_of = set(db.exec(select(GroupMember.group_id).where(GroupMember.user_id == user_id)))
+        for name, group in sorted(groups.items()):
+            if name in wanted and group.id not in member_of:
+                db.add(GroupMember(group_id=group.id, user_id=user_id))
+                joined.append(name)
+            elif name not in wanted and group.id in member_of:
+                member = db.get(GroupMember, (group.id, user_id))
+                db.delete(member)
+                left.append(name)
+        db.commit()
+    return joined, left
+
+
 # --- collections ---------------------------------------------------------------------------------
 def check_collection_name(name: str) -> str:
     if not COLLECTION_NAME.match(name):

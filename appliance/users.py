@@ -15,6 +15,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from appliance.db import ApiKey, User, WebSession, session, utcnow
@@ -221,3 +222,42 @@ def count_admins(engine: Engine) -> int:
 def user_by_id(engine: Engine, user_id: int) -> User | None:
     with session(engine) as db:
         return db.get(User, user_id)
+
+
+def _name_from_claim(preferred: str) -> str:
+    """A valid user name made from what the provider calls the user (e.g. `j.smith@hospital.example`)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.@-]", "-", preferred.strip())[:64]
+    cleaned = cleaned.lstrip("_.@-")
+    return cleaned or "oidc-user"
+
+
+def oidc_user(engine: Engine, issuer: str, subject: str, preferred_name: str, role: str) -> tuple[User, bool]:
+    """The user with this OIDC identity (issuer + subject), created on first sign-in; (user, created).
+
+    Never found by name or e-mail: a provider account whose name equals a local account's gets a name
+    of its own (`name-2`, ...), so it cannot take the local account over. The new user has no password.
+    """
+    if not issuer or not subject:
+        raise BadRequest("an OIDC identity needs an issuer and a subject")
+    if role not in ROLES:
+        raise BadRequest(f"role must be one of {', '.join(ROLES)}")
+    base = _name_from_claim(preferred_name)
+    with session(engine) as db:
+        for attempt in range(1, 1000):
+            found = db.exec(select(User).where(User.oidc_issuer == issuer, User.oidc_subject == subject)).first()
+            if found is not None:
+                return found, False
+            suffix = "" if attempt == 1 else f"-{attempt}"
+            name = base[: 64 - len(suffix)] + suffix
+            if db.exec(select(User.id).where(User.name == name)).first() is not None:
+                continue
+            user = User(name=name, role=role, oidc_issuer=issuer, oidc_subject=subject)
+            db.add(user)
+            try:
+                db.commit()
+            except IntegrityError:  # another sign-in took the name or created this identity just now
+                db.rollback()
+                continue
+            db.refresh(user)
+            return user, True
+    raise Conflict("could not find a free user name for this OIDC identity")

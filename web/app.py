@@ -31,7 +31,7 @@ from appliance.rag import Answerer
 from appliance.retrieve import Retriever
 from ingest.jobs import JobWorker
 from ingest.pipeline import Ingestor
-from web import admin_pages, documents_api, ollama_api, openai_api, pages, rag_api, signin
+from web import admin_pages, documents_api, oidc, ollama_api, openai_api, pages, rag_api, signin
 from web.auth import host_allowed, issue_cli_token
 from web.rendering import SignInRequired, error_page, is_page
 from web.security import CsrfRefused, add_security_headers, audit
@@ -78,6 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
         worker = asyncio.create_task(state.jobs.run_forever())
         state.cli_token_hash = issue_cli_token(settings.run_dir)
         state.form_key = secrets.token_bytes(32)  # signs the sign-in forms' CSRF tokens (per process)
+        state.oidc = oidc.Provider(settings.oidc) if settings.oidc.enabled else None  # read on first use
         state.started_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         warm = asyncio.create_task(state.embedder.aload())
         if settings.retrieval.vector_search == "memory":  # read the vectors now, not on the first question
@@ -164,6 +165,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(documents_api.router)
     app.include_router(rag_api.router)
     app.include_router(signin.router)
+    app.include_router(oidc.router)
     app.include_router(pages.router)
     app.include_router(admin_pages.router)
     return app

@@ -52,6 +52,8 @@ def _locked_message(seconds: int) -> str:
 
 def _login_form(request: Request, status: int = 200, **context):
     token, fresh = prelogin_token(request)
+    oidc = request.app.state.settings.oidc
+    context.setdefault("oidc_name", oidc.oidc_display_name if oidc.enabled else "")
     response = render(request, "login.html", status=status, title="Sign in", form_csrf=token, **context)
     set_prelogin_cookie(request, response, fresh)
     return response
