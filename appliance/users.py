@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete
+from sqlalchemy import delete, func
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
@@ -224,10 +224,14 @@ def user_by_id(engine: Engine, user_id: int) -> User | None:
         return db.get(User, user_id)
 
 
+# Names that read as the local operator (audit log, CLI token) or a built-in administrator: never given to a
+# provider account.
+_RESERVED_FOR_OIDC = frozenset({"local-operator", "local-cli", "admin", "root"})
+
+
 def _name_from_claim(preferred: str) -> str:
     """A valid user name made from what the provider calls the user (e.g. `j.smith@hospital.example`)."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.@-]", "-", preferred.strip())[:64]
-    cleaned = cleaned.lstrip("_.@-")
+    cleaned = re.sub(r"[^A-Za-z0-9_.@-]+", "-", preferred.strip()).strip("_.@-")[:64]
     return cleaned or "oidc-user"
 
 
@@ -235,7 +239,8 @@ def oidc_user(engine: Engine, issuer: str, subject: str, preferred_name: str, ro
     """The user with this OIDC identity (issuer + subject), created on first sign-in; (user, created).
 
     Never found by name or e-mail: a provider account whose name equals a local account's gets a name
-    of its own (`name-2`, ...), so it cannot take the local account over. The new user has no password.
+    of its own (`name-2`, ...; names equal but for case count as taken), so it cannot take the local
+    account over. The new user has no password.
     """
     if not issuer or not subject:
         raise BadRequest("an OIDC identity needs an issuer and a subject")
@@ -249,8 +254,11 @@ def oidc_user(engine: Engine, issuer: str, subject: str, preferred_name: str, ro
                 return found, False
             suffix = "" if attempt == 1 else f"-{attempt}"
             name = base[: 64 - len(suffix)] + suffix
-            if db.exec(select(User.id).where(User.name == name)).first() is not None:
-                continue
+            if (
+                name.lower() in _RESERVED_FOR_OIDC
+                or db.exec(select(User.id).where(func.lower(User.name) == name.lower())).first()
+            ):
+                continue  # not even a name differing only in case: it would read as the same person
             user = User(name=name, role=role, oidc_issuer=issuer, oidc_subject=subject)
             db.add(user)
             try:

@@ -5,6 +5,7 @@ returns an ID token signed as each test decides (well, or forged)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -24,10 +25,13 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 
 from appliance import audit
+from appliance.config import OidcSettings
 from appliance.db import create_db_engine
-from appliance.rbac import add_group, add_member, list_groups
-from appliance.users import add_user, create_key, disable_user, get_user, list_users, set_totp
+from appliance.rbac import add_group, add_member, list_groups, sync_mapped_groups
+from appliance.users import add_user, create_key, disable_user, get_user, list_users, oidc_user, set_totp
 from tests.conftest import Server, launch_server, stop_server
+from web.oidc import OidcRefused, claimed_groups
+from web.oidc import Provider as OidcProvider
 
 CLIENT_ID = "appliance-test"
 CLIENT_SECRET = "s3cret-" + secrets.token_hex(8)
@@ -458,3 +462,54 @@ def test_no_code_token_or_secret_reaches_the_log_or_the_audit_trail(site):
             assert not signature or signature not in text
     ok, _, _ = audit.verify(site.engine)
     assert ok
+
+
+# --- the parts on their own ------------------------------------------------------------------------------
+def test_identity_is_issuer_and_subject_and_names_are_never_shared(tmp_path):
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'appliance.db'}")
+    add_user(engine, "Alice", "reader", PASSWORD)
+    first, created = oidc_user(engine, "https://idp.example", "s1", "alice", "reader")
+    assert created and first.name == "alice-2"  # equal but for case counts as taken
+    again, created = oidc_user(engine, "https://idp.example", "s1", "someone-else", "editor")
+    assert not created and again.id == first.id and again.role == "reader"
+    other, created = oidc_user(engine, "https://other-idp.example", "s1", "alice", "reader")
+    assert created and other.id != first.id and other.name == "alice-3"
+    assert oidc_user(engine, "https://idp.example", "s2", "local-operator", "reader")[0].name == "local-operator-2"
+    assert oidc_user(engine, "https://idp.example", "s3", " <b>Dr. Ö</b> ", "reader")[0].name == "b-Dr.-b"
+    assert oidc_user(engine, "https://idp.example", "s4", "", "reader")[0].name == "oidc-user"
+    assert oidc_user(engine, "https://idp.example", "s5", "x" * 200, "reader")[0].name == "x" * 64
+
+
+def test_mapped_groups_follow_the_claim_and_others_stay(tmp_path):
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'appliance.db'}")
+    user = add_user(engine, "u", "reader")
+    add_group(engine, "local")
+    add_member(engine, "local", "u")
+    mapped = {"clinical", "legal"}
+    assert sync_mapped_groups(engine, user.id, {"clinical", "legal", "local"}, mapped) == (["clinical", "legal"], [])
+    assert groups_of(engine, "u") == {"clinical", "legal", "local"}
+    assert sync_mapped_groups(engine, user.id, {"legal"}, mapped) == ([], ["clinical"])
+    assert sync_mapped_groups(engine, user.id, set(), mapped) == ([], ["legal"])
+    assert groups_of(engine, "u") == {"local"}
+
+
+def test_the_groups_claim_may_be_a_string_a_list_or_nested():
+    assert claimed_groups({"groups": ["a", "b", 3, None]}, "groups") == {"a", "b"}
+    assert claimed_groups({"groups": "a"}, "groups") == {"a"}
+    assert claimed_groups({"realm_access": {"roles": ["r"]}}, "realm_access.roles") == {"r"}
+    assert claimed_groups({"groups": {"a": 1}}, "groups") == set()
+    assert claimed_groups({}, "groups") == set()
+
+
+def test_a_discovery_document_naming_another_issuer_is_not_used(site):
+    settings = OidcSettings(oidc_issuer=site.idp.url + "/", oidc_client_id=CLIENT_ID)  # a trailing slash differs
+    with pytest.raises(OidcRefused) as refused:
+        asyncio.run(OidcProvider(settings).metadata())
+    assert refused.value.reason == "discovery_issuer" and refused.value.status == 502
+
+
+def test_a_provider_over_plain_http_on_the_lan_is_not_used():
+    settings = OidcSettings(oidc_issuer="http://idp.hospital.example", oidc_client_id=CLIENT_ID)
+    with pytest.raises(OidcRefused) as refused:
+        asyncio.run(OidcProvider(settings).metadata())  # refused before any connection is tried
+    assert refused.value.reason == "discovery_not_https"
