@@ -32,6 +32,7 @@ from appliance.users import add_user, create_key, disable_user, get_user, list_u
 from tests.conftest import Server, launch_server, stop_server
 from web.oidc import OidcRefused, claimed_groups
 from web.oidc import Provider as OidcProvider
+from web.rendering import safe_next
 
 CLIENT_ID = "appliance-test"
 CLIENT_SECRET = "s3cret-" + secrets.token_hex(8)
@@ -447,6 +448,7 @@ def test_a_disabled_user_is_refused(site, idp):
         response = oidc_sign_in(client)
         assert_refused(site, response, "disabled", 403)
         assert "disabled" in response.text
+        assert newest(site.engine, "signin_failed")["actor"] == "leaver"
         assert client.get("/documents").status_code == 303
 
 
@@ -513,3 +515,9 @@ def test_a_provider_over_plain_http_on_the_lan_is_not_used():
     with pytest.raises(OidcRefused) as refused:
         asyncio.run(OidcProvider(settings).metadata())  # refused before any connection is tried
     assert refused.value.reason == "discovery_not_https"
+
+
+def test_the_page_after_sign_in_only_ever_moves_on_to_a_local_path():
+    for hostile in ("//evil.example", "/\t/evil.example", "/\n/evil.example", "https://evil.example", "/\\evil"):
+        assert safe_next(hostile) == "/"
+    assert safe_next("/documents?collection=hospital") == "/documents?collection=hospital"

@@ -397,8 +397,8 @@ def claimed_groups(claims: dict[str, Any], claim: str) -> set[str]:
 
 
 # --- routes ------------------------------------------------------------------------------------------
-def _refusal(request: Request, exc: OidcRefused) -> Response:
-    audit(request, "-", "signin_failed", outcome="denied", reason=exc.reason, via="oidc")
+def _refusal(request: Request, exc: OidcRefused, actor: str = "-", actor_id: int | None = None) -> Response:
+    audit(request, actor, "signin_failed", actor_id=actor_id, outcome="denied", reason=exc.reason, via="oidc")
     response = render(request, "error.html", exc.status, title="Sign-in refused", message=exc.message)
     _clear_binding(request, response)
     return response
@@ -455,10 +455,8 @@ async def oidc_callback(request: Request, state: str = "", code: str = "", error
     if created:
         audit(request, user.name, "user_add", actor_id=user.id, target=f"user:{user.name}", via="oidc", role=user.role)
     if user.disabled:
-        return _refusal(
-            request,
-            OidcRefused("disabled", "Your account on this appliance has been disabled.", 403),
-        )
+        refused = OidcRefused("disabled", "Your account on this appliance has been disabled.", 403)
+        return _refusal(request, refused, user.name, user.id)
     mapping = settings.oidc_group_map
     wanted = {mapping[value] for value in claimed_groups(claims, settings.oidc_groups_claim) if value in mapping}
     joined, left = await asyncio.to_thread(sync_mapped_groups, state_db.db, user.id, wanted, set(mapping.values()))

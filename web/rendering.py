@@ -80,6 +80,8 @@ def safe_next(path: str | None) -> str:
     """Where to go after sign-in: a local path only (never another site)."""
     if not path or not path.startswith("/") or path.startswith("//") or "\\" in path or len(path) > 1000:
         return "/"
+    if any(ord(c) < 0x21 or c == "\x7f" for c in path):  # browsers drop tabs and newlines: "/\t/evil.example"
+        return "/"
     return path
 
 
