@@ -74,7 +74,13 @@ async def upload(request: Request, principal: Principal = Depends(require_user))
     state = request.app.state
     access = await asyncio.to_thread(access_for, state.db, principal)
     if not access.everything and "edit" not in access.actions:  # a reader never uploads: say so before reading
-        raise await _denied(request, principal, "upload", None, Forbidden("uploading needs the editor role"))
+        raise await _denied(
+            request,
+            principal,
+            "upload",
+            None,
+            Forbidden("uploading needs the editor (or admin) role and an editor grant on the collection"),
+        )
     limit = state.settings.ingest.max_upload_mb * 2**20
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + 2**20:
