@@ -48,7 +48,7 @@ def _subject(form) -> dict[str, str]:
     return {kind: name}
 
 
-# action -> (rbac action needed, audit action or None, function(engine, form, me) -> (target, notice, details))
+# action -> (rbac action needed, audit action, function(engine, form, me) -> (target, notice, details))
 Handler = Callable[..., tuple[str, str, dict]]
 
 
@@ -78,7 +78,7 @@ def _user_enable(engine, form, me):
 def _user_password(engine, form, me):
     name, password = _field(form, "name"), _field(form, "password")
     users.set_password(engine, name, password)
-    return f"user:{name}", f"Password of {name} set; their sessions ended.", {"change": "password_reset"}
+    return f"user:{name}", f"Password of {name} set; their sessions ended.", {}
 
 
 def _user_mfa_reset(engine, form, me):
@@ -87,7 +87,7 @@ def _user_mfa_reset(engine, form, me):
     return (
         f"user:{name}",
         f"Two-factor sign-in of {name} removed; they enrol again at sign-in.",
-        {"change": "mfa_reset"},
+        {},
     )
 
 
@@ -149,12 +149,12 @@ def _key_revoke(engine, form, me):
     return f"key:{prefix}", f"Key {prefix}… revoked.", {"count": count}
 
 
-ACTIONS: dict[str, tuple[str, str | None, Handler]] = {
+ACTIONS: dict[str, tuple[str, str, Handler]] = {
     "user-add": ("manage_users", "user_add", _user_add),
     "user-disable": ("manage_users", "user_disable", _user_disable),
-    "user-enable": ("manage_users", None, _user_enable),
-    "user-password": ("manage_users", None, _user_password),
-    "user-mfa-reset": ("manage_users", None, _user_mfa_reset),
+    "user-enable": ("manage_users", "user_enable", _user_enable),
+    "user-password": ("manage_users", "password_set", _user_password),
+    "user-mfa-reset": ("manage_users", "mfa_reset", _user_mfa_reset),
     "group-add": ("manage_users", "group_add", _group_add),
     "member-add": ("manage_users", "member_add", _member_add),
     "member-rm": ("manage_users", "member_rm", _member_rm),
@@ -248,10 +248,9 @@ async def admin_action(request: Request, action: str):
     try:
         target, notice, details = await asyncio.to_thread(handler, request.app.state.db, form, me)
     except ApplianceError as exc:
-        if audit_action:
-            audit(request, me.name, audit_action, actor_id=me.user_id, outcome="failed", error=exc.message[:200])
+        audit(request, me.name, audit_action, actor_id=me.user_id, outcome="failed", error=exc.message[:200])
         return await _admin_page(request, signed, exc.status, error=exc.message)
-    audit(request, me.name, audit_action or action, actor_id=me.user_id, target=target, **details)
+    audit(request, me.name, audit_action, actor_id=me.user_id, target=target, **details)
     section = action.split("-")[0]
     return RedirectResponse(f"/admin?{urlencode({'done': notice})}#{section}", status_code=303)
 

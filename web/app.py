@@ -31,7 +31,7 @@ from appliance.rag import Answerer
 from appliance.retrieve import Retriever
 from ingest.jobs import JobWorker
 from ingest.pipeline import Ingestor
-from web import admin_pages, documents_api, oidc, ollama_api, openai_api, pages, rag_api, signin
+from web import admin_pages, documents_api, oidc, ollama_api, openai_api, pages, rag_api, sessions, signin
 from web.auth import host_allowed, issue_cli_token
 from web.rendering import SignInRequired, error_page, is_page
 from web.security import CsrfRefused, add_security_headers, audit
@@ -125,7 +125,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(CsrfRefused)
     async def csrf_refused(request: Request, exc: CsrfRefused):
-        audit(request, "-", "signin_failed", outcome="denied", reason="csrf", path=request.url.path[:200])
+        signed, _ = sessions.current(request)
+        actor, actor_id = (signed.user.name, signed.user.id) if signed is not None else ("-", None)
+        audit(request, actor, "csrf_refused", actor_id=actor_id, outcome="denied", path=request.url.path[:200])
         return _error_response(request, exc.status, exc.message)
 
     @app.exception_handler(ApplianceError)

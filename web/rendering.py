@@ -90,7 +90,7 @@ def signed_in(request: Request) -> sessions.SignedIn:
     signed, reason = sessions.current(request)
     if signed is None:
         if reason in ("idle", "expired", "disabled"):
-            audit(request, request.state.ended_user, "signin_failed", outcome="denied", reason=f"session {reason}")
+            audit(request, request.state.ended_user, "session_refused", outcome="denied", reason=reason)
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         login = "/login" if target == "/" else f"/login?next={quote(target, safe='/')}"
         if reason:

@@ -266,7 +266,7 @@ async def setup(request: Request):
     check_prelogin(request, form.get("csrf"))
     state = request.app.state
     if count_admins(state.db):
-        audit(request, "-", "user_add", outcome="denied", via="setup")
+        audit(request, "-", "setup", outcome="denied", reason="an administrator exists")
         raise Forbidden("The administrator already exists. Sign in instead.")
     name = str(form.get("username") or "").strip()
     password = str(form.get("password") or "")
@@ -278,7 +278,7 @@ async def setup(request: Request):
     except ApplianceError as exc:
         return _setup_form(request, exc.status, username=name, error=exc.message)
     assert user.id is not None
-    audit(request, user.name, "user_add", actor_id=user.id, target=f"user:{user.name}", via="setup", role="admin")
+    audit(request, user.name, "setup", actor_id=user.id, target=f"user:{user.name}", role="admin")
     token = sessions.create(state.db, user.id, "enrol", replaces=request.cookies.get(sessions.cookie_name(request)))
     response = _redirect("/mfa/enrol")
     sessions.set_cookie(request, response, token)
