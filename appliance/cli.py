@@ -539,7 +539,32 @@ def cmd_grants_list(settings: Settings, args) -> int:
         _print_json(grants)
     else:
         for g in grants:
-            print(f"{g['collection']:<32} {g['kind']:<6} {g['subject']:<32} {g['role']}")
+            until = ""
+            if "expires_at" in g:
+                until = f"  break-glass {'expired' if g['expired'] else 'until'} {g['expires_at']}: {g['reason']}"
+            print(f"{g['collection']:<32} {g['kind']:<6} {g['subject']:<32} {g['role']}{until}")
+    return 0
+
+
+def cmd_break_glass(settings: Settings, args) -> int:
+    """An admin's own time-limited reader grant, with a reason; audited, refused attempts too."""
+    from appliance.errors import Forbidden
+    from appliance.rbac import break_glass
+
+    engine = _db(settings)
+    details = {"user": args.user, "reason": args.reason[:500], "minutes": args.minutes}
+    try:
+        grant = break_glass(
+            engine, args.user, args.collection, args.reason, args.minutes, max_minutes=settings.break_glass_max_minutes
+        )
+    except ApplianceError as exc:
+        outcome = "denied" if isinstance(exc, Forbidden) else "failed"
+        _audit(engine, "break_glass", args.collection, outcome=outcome, **details, error=exc.message[:200])
+        raise
+    assert grant.expires_at is not None
+    details["reason"] = grant.reason
+    _audit(engine, "break_glass", args.collection, **details, expires_at=grant.expires_at.isoformat())
+    print(f"'{args.user}' may read '{args.collection}' until {grant.expires_at.isoformat()} (break-glass, audited)")
     return 0
 
 
@@ -626,6 +651,18 @@ def _access_parsers(sub) -> None:
     p.add_argument("--collection")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_grants_list)
+
+    p = sub.add_parser(
+        "break-glass",
+        help="an admin's own time-limited reader grant on a collection, with a reason (audited; walls still apply)",
+    )
+    p.add_argument("--user", required=True, help="the administrator who needs to read")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--reason", required=True, help="why (at least 10 characters; kept in the audit log)")
+    p.add_argument(
+        "--minutes", type=int, default=60, help="how long (default 60, at most APPLIANCE_BREAK_GLASS_MAX_MINUTES)"
+    )
+    p.set_defaults(func=cmd_break_glass)
 
     walls = sub.add_parser("walls", help="ethical walls: who may never see a collection").add_subparsers(
         dest="action", required=True

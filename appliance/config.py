@@ -257,6 +257,15 @@ class Settings(BaseSettings):
             "asked, where, which passages were retrieved and cited, and the model."
         ),
     )
+    break_glass_max_minutes: int = Field(
+        480,
+        ge=1,
+        le=10_080,
+        description=(
+            "Longest time an administrator's break-glass reader grant on a collection may last, in minutes "
+            "(one is 60 minutes unless they ask for less or more)."
+        ),
+    )
     server: ServerSettings = Field(default_factory=ServerSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     embeddings: EmbeddingSettings = Field(default_factory=EmbeddingSettings)

@@ -159,7 +159,11 @@ class Collection(SQLModel, table=True):
 
 
 class Grant(SQLModel, table=True):
-    """A user or group may read (reader) or also upload to and delete from (editor) a collection."""
+    """A user or group may read (reader) or also upload to and delete from (editor) a collection.
+
+    A break-glass grant (an admin's own, time-limited reader grant) has `expires_at` and `reason`; once
+    expired it no longer counts (it stays as history until replaced or revoked).
+    """
 
     __tablename__ = "collection_grant"  # "grant" is an SQL keyword
     __table_args__ = (UniqueConstraint("collection_id", "subject_kind", "subject_id", name="uq_grant_subject"),)
@@ -169,6 +173,8 @@ class Grant(SQLModel, table=True):
     subject_id: int  # User.id or Group.id, as subject_kind says
     role: str = Field(max_length=16)  # reader | editor
     created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None  # set on break-glass grants only
+    reason: str | None = Field(default=None, max_length=500)  # why the break-glass grant was taken
 
 
 class Wall(SQLModel, table=True):

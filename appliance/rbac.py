@@ -8,26 +8,34 @@ CLI takes effect on a running server's next request.
 Rules: the global role says what kind of thing a user may do (admin: manage users and policy; editor:
 upload and delete; reader: ask and read); grants say where. The admin role reads nothing by itself.
 A wall (deny) beats every grant and every document ACL.
+
+Break-glass: an admin may take a time-limited reader grant on a collection for themself, with a
+reason (`break_glass`; the CLI and the admin page audit it). It counts only until it expires (checked
+on every request, as every grant is), and a wall beats it like any other grant.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam
+from sqlalchemy import bindparam, or_
 from sqlalchemy import text as sql
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from appliance.db import Collection, Document, Grant, Group, GroupMember, User, Wall, session
-from appliance.errors import BadRequest, Conflict, NotFound
+from appliance.db import Collection, Document, Grant, Group, GroupMember, User, Wall, session, utcnow
+from appliance.errors import BadRequest, Conflict, Forbidden, NotFound
 from appliance.users import Principal, get_user
 
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 GRANT_ROLES = ("reader", "editor")
 SUBJECT_KINDS = ("user", "group")
+BREAK_GLASS_MINUTES = 60  # how long a break-glass grant lasts unless asked otherwise
+BREAK_GLASS_MIN_REASON = 10  # characters: a reason someone reading the audit log can follow
+BREAK_GLASS_MAX_REASON = 500
 
 # What each global role may do anywhere, and what each grant role allows in its collection.
 ROLE_ACTIONS = {
@@ -48,6 +56,7 @@ class Access:
     walled: frozenset[str]  # collections the caller is walled off from (never visible, whatever the ACL)
     editable: frozenset[str]  # collections the caller may upload to / delete from (editor grants; walls apply)
     actions: frozenset[str] = frozenset()  # what the global role allows: manage_users, manage_policy, edit
+    break_glass: tuple[tuple[str, datetime], ...] = ()  # (collection, expiry) of the caller's live break-glass grants
 
     def can_read_collection(self, name: str) -> bool:
         return self.everything or name in self.collections
@@ -112,8 +121,12 @@ def _compute(db: Session, user: User) -> Access:
     group_ids = [gid for gid, _ in groups]
     walled = set(_subject_rows(db, select(Collection.name), Wall, user.id, group_ids))  # single column: names
     granted: dict[str, set[str]] = {}
-    for name, role in _subject_rows(db, select(Collection.name, Grant.role), Grant, user.id, group_ids):
+    live = select(Collection.name, Grant.role, Grant.expires_at).where(_live_grant(utcnow()))
+    break_glass = []
+    for name, role, expires_at in _subject_rows(db, live, Grant, user.id, group_ids):
         granted.setdefault(name, set()).update(GRANT_ACTIONS.get(role, ()))
+        if expires_at is not None and name not in walled:
+            break_glass.append((name, expires_at))
     readable = {name for name, actions in granted.items() if "read" in actions} - walled
     role_actions = ROLE_ACTIONS.get(user.role, frozenset())
     editable = (
@@ -128,7 +141,13 @@ def _compute(db: Session, user: User) -> Access:
         walled=frozenset(walled),
         editable=frozenset(editable),
         actions=role_actions,
+        break_glass=tuple(sorted(break_glass)),
     )
+
+
+def _live_grant(now: datetime):
+    """Grants that count now: permanent ones, and break-glass ones not yet expired."""
+    return or_(Grant.expires_at.is_(None), Grant.expires_at > now)  # type: ignore[union-attr,operator]
 
 
 def _reached_through_document_acls(db: Session, direct: set[str], skip: set[str]) -> set[str]:
@@ -306,7 +325,7 @@ def add_grant(
     engine: Engine, collection: str, *, user: str | None = None, group: str | None = None, role: str = "reader"
 ) -> Grant:
     """Grant a user or group read (reader) or read and edit (editor) on a collection; a second grant
-    to the same subject replaces the role."""
+    to the same subject replaces the role (and makes a break-glass grant a permanent one)."""
     if role not in GRANT_ROLES:
         raise BadRequest(f"grant role must be one of {', '.join(GRANT_ROLES)}")
     target = get_collection(engine, collection)
@@ -316,6 +335,54 @@ def add_grant(
         if grant is None:
             grant = Grant(collection_id=target.id, subject_kind=kind, subject_id=subject_id, role=role)
         grant.role = role
+        grant.expires_at = grant.reason = None
+        db.add(grant)
+        db.commit()
+        db.refresh(grant)
+        return grant
+
+
+def break_glass(
+    engine: Engine,
+    user: str,
+    collection: str,
+    reason: str,
+    minutes: int = BREAK_GLASS_MINUTES,
+    *,
+    max_minutes: int,
+) -> Grant:
+    """An admin's own reader grant on a collection for `minutes`, with the reason (the callers audit it).
+
+    Refused (Forbidden) for anyone but an enabled admin, and for an admin walled off the collection: a
+    wall beats break-glass. A permanent grant of theirs on the collection is left alone (Conflict); a
+    break-glass grant taken before, expired or not, is replaced (new reason, new expiry).
+    """
+    reason = " ".join(str(reason).split())
+    if len(reason) < BREAK_GLASS_MIN_REASON:
+        raise BadRequest(
+            f"break-glass needs a reason of at least {BREAK_GLASS_MIN_REASON} characters (who asked for what, and why)"
+        )
+    if len(reason) > BREAK_GLASS_MAX_REASON:
+        raise BadRequest(f"the reason may be at most {BREAK_GLASS_MAX_REASON} characters")
+    if not 1 <= minutes <= max_minutes:
+        raise BadRequest(f"break-glass lasts 1 to {max_minutes} minutes (APPLIANCE_BREAK_GLASS_MAX_MINUTES)")
+    admin = get_user(engine, user)
+    if admin.role != "admin" or admin.disabled:
+        raise Forbidden("only an administrator may break the glass, and only for themself")
+    target = get_collection(engine, collection)
+    assert admin.id is not None
+    with session(engine) as db:
+        group_ids = list(db.exec(select(GroupMember.group_id).where(GroupMember.user_id == admin.id)))
+        if collection in set(_subject_rows(db, select(Collection.name), Wall, admin.id, group_ids)):
+            raise Forbidden(f"'{user}' is walled off '{collection}': a wall beats break-glass")
+        grant = db.exec(_same_subject(Grant, target.id, "user", admin.id)).first()
+        if grant is not None and grant.expires_at is None:
+            raise Conflict(f"'{user}' already holds a {grant.role} grant on '{collection}'")
+        now = utcnow()
+        if grant is None:
+            grant = Grant(collection_id=target.id, subject_kind="user", subject_id=admin.id, role="reader")
+        grant.role, grant.reason = "reader", reason
+        grant.created_at, grant.expires_at = now, now + timedelta(minutes=minutes)
         db.add(grant)
         db.commit()
         db.refresh(grant)
@@ -369,15 +436,23 @@ def _same_subject(table, collection_id, kind: str, subject_id: int):
 
 
 def list_grants(engine: Engine, collection: str | None = None) -> list[dict]:
-    return [{**row, "role": role} for row, role in _listing(engine, Grant, collection)]
+    """Grants with their role; break-glass ones also with their expiry, whether it has passed, and the reason."""
+    now = utcnow()
+    rows = []
+    for row, grant in _listing(engine, Grant, collection):
+        row = {**row, "role": grant.role}
+        if grant.expires_at is not None:
+            row.update(expires_at=grant.expires_at.isoformat(), expired=grant.expires_at <= now, reason=grant.reason)
+        rows.append(row)
+    return rows
 
 
 def list_walls(engine: Engine, collection: str | None = None) -> list[dict]:
     return [row for row, _ in _listing(engine, Wall, collection)]
 
 
-def _listing(engine: Engine, table, collection: str | None) -> list[tuple[dict, str | None]]:
-    """Grants or walls as {collection, kind, subject} rows (subject by name), with the grant role."""
+def _listing(engine: Engine, table, collection: str | None) -> list[tuple[dict, Grant | Wall]]:
+    """Grants or walls as {collection, kind, subject} rows (subject by name), each with its table row."""
     with session(engine) as db:
         query = select(table, Collection.name).join(Collection, Collection.id == table.collection_id)
         if collection is not None:
@@ -389,10 +464,5 @@ def _listing(engine: Engine, table, collection: str | None) -> list[tuple[dict, 
     for item, collection_name in rows:
         names = users if item.subject_kind == "user" else groups
         subject = names.get(item.subject_id, f"#{item.subject_id}")
-        listing.append(
-            (
-                {"collection": collection_name, "kind": item.subject_kind, "subject": subject},
-                getattr(item, "role", None),
-            )
-        )
+        listing.append(({"collection": collection_name, "kind": item.subject_kind, "subject": subject}, item))
     return sorted(listing, key=lambda entry: (entry[0]["collection"], entry[0]["kind"], entry[0]["subject"]))

@@ -206,6 +206,7 @@ async def _admin_page(request: Request, signed, status: int = 200, **extra):
         status,
         title="Administration",
         roles=users.ROLES,
+        break_glass_max=request.app.state.settings.break_glass_max_minutes,
         grant_roles=rbac.GRANT_ROLES,
         filters=filters,
         scripts=["common.js"],
@@ -234,6 +235,40 @@ async def create_key(request: Request):
         return await _admin_page(request, signed, exc.status, error=exc.message)
     audit(request, signed.user.name, "key_create", actor_id=signed.user.id, target=f"user:{user}", prefix=key[:12])
     return await _admin_page(request, signed, new_key=key, new_key_user=user)
+
+
+@router.post("/admin/break-glass")
+async def break_glass(request: Request):
+    """An admin's own time-limited reader grant on a collection, with a reason; audited, refusals too."""
+    signed = _require(request, "manage_policy")
+    form = await request.form(max_files=0, max_fields=10)
+    check_csrf(signed, form.get("csrf"))
+    me, state = signed.principal, request.app.state
+    collection, reason = _field(form, "collection", required=False), _field(form, "reason", required=False)
+    minutes_text = _field(form, "minutes", required=False) or str(rbac.BREAK_GLASS_MINUTES)
+    details = {"user": me.name, "reason": reason[:500], "minutes": minutes_text[:16]}
+    try:
+        if not minutes_text.isdigit():
+            raise BadRequest("'minutes' must be a whole number of minutes")
+        grant = await asyncio.to_thread(
+            rbac.break_glass,
+            state.db,
+            me.name,
+            collection,
+            reason,
+            int(minutes_text),
+            max_minutes=state.settings.break_glass_max_minutes,
+        )
+    except ApplianceError as exc:
+        outcome = "denied" if isinstance(exc, Forbidden) else "failed"
+        audit(request, me.name, "break_glass", actor_id=me.user_id, target=collection, outcome=outcome, **details)
+        return await _admin_page(request, signed, exc.status, error=exc.message)
+    assert grant.expires_at is not None
+    until = grant.expires_at.isoformat()
+    details.update(reason=grant.reason, minutes=int(minutes_text))
+    audit(request, me.name, "break_glass", actor_id=me.user_id, target=collection, expires_at=until, **details)
+    notice = f"Break-glass: you may read {collection} until {grant.expires_at:%Y-%m-%d %H:%M} UTC. This is audited."
+    return RedirectResponse(f"/admin?{urlencode({'done': notice})}#break-glass", status_code=303)
 
 
 @router.post("/admin/{action}")

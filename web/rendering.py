@@ -115,6 +115,7 @@ def nav(request: Request, signed: sessions.SignedIn) -> dict:
         "csrf": signed.csrf,
         "can_upload": bool(access.editable) or access.everything,
         "can_admin": allowed(access, "manage_users") or allowed(access, "manage_policy"),
+        "break_glass": access.break_glass,  # shown on every page while one is live
     }
 
 
