@@ -218,6 +218,34 @@ class ChunkIndex:
             ],
         )
 
+    def backfill_vectors(self, batch: int = 1000) -> int:
+        """Copy into the database the vectors that only Chroma holds (chunks indexed before the database kept
+        vectors too); returns how many were copied. Run at server start, before the vector copy is read."""
+        with session(self.engine) as db:
+            missing = list(
+                db.exec(
+                    sql(
+                        "SELECT c.id FROM chunk AS c JOIN document AS d ON d.id = c.document_id "
+                        "LEFT JOIN chunkvector AS v ON v.chunk_id = c.id "
+                        "WHERE v.chunk_id IS NULL AND d.status = 'indexed'"
+                    )
+                ).scalars()
+            )
+        copied = 0
+        for begin in range(0, len(missing), batch):
+            got = self.vectors.get(ids=missing[begin : begin + batch], include=["embeddings"])
+            if not got["ids"]:
+                continue
+            vectors = np.asarray(got["embeddings"], dtype=np.float32)
+            with session(self.engine) as db:
+                db.add_all(
+                    ChunkVector(chunk_id=i, vector=v.tobytes()) for i, v in zip(got["ids"], vectors, strict=True)
+                )
+                _bump_generation(db)
+                db.commit()
+            copied += len(got["ids"])
+        return copied
+
     def check(self) -> IndexReport:
         with session(self.engine) as db:
             documents = list(db.exec(select(Document)))

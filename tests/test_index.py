@@ -120,3 +120,20 @@ def test_rebuild_repairs_fts_and_chroma_from_the_database(index):
         query_embeddings=vectors[:1], n_results=1, where={"acl": {"$contains": "group:oncology"}}
     )
     assert hits["ids"][0] == [chunks[0].id]
+
+
+def test_vectors_only_chroma_holds_are_reported_and_copied_into_the_database(index):
+    """An index written before the database kept vectors: check reports it, backfill_vectors repairs it."""
+    document, text, chunks, vectors = _document("f" * 64)
+    index.add(document, text, chunks, vectors)
+    with session(index.engine) as db:
+        db.exec(sql("DELETE FROM chunkvector WHERE chunk_id != :c"), params={"c": chunks[0].id})
+        db.commit()
+    report = index.check()
+    assert not report.clean and report.missing_vectors == sorted(c.id for c in chunks[1:])
+    assert index.backfill_vectors() == len(chunks) - 1
+    assert index.check().clean and index.backfill_vectors() == 0
+    with session(index.engine) as db:
+        stored = dict(db.exec(sql("SELECT chunk_id, vector FROM chunkvector")).all())
+    for chunk, vector in zip(chunks, vectors, strict=True):
+        assert np.array_equal(np.frombuffer(stored[chunk.id], dtype=np.float32), vector)

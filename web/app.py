@@ -47,6 +47,13 @@ def _error_response(request: Request, status: int, message: str, headers: dict |
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _read_vectors(retriever: Retriever) -> None:
+    copied = retriever.index.backfill_vectors()
+    if copied:
+        log.info("copied %d vectors indexed by an older version from Chroma into the database", copied)
+    retriever.mirror.current()
+
+
 def _log_failure(what: str):
     """A done-callback for a background task: its failure is logged, not lost (the next query retries)."""
 
@@ -82,7 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
         state.started_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         warm = asyncio.create_task(state.embedder.aload())
         if settings.retrieval.vector_search == "memory":  # read the vectors now, not on the first question
-            warm_vectors = asyncio.create_task(asyncio.to_thread(state.retriever.mirror.current))
+            warm_vectors = asyncio.create_task(asyncio.to_thread(_read_vectors, state.retriever))
             warm_vectors.add_done_callback(_log_failure("reading the vector copy"))
         log.info(
             "appliance %s ready: %d CPU cores, %.1f GiB memory, %d GPU(s)",
