@@ -40,8 +40,9 @@ from fastapi import APIRouter, Request, Response
 from joserfc import jws, jwt
 from joserfc.errors import ExpiredTokenError, InvalidClaimError, JoseError, MissingClaimError
 from joserfc.jwk import KeySet
-from sqlalchemy import delete
+from sqlalchemy import delete, func
 from sqlalchemy.engine import Engine
+from sqlmodel import select
 
 from appliance.config import OidcSettings
 from appliance.db import OidcLogin, session, utcnow
@@ -60,6 +61,7 @@ router = APIRouter()
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 LOGIN_TTL_S = 600  # a sign-in at the provider must come back within this
+MAX_PENDING = 10_000  # sign-ins under way at once (each GET /login/oidc adds one until it expires)
 CACHE_TTL_S = 3600  # discovery document and keys are read again after this
 LEEWAY_S = 60  # clock skew allowed on exp, iat, nbf
 TIMEOUT_S = 5.0  # the provider is on the LAN: a slow answer is a broken one
@@ -339,6 +341,9 @@ def save_login(engine: Engine, state: str, binding: str, nonce: str, verifier: s
     cutoff = utcnow() - timedelta(seconds=LOGIN_TTL_S)
     with session(engine) as db:
         db.execute(delete(OidcLogin).where(OidcLogin.created_at < cutoff))  # type: ignore[arg-type]
+        if db.exec(select(func.count()).select_from(OidcLogin)).one() >= MAX_PENDING:  # someone is flooding
+            db.commit()
+            raise _unavailable("too_many_pending")
         db.add(
             OidcLogin(
                 state_hash=_sha256(state),
@@ -420,7 +425,10 @@ async def oidc_start(request: Request, next: str = "/"):
     if not re.fullmatch(r"[A-Za-z0-9_-]{32,64}", binding):
         binding = secrets.token_urlsafe(32)
     state, nonce, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(32), secrets.token_urlsafe(64)
-    await asyncio.to_thread(save_login, request.app.state.db, state, binding, nonce, verifier, safe_next(next))
+    try:
+        await asyncio.to_thread(save_login, request.app.state.db, state, binding, nonce, verifier, safe_next(next))
+    except OidcRefused as exc:
+        return _refusal(request, exc)
     location = idp.authorization_url(metadata, redirect_uri(request), state, nonce, verifier)
     response = Response(status_code=303, headers={"location": location})
     _set_binding(request, response, binding)
