@@ -176,15 +176,14 @@ def _enrolment(request: Request, signed: sessions.SignedIn, status: int = 200, e
     )
     svg = segno.make(uri, error="m").svg_inline(scale=4, border=2, dark="#000", light="#fff")
     qr = "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
-    context = {}
+    context = {"csrf": signed.csrf}
     if signed.row.stage == "full":
-        context = nav(request, signed)
+        context.update(nav(request, signed))  # the same CSRF token, with the signed-in header
     return render(
         request,
         "enrol.html",
         status,
         title="Two-factor sign-in",
-        csrf=signed.csrf,
         secret=" ".join(secret[i : i + 4] for i in range(0, len(secret), 4)),
         uri=uri,
         qr=qr,
