@@ -666,3 +666,14 @@ def test_admin_forms_and_refusals_leave_precise_audit_records(world):
         assert browser.post("/setup", data=sent).status_code == 403
     setups = _records(world, "setup")
     assert setups and {(r["outcome"], r["actor"]) for r in setups} == {("denied", "-")}
+
+
+def test_the_upload_page_offers_a_new_collection_to_editing_roles_only(world):
+    """As the documents API allows: an editor or admin may name a new collection; a reader may not upload."""
+    for caller, may_create, lists_alpha in (("editor", True, True), ("admin", True, False), ("granted", False, False)):
+        with client(world, caller, "session") as browser:
+            page = browser.get("/upload").text
+        assert ('id="new-collection"' in page) == may_create, caller
+        assert ('<option value="alpha">' in page) == lists_alpha, caller
+        assert ("You may not upload" in page) == (not may_create), caller
+        assert ('href="/upload"' in page) == may_create, caller  # the navigation offers it where it works

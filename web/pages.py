@@ -133,12 +133,15 @@ async def upload_page(request: Request):
     state = request.app.state
     existing = {c["name"] for c in await asyncio.to_thread(list_collections, state.db)}
     editable = sorted(c for c in existing if allowed(access, "edit", c))
+    # As the documents API does: an editing role may name a new collection (and becomes its editor).
+    can_create = access.everything or "edit" in access.actions
     groups = [g["name"] for g in await asyncio.to_thread(list_groups, state.db)]
     return render(
         request,
         "upload.html",
         title="Upload",
         collections=editable,
+        can_create=can_create,
         groups=groups,
         max_mb=state.settings.ingest.max_upload_mb,
         scripts=["common.js", "upload.js"],

@@ -100,7 +100,10 @@
     problem.hidden = true;
     var aclValue = acl();
     if (aclValue === null) { problem.textContent = "Choose at least one group or user, or the collection default."; problem.hidden = false; return; }
-    var collection = document.getElementById("collection").value;
+    var select = document.getElementById("collection");
+    var fresh = document.getElementById("new-collection");
+    var collection = (fresh && fresh.value.trim()) || (select ? select.value : "");  // a new name, when given, wins
+    if (!collection) { problem.textContent = "Choose a collection, or name a new one."; problem.hidden = false; return; }
     Array.prototype.forEach.call(files, function (file) { send(file, collection, aclValue); });
   }
 
