@@ -9,10 +9,13 @@ through `ChunkIndex.add` in documents of 50 chunks spread over 8 collections wit
 collections, membership of two groups, and a wall on a fourth. Queries (3-8 vocabulary words) are
 embedded with the real bundled MiniLM. Per query, in one alternating loop:
   * access:   `rbac.access_for` (runs on every request);
-  * search:   `Retriever.search(top_k=6)` with that access (query embedding + both filtered searches + fusion);
-  * baseline: the same query embedding + a plain Chroma query (no filter) + a plain FTS5 MATCH (no ACL join),
-    the same candidate counts;
-  * the filtered searches on their own (dense, keyword) and the embedding on its own.
+  * search:   `Retriever.search(top_k=6)` with that access and the default settings (query embedding + the
+    access-masked exact vector scan + BM25 joined to the permitted documents, near-universal words left out +
+    fusion);
+  * baseline: the same query embedding + a plain Chroma query (no filter) + a plain FTS5 MATCH of every query
+    word (no ACL join), the same candidate counts;
+  * the filtered searches on their own (dense: the default exact scan of the in-memory copy, and Chroma's
+    own `where` query as `APPLIANCE_VECTOR_SEARCH=chroma` runs it; keyword) and the embedding on its own.
 Prints p50/p95 (ms) and writes bench/out/retrieval.json. Record results in docs/benchmarks.md.
 """
 
@@ -155,13 +158,17 @@ def measure(size: int, queries: int, out: Path, seed: int) -> dict:
         principal = make_user(index.engine)
         settings = Settings(home=home)
         retriever = Retriever(index, SentenceEmbedder(settings.embeddings), settings.retrieval)
+        in_chroma = Retriever(
+            index, retriever.embedder, settings.retrieval.model_copy(update={"vector_search": "chroma"})
+        )
         questions = [" ".join(sample(rng.randint(3, 8))) for _ in range(queries + 10)]
         access = access_for(index.engine, principal)
         for question in questions[:10]:  # warm-up: model load, caches
             retriever.search(question, access)
             baseline(retriever, question, settings.retrieval)
         rows: dict[str, list[float]] = {
-            k: [] for k in ("access", "search", "baseline", "embed", "dense_filtered", "keyword_filtered")
+            k: []
+            for k in ("access", "search", "baseline", "embed", "dense_filtered", "dense_chroma", "keyword_filtered")
         }
         scope = sorted(access.collections - access.walled)
         results = 0
@@ -175,6 +182,9 @@ def measure(size: int, queries: int, out: Path, seed: int) -> dict:
             rows["embed"].append(timed(lambda q=question: retriever.embedder.encode([q])))
             rows["dense_filtered"].append(
                 timed(lambda v=vector: retriever.dense_search(v, access, scope, settings.retrieval.dense_candidates))
+            )
+            rows["dense_chroma"].append(
+                timed(lambda v=vector: in_chroma.dense_search(v, access, scope, settings.retrieval.dense_candidates))
             )
             rows["keyword_filtered"].append(
                 timed(
@@ -210,7 +220,7 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = [measure(size, args.queries, args.out, args.seed) for size in args.sizes]
-    names = ("access", "embed", "dense_filtered", "keyword_filtered", "search", "baseline")
+    names = ("access", "embed", "dense_filtered", "dense_chroma", "keyword_filtered", "search", "baseline")
     print(f"\n{'chunks':>8} {'readable docs':>14} " + " ".join(f"{n:>22}" for n in names))
     print(f"{'':>8} {'':>14} " + " ".join(f"{'p50 / p95 ms':>22}" for _ in names))
     for row in results:
