@@ -30,6 +30,17 @@ class JobWorker:
         self.incoming = incoming
         self.incoming.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._wake = asyncio.Event()
+        self._stage: tuple[str, str] | None = None  # (job id, stage) of the running job, for progress
+        ingestor.on_stage = self._on_stage
+
+    def _on_stage(self, stage: str, subject: str) -> None:
+        if self._stage is not None:
+            self._stage = (self._stage[0], stage)
+
+    def stage(self, job_id: str) -> str | None:
+        """What the running job is doing now (parsing, embedding, indexing); None when it is not running."""
+        current = self._stage
+        return current[1] if current and current[0] == job_id else None
 
     def new_upload_path(self, suffix: str) -> tuple[str, Path]:
         job_id = uuid.uuid4().hex
@@ -83,6 +94,7 @@ class JobWorker:
             db.refresh(job)
         upload = Path(job.upload_path)
         source = f"upload:{job.collection}/{job.filename}"
+        self._stage = (job.id, "parsing")
         try:
             result, *attachments = self.ingestor.ingest_with_attachments(
                 upload, job.collection, job.acl, source=source, filename=job.filename
@@ -97,6 +109,7 @@ class JobWorker:
         except Exception:  # an unexpected failure ends this job clearly; the worker goes on
             log.exception("ingestion job %s failed unexpectedly", job.id)
             state, outcome, document_id, reason = "failed", None, None, "internal error while ingesting (see the log)"
+        self._stage = None
         with session(self.engine) as db:
             stored = db.get(Job, job.id)
             stored.state, stored.result, stored.document_id, stored.reason = state, outcome, document_id, reason

@@ -12,13 +12,19 @@ from tests.conftest import run_cli
 from tests.documents import write_docx, write_pdf
 
 
+STAGES = {"parsing", "embedding", "indexing"}
+
+
 def _wait(api: httpx.Client, job_id: str, timeout: float = 180) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = api.get(f"/api/jobs/{job_id}").json()
         if job["state"] in ("done", "failed"):
+            assert "stage" not in job
             return job
-        time.sleep(0.3)
+        assert (job["state"] == "running") == ("stage" in job), job  # a running job says what it does
+        assert job.get("stage", "parsing") in STAGES, job
+        time.sleep(0.1)
     raise AssertionError(f"job {job_id} did not finish")
 
 

@@ -132,7 +132,10 @@ async def job_state(job_id: str, request: Request, principal: Principal = Depend
     job = request.app.state.jobs.get(job_id)
     if not principal.is_admin and job.user_id != principal.user_id:
         raise NotFound(f"job {job_id} not found")  # other users' jobs are answered like missing ones
-    return job.summary()
+    summary = job.summary()
+    if job.state == "running":
+        summary["stage"] = request.app.state.jobs.stage(job.id) or "parsing"  # parsing | embedding | indexing
+    return summary
 
 
 def _readable_documents(db, access: Access, collection: str | None) -> list[Document]:

@@ -9,7 +9,8 @@
   var list = document.getElementById("uploads");
   var problem = document.getElementById("upload-error");
   var maxBytes = Number(form.getAttribute("data-max-mb")) * 1024 * 1024;
-  var STATES = { queued: "Waiting to be read…", running: "Reading, splitting and indexing (parse, embed)…" };
+  var STATES = { queued: "Waiting to be read…", running: "Reading, splitting and indexing…" };
+  var STAGES = { parsing: "Reading the file (parse)…", embedding: "Embedding the passages…", indexing: "Indexing…" };
 
   function el(tag, className, text) {
     var node = document.createElement(tag);
@@ -52,7 +53,7 @@
         clearInterval(timer);
         setState(row, "Failed: " + (job.reason || "unknown reason"), "failed");
       } else {
-        setState(row, STATES[job.state] || job.state);
+        setState(row, STAGES[job.stage] || STATES[job.state] || job.state);
       }
     }, 700);
   }
