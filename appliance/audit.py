@@ -60,6 +60,8 @@ ACTIONS = (
     "ask",
     "search",
     "break_glass",
+    "role_set",
+    "acl_set",
 )
 # Keys that must never appear in details: they would carry secrets or document text.
 _FORBIDDEN_KEYS = frozenset({"password", "key", "api_key", "secret", "token", "text", "content", "answer"})

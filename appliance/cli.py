@@ -447,6 +447,16 @@ def cmd_users_disable(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_users_role(settings: Settings, args) -> int:
+    from appliance.users import set_role
+
+    engine = _db(settings)
+    old = set_role(engine, args.name, args.role)
+    _audit(engine, "role_set", args.name, role=args.role, previous=old)
+    print(f"user '{args.name}': role {old} -> {args.role}")
+    return 0
+
+
 def cmd_groups_add(settings: Settings, args) -> int:
     from appliance.rbac import add_group
 
@@ -828,6 +838,18 @@ def cmd_documents_rm(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_documents_acl(settings: Settings, args) -> int:
+    from ingest.pipeline import parse_acl
+
+    document = _find_document(settings, args.id)
+    acl = parse_acl(args.acl, document.collection)
+    index = _chunk_index(settings)
+    index.set_acl(document.id, acl)
+    _audit(index.engine, "acl_set", document.id, collection=document.collection, acl=acl, previous=document.acl)
+    print(f"{document.filename} ({document.id[:12]}): readable by {', '.join(acl)}")
+    return 0
+
+
 def cmd_index_check(settings: Settings, args) -> int:
     report = _chunk_index(settings).check()
     if args.json:
@@ -1105,6 +1127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = users.add_parser("list")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_users_list)
+    p = users.add_parser("role", help="change a user's role (effective on their next request)")
+    p.add_argument("name")
+    p.add_argument("role", choices=["admin", "editor", "reader"])
+    p.set_defaults(func=cmd_users_role)
     p = users.add_parser("disable", help="disable a user and revoke all their keys")
     p.add_argument("name")
     p.set_defaults(func=cmd_users_disable)
@@ -1140,6 +1166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = documents.add_parser("rm")
     p.add_argument("id")
     p.set_defaults(func=cmd_documents_rm)
+    p = documents.add_parser("acl", help="set who may read one document (effective on the next request)")
+    p.add_argument("id")
+    p.add_argument("--acl", default="", help="user:NAME,group:NAME,... (empty: the collection's readers)")
+    p.set_defaults(func=cmd_documents_acl)
 
     index = sub.add_parser("index", help="the search index").add_subparsers(dest="action", required=True)
     p = index.add_parser("check", help="compare database, FTS and Chroma (exit 1 on any mismatch)")

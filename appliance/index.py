@@ -165,6 +165,21 @@ class ChunkIndex:
             _bump_generation(db)
             db.commit()
 
+    def set_acl(self, document_id: str, acl: list[str]) -> None:
+        """Change who may read one document: its row (which the BM25 join and the in-memory vector search read
+        on every query) and its chunks' metadata in Chroma (which `vector_search=chroma` filters on)."""
+        with session(self.engine) as db:
+            document = db.get(Document, document_id)
+            if document is None:
+                raise NotFound(f"document {document_id} not found")
+            document.acl = list(acl)
+            db.add(document)
+            db.commit()
+            chunk_ids = list(db.exec(select(Chunk.id).where(Chunk.document_id == document_id)))
+        if chunk_ids:
+            metadata = {"document_id": document_id, "collection": document.collection, "acl": list(acl)}
+            self.vectors.update(ids=chunk_ids, metadatas=[dict(metadata) for _ in chunk_ids])
+
     def rebuild(self, embed: Callable[[list[str]], np.ndarray], batch: int = 256) -> int:
         """Rebuild FTS5 and Chroma from the chunk table (the database is the record of truth).
 

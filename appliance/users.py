@@ -90,6 +90,23 @@ def disable_user(engine: Engine, name: str) -> int:
     return len(keys)
 
 
+def set_role(engine: Engine, name: str, role: str) -> str:
+    """Change a user's global role; returns the old one. Sessions and keys stay: the role is read per request."""
+    if role not in ROLES:
+        raise BadRequest(f"role must be one of {', '.join(ROLES)}")
+    user = get_user(engine, name)
+    old = user.role
+    with session(engine) as db:
+        if old == "admin" and role != "admin":
+            admins = db.exec(select(User.id).where(User.role == "admin", User.disabled == False)).all()  # noqa: E712
+            if len(admins) <= 1:
+                raise BadRequest("the last administrator cannot lose the admin role")
+        user.role = role
+        db.add(user)
+        db.commit()
+    return old
+
+
 def create_key(engine: Engine, user_name: str, label: str = "") -> str:
     """Issue a key for a user and return it; it is shown this once and stored only hashed."""
     user = get_user(engine, user_name)

@@ -9,8 +9,11 @@ from sqlalchemy import create_engine
 from sqlmodel import select
 
 from appliance import rbac
+from appliance.config import Settings
 from appliance.db import Collection, Document, alembic_config, create_db_engine, session
 from appliance.errors import BadRequest, Conflict, NotFound, Unauthorized
+from appliance.index import ChunkIndex, open_vector_store
+from appliance.retrieve import Retriever
 from appliance.users import Principal, add_user, authenticate_key, create_key, disable_user, get_user
 from tests.conftest import run_cli
 
@@ -254,3 +257,40 @@ def test_an_upload_creates_its_collection(server):
     assert response.status_code == 200, response.text
     listed = json.loads(run_cli(server.home, "collections", "list", "--json").stdout)
     assert "uploaded-here" in [c["name"] for c in listed]
+
+
+@pytest.mark.slow
+def test_document_acl_and_role_changes_from_the_cli(fresh_home, tmp_path):
+    """`documents acl` narrows one document at once for both searches; `users role` changes what a user may
+    do on their next request and never removes the last administrator; both are audited."""
+    note = tmp_path / "night-shift.md"
+    note.write_text("# Night shift\n\nThe night shift handover happens at the nurses' station at 19:45.\n")
+    run_cli(fresh_home, "ingest", str(note), "--collection", "wards")
+    for name, role in (("alice", "reader"), ("bob", "reader"), ("boss", "admin")):
+        run_cli(fresh_home, "users", "add", name, "--role", role)
+    run_cli(fresh_home, "grants", "add", "--collection", "wards", "--user", "alice")
+    [document] = json.loads(run_cli(fresh_home, "documents", "list", "--json").stdout)
+
+    def found(user: str) -> set[str]:
+        hits = json.loads(run_cli(fresh_home, "search", "night shift handover", "--as", user, "--json").stdout)
+        return {h["document_id"] for h in hits["results"]}
+
+    assert found("alice") == {document["id"]} and found("bob") == set()
+    run_cli(fresh_home, "documents", "acl", document["id"][:12], "--acl", "user:bob")
+    assert found("alice") == set() and found("bob") == {document["id"]}
+    engine = create_db_engine(f"sqlite:///{fresh_home / 'appliance.db'}")
+    keyword = Retriever(ChunkIndex(engine, open_vector_store(fresh_home / "chroma")), None, Settings().retrieval)
+    for user, expected in (("alice", 0), ("bob", 1)):
+        access = rbac.access_for_user(engine, user)
+        assert len({c.split(":")[0] for c in keyword.keyword_search("handover", access, None, 10)}) == expected
+    run_cli(fresh_home, "documents", "acl", document["id"][:12])  # back to the collection's readers
+    assert found("alice") == {document["id"]} and found("bob") == set()
+
+    assert "reader -> editor" in run_cli(fresh_home, "users", "role", "alice", "editor").stdout
+    assert not rbac.access_for_user(engine, "alice").editable  # an editor now, but her grant says reader
+    run_cli(fresh_home, "grants", "add", "--collection", "wards", "--user", "alice", "--role", "editor")
+    assert rbac.access_for_user(engine, "alice").editable == {"wards"}
+    refused = run_cli(fresh_home, "users", "role", "boss", "reader", check=False)
+    assert refused.returncode == 1 and "last administrator" in refused.stderr
+    actions = [json.loads(line)["action"] for line in run_cli(fresh_home, "audit", "export").stdout.splitlines()]
+    assert actions.count("acl_set") == 2 and actions.count("role_set") == 1
