@@ -110,7 +110,7 @@ class RetrievalSettings(BaseSettings):
     dense_weight: float = Field(0.75, ge=0, le=10, description="Weight of the vector ranking in the fusion.")
     keyword_weight: float = Field(1.0, ge=0, le=10, description="Weight of the BM25 ranking in the fusion.")
     keyword_max_df: float = Field(
-        0.1,
+        0.2,
         gt=0,
         le=1,
         description=(
