@@ -22,6 +22,7 @@ from appliance.db import ApiKey, User, WebSession, session, utcnow
 from appliance.errors import BadRequest, Conflict, NotFound, Unauthorized
 
 ROLES = ("admin", "editor", "reader")
+OPERATOR_NAMES = frozenset({"local-operator", "local-cli"})  # how the audit log and the CLI token name the operator
 KEY_PREFIX = "apk_"
 _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
@@ -47,6 +48,8 @@ def _hash_key(key: str) -> str:
 def add_user(engine: Engine, name: str, role: str, password: str | None = None) -> User:
     if not _USER_NAME.match(name):
         raise BadRequest("user name must be 1-64 letters, digits or _.@- and start with a letter or digit")
+    if name.lower() in OPERATOR_NAMES:
+        raise BadRequest(f"'{name}' is reserved: the audit log names the local operator so")
     if role not in ROLES:
         raise BadRequest(f"role must be one of {', '.join(ROLES)}")
     if password is not None and len(password) < 8:
@@ -243,7 +246,7 @@ def user_by_id(engine: Engine, user_id: int) -> User | None:
 
 # Names that read as the local operator (audit log, CLI token) or a built-in administrator: never given to a
 # provider account.
-_RESERVED_FOR_OIDC = frozenset({"local-operator", "local-cli", "admin", "root"})
+_RESERVED_FOR_OIDC = OPERATOR_NAMES | {"admin", "root"}
 
 
 def _name_from_claim(preferred: str) -> str:

@@ -222,6 +222,7 @@ def test_cli_round_trip_applies_on_the_next_request(fresh_home):
         (["groups", "add-member", "nope", "alice"], "group 'nope' not found"),
         (["collections", "add", "bad/name"], "collection name"),
         (["users", "disable", "nobody"], "not found"),
+        (["users", "add", "Local-Operator", "--role", "reader"], "reserved"),
     ],
 )
 def test_cli_errors_are_clear(fresh_home, args, message):
