@@ -368,7 +368,7 @@ ROWS: list[Row] = [
         "the editor's job",
         "GET",
         "/api/jobs/{job_id}",
-        E(401, 404, 404, 404, 200, 200),  # its owner and admins
+        E(401, 404, 404, 404, 200, 404),  # its owner, and admins only where they may read (this one may not)
         path=lambda c: f"/api/jobs/{c.world.state['job']}",
         prepare=_editor_job,
     ),
@@ -485,6 +485,8 @@ ADMIN_FORMS: dict[str, tuple[dict | Callable[[Call], dict], Callable[[Call], Non
     "user-enable": ({"name": "spare-user"}, None),
     "user-password": ({"name": "spare-user", "password": PASSWORD}, None),
     "user-mfa-reset": ({"name": "spare-user"}, None),
+    "user-role": ({"name": "spare-user", "role": "reader"}, None),  # its role already: nothing else changes
+    "document-acl": (lambda c: {"document": c.world.doc_id, "acl": ""}, None),  # its ACL already (alpha's readers)
     "group-add": (lambda c: {"name": _named("group")(c)}, None),
     "member-add": (
         {"group": "spare-group", "user": "spare-user"},

@@ -323,8 +323,8 @@ def hasty(tmp_path_factory):
         home,
         key,
         key,
-        APPLIANCE_SESSION_IDLE_S="2",
-        APPLIANCE_SESSION_MAX_S="5",
+        APPLIANCE_SESSION_IDLE_S="3",
+        APPLIANCE_SESSION_MAX_S="8",
         APPLIANCE_LOGIN_MAX_FAILURES_PER_ADDRESS="4",
     )
     yield server
@@ -335,19 +335,19 @@ def test_idle_and_absolute_session_timeouts(hasty):
     with browser(hasty) as client:
         assert sign_in(client, "rita").status_code == 303
         assert client.get("/documents").status_code == 200
-        time.sleep(2.6)
+        time.sleep(3.6)
         response = client.get("/documents")
         assert response.status_code == 303 and "ended=idle" in response.headers["location"]
         assert "inactivity" in client.get(response.headers["location"]).text
         assert sign_in(client, "rita").status_code == 303
         started = time.monotonic()
-        while time.monotonic() - started < 5.5:  # busy, never idle: still ends at the absolute limit
+        while time.monotonic() - started < 9.5:  # busy, never idle: still ends at the absolute limit
             response = client.get("/documents")
             if response.status_code != 200:
                 break
-            time.sleep(0.8)
+            time.sleep(0.3)  # well inside the idle limit even when a request is slow on a busy machine
         assert response.status_code == 303 and "ended=expired" in response.headers["location"]
-        assert time.monotonic() - started > 4.5
+        assert time.monotonic() - started > 7
 
 
 def test_a_client_address_is_locked_after_many_failures(hasty):

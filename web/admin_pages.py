@@ -18,7 +18,8 @@ from fastapi.responses import RedirectResponse, Response
 
 from appliance import audit as audit_log
 from appliance import rbac, users
-from appliance.errors import ApplianceError, BadRequest, Forbidden
+from appliance.db import Document, session
+from appliance.errors import ApplianceError, BadRequest, Forbidden, NotFound
 from web.rendering import check_csrf, nav, render, signed_in, viewer_access
 from web.security import audit
 
@@ -91,6 +92,28 @@ def _user_mfa_reset(engine, form, me):
     )
 
 
+def _user_role(engine, form, me):
+    name, role = _field(form, "name"), _field(form, "role")
+    old = users.set_role(engine, name, role)
+    return f"user:{name}", f"{name} is now {role} (was {old}).", {"role": role, "previous": old}
+
+
+def _document_acl(index, form, me):
+    """Who may read one document (its collection's readers, or named users and groups); takes the chunk
+    index, which keeps the document row and the vector store's metadata in step."""
+    from ingest.pipeline import parse_acl
+
+    document_id = _field(form, "document")
+    with session(index.engine) as db:
+        document = db.get(Document, document_id) if len(document_id) == 64 else None
+    if document is None:
+        raise NotFound(f"document {document_id[:64]} not found")
+    acl = parse_acl(_field(form, "acl", required=False), document.collection)
+    index.set_acl(document.id, acl)
+    notice = f"{document.filename} is now readable by {', '.join(acl)}."
+    return f"document:{document.id}", notice, {"collection": document.collection, "acl": acl, "previous": document.acl}
+
+
 def _group_add(engine, form, me):
     name = _field(form, "name")
     rbac.add_group(engine, name)
@@ -155,6 +178,8 @@ ACTIONS: dict[str, tuple[str, str, Handler]] = {
     "user-enable": ("manage_users", "user_enable", _user_enable),
     "user-password": ("manage_users", "password_set", _user_password),
     "user-mfa-reset": ("manage_users", "mfa_reset", _user_mfa_reset),
+    "user-role": ("manage_users", "role_set", _user_role),
+    "document-acl": ("manage_policy", "acl_set", _document_acl),
     "group-add": ("manage_users", "group_add", _group_add),
     "member-add": ("manage_users", "member_add", _member_add),
     "member-rm": ("manage_users", "member_rm", _member_rm),
@@ -274,6 +299,7 @@ async def break_glass(request: Request):
 @router.post("/admin/{action}")
 async def admin_action(request: Request, action: str):
     if action not in ACTIONS:
+        _require(request, "manage_users")  # who is not an administrator learns nothing about the forms
         raise BadRequest("no such administration action")
     needed, audit_action, handler = ACTIONS[action]
     signed = _require(request, needed)
@@ -281,11 +307,14 @@ async def admin_action(request: Request, action: str):
     check_csrf(signed, form.get("csrf"))
     me = signed.principal
     try:
-        target, notice, details = await asyncio.to_thread(handler, request.app.state.db, form, me)
+        store = request.app.state.ingestor.index if handler is _document_acl else request.app.state.db
+        target, notice, details = await asyncio.to_thread(handler, store, form, me)
     except ApplianceError as exc:
         audit(request, me.name, audit_action, actor_id=me.user_id, outcome="failed", error=exc.message[:200])
         return await _admin_page(request, signed, exc.status, error=exc.message)
     audit(request, me.name, audit_action, actor_id=me.user_id, target=target, **details)
+    if handler is _document_acl:  # back to the document, whose page holds the form
+        return RedirectResponse(f"/documents/{target.split(':', 1)[1]}?{urlencode({'done': notice})}", status_code=303)
     section = action.split("-")[0]
     return RedirectResponse(f"/admin?{urlencode({'done': notice})}#{section}", status_code=303)
 

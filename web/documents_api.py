@@ -6,8 +6,8 @@ target collection (an editor grant, and the editor or admin role; the admin role
 except that an editor or admin who names a collection that does not exist yet creates it and gets
 an editor grant on it. Deleting needs `edit` on the document's collection. The listing shows only
 the documents the caller may read, and a document the caller may not read is answered exactly like
-a missing one (404). A job is shown to its owner and to admins. Uploads and deletes, allowed or
-denied, leave audit records.
+a missing one (404). A job is shown to its owner and to admins who may read its collection. Uploads
+and deletes, allowed or denied, leave audit records.
 """
 
 from __future__ import annotations
@@ -130,8 +130,11 @@ async def job_state(job_id: str, request: Request, principal: Principal = Depend
     if not re.fullmatch(r"[0-9a-f]{32}", job_id):
         raise NotFound(f"job {job_id} not found")
     job = request.app.state.jobs.get(job_id)
-    if not principal.is_admin and job.user_id != principal.user_id:
-        raise NotFound(f"job {job_id} not found")  # other users' jobs are answered like missing ones
+    if job.user_id != principal.user_id:
+        # Another user's job names a file and a collection: shown only to an admin who may read that collection.
+        access = await asyncio.to_thread(access_for, request.app.state.db, principal)
+        if not (principal.is_admin and allowed(access, "read", job.collection)):
+            raise NotFound(f"job {job_id} not found")  # answered like a missing one
     summary = job.summary()
     if job.state == "running":
         summary["stage"] = request.app.state.jobs.stage(job.id) or "parsing"  # parsing | embedding | indexing

@@ -121,6 +121,8 @@ async def document_page(
         page=page,
         section=section,
         can_delete=allowed(access, "edit", document.collection),
+        can_set_access=allowed(access, "manage_policy"),
+        done=request.query_params.get("done", "")[:300],
         scripts=["common.js", "documents.js"],
         **nav(request, signed),
     )
