@@ -679,3 +679,33 @@ def test_the_upload_page_offers_a_new_collection_to_editing_roles_only(world):
         assert ('<option value="alpha">' in page) == lists_alpha, caller
         assert ("You may not upload" in page) == (not may_create), caller
         assert ('href="/upload"' in page) == may_create, caller  # the navigation offers it where it works
+
+
+def test_an_admin_sets_a_documents_readers_and_a_users_role_from_the_pages(world):
+    """The document page's access form narrows who reads it at once (list and search); the users table's role
+    form changes a role; both are audited."""
+    with client(world, "admin", "session") as browser, client(world, "granted", "key") as granted:
+        csrf = world.sessions["admin"][1]
+        assert world.doc_id in granted.get("/api/documents").text
+        narrowed = browser.post(
+            "/admin/document-acl", data={"csrf": csrf, "document": world.doc_id, "acl": "user:editor"}
+        )
+        assert narrowed.status_code == 303 and narrowed.headers["location"].startswith(f"/documents/{world.doc_id}")
+        try:
+            assert world.doc_id not in granted.get("/api/documents").text
+            found = granted.post("/api/rag/search", json={"query": "retention of records", "collections": ["alpha"]})
+            assert found.status_code == 200 and found.json()["results"] == []
+            bad = browser.post("/admin/document-acl", data={"csrf": csrf, "document": world.doc_id, "acl": "nobody"})
+            assert bad.status_code == 400 and "invalid ACL entry" in bad.text
+        finally:
+            browser.post("/admin/document-acl", data={"csrf": csrf, "document": world.doc_id, "acl": ""})
+        assert world.doc_id in granted.get("/api/documents").text
+        assert (
+            browser.post("/admin/user-role", data={"csrf": csrf, "name": "spare-user", "role": "editor"}).status_code
+            == 303
+        )
+        assert users.get_user(world.engine, "spare-user").role == "editor"
+        browser.post("/admin/user-role", data={"csrf": csrf, "name": "spare-user", "role": "reader"})
+    acl_records = [r for r in _records(world, "acl_set") if r["actor"] == "admin" and r["outcome"] == "ok"]
+    assert [r["details"]["acl"] for r in acl_records[-2:]] == [["user:editor"], ["collection:alpha"]]
+    assert [r["details"]["role"] for r in _records(world, "role_set")[-2:]] == ["editor", "reader"]
