@@ -11,7 +11,6 @@ import pytest
 from tests.conftest import run_cli
 from tests.documents import write_docx, write_pdf
 
-
 STAGES = {"parsing", "embedding", "indexing"}
 
 
