@@ -198,6 +198,10 @@ def test_ollama_client_chats_with_a_collection(world):
     with pytest.raises(ollama.ResponseError) as refused:
         client.chat(model="rag/lawfirm", messages=messages)
     assert refused.value.status_code == 404
+    walled = ollama.Client(host=world.server.url, headers=world.server.auth(world.walled))
+    with pytest.raises(ollama.ResponseError) as walled_off:  # granted through a group, walled by name
+        walled.chat(model="rag/hospital", messages=messages)
+    assert walled_off.value.status_code == 404
     # The structured citations ride on the final message (extra field), checked on the raw stream.
     with world.server.http(world.alice) as http:
         raw = http.post("/api/chat", json={"model": "rag/hospital", "messages": messages, "stream": False})
