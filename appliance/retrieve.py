@@ -209,10 +209,23 @@ class Retriever:
         """Ids of the indexed documents the caller may read within `scope`; None: every document."""
         if access.everything and scope is None:
             return None
+        if self.index.engine.dialect.name != "sqlite":  # json_each is SQLite's
+            return self._permitted_in_python(access, scope)
         conditions, params, binds = _permission_sql(access, scope)
         statement = sql(f"SELECT d.id FROM document AS d WHERE {' AND '.join(conditions)}").bindparams(*binds)  # noqa: S608
         with session(self.index.engine) as db:
             return [row[0] for row in db.exec(statement, params=params)]
+
+    def _permitted_in_python(self, access: Access, scope: list[str] | None) -> list[str]:
+        """`permitted_documents` for databases without json_each: the same rule, `Access.can_read`, per row."""
+        query = select(Document.id, Document.collection, Document.acl).where(Document.status == "indexed")
+        with session(self.index.engine) as db:
+            rows = db.exec(query).all()
+        return [
+            doc_id
+            for doc_id, collection, acl in rows
+            if (scope is None or collection in scope) and access.can_read(collection, acl)
+        ]
 
     def keyword_search(self, query: str, access: Access, scope: list[str] | None, limit: int) -> list[str]:
         """Chunk ids by BM25, best first, among the chunks the caller may read (SQLite FTS5)."""

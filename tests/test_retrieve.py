@@ -212,3 +212,15 @@ def test_near_universal_words_are_left_out_of_the_bm25_query(world):
         assert strict._selective_words(db, ["records", "chemotherapy"], 10) == ["records", "chemotherapy"]  # small
     hits = strict.keyword_search("records of chemotherapy", OPERATOR, None, 1)
     assert hits and hits[0].startswith(_doc_id(retriever.index.engine, "oncology-protocol.md"))
+
+
+def test_permitted_documents_in_sql_and_in_python_agree(world):
+    """The SQL filter (SQLite's json_each) and the per-row rule used on other databases admit the same documents."""
+    engine, retriever = world
+    for name in ("alice", "bob", "carol", "dave", "root"):
+        access = access_for_user(engine, name)
+        for scope in (retriever.scope(access, None), ["hospital"], ["lawfirm"]):
+            in_sql = retriever.permitted_documents(access, scope)
+            assert sorted(in_sql) == sorted(retriever._permitted_in_python(access, scope)), (name, scope)
+    assert len(retriever.permitted_documents(OPERATOR, ["hospital"])) == 14
+    assert retriever.permitted_documents(OPERATOR, None) is None
