@@ -93,12 +93,18 @@ class VectorMirror:
 
     def _patched(self, old: _Snapshot, generation: tuple[int, int]) -> _Snapshot:
         with session(self.index.engine) as db:
-            indexed = set(db.exec(select(Document.id).where(Document.status == "indexed")))
+            counts = dict(db.exec(select(Document.id, Document.chunk_count).where(Document.status == "indexed")).all())
+        indexed = set(counts)
         if not old.ids or generation[1] != old.generation[1]:
             snapshot = self._read(generation, [], [], [], [], sorted(indexed))
             log.info("vector copy loaded: %d chunks of %d documents", len(snapshot.ids), len(snapshot.documents))
             return snapshot
-        gone, new = set(old.documents) - indexed, sorted(indexed - set(old.documents))
+        # A document removed and indexed again between two queries keeps its id (the hash of its bytes) but may
+        # have other chunks now: one whose number of chunks changed is read again.
+        held = np.bincount(old.row_document, minlength=len(old.documents))
+        changed = {d for n, d in enumerate(old.documents) if d in counts and counts[d] != held[n]}
+        gone = (set(old.documents) - indexed) | changed
+        new = sorted((indexed - set(old.documents)) | changed)
         # Surviving documents are renumbered so that a removed document leaves no entry behind (it may come back).
         documents = [d for d in old.documents if d not in gone]
         lookup = {d: n for n, d in enumerate(documents)}

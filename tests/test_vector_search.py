@@ -53,3 +53,35 @@ def test_copy_follows_ingest_remove_and_rebuild_from_another_process(tmp_path):
     expected = expected / np.linalg.norm(expected, axis=1, keepdims=True)
     assert np.allclose(snapshot.vectors, expected, atol=1e-4)
     ingestor.parser.stop()
+
+
+def _version(doc_id: str, count: int, seed: int):
+    from appliance.db import Document
+
+    document = Document(id=doc_id, collection="c", source="s", filename="f.md", kind="md", size=1, acl=["user:a"])
+    chunks = [
+        Chunk(id=f"{doc_id}:{n}", document_id=doc_id, position=n, start=0, end=1, headings=[], text=f"t{n}")
+        for n in range(count)
+    ]
+    vectors = np.random.default_rng(seed).standard_normal((count, 8)).astype(np.float32)
+    return document, "text", chunks, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_a_document_indexed_again_between_two_queries_is_read_again(tmp_path):
+    """Same id (the same bytes), other chunks (say, new chunking settings): the copy must not keep the old rows."""
+    from appliance.db import create_db_engine
+    from appliance.index import ChunkIndex, open_vector_store
+    from appliance.vector_search import VectorMirror
+
+    index = ChunkIndex(create_db_engine(f"sqlite:///{tmp_path / 'a.db'}"), open_vector_store(tmp_path / "chroma"))
+    mirror = VectorMirror(index)
+    index.add(*_version("d" * 64, 3, seed=1))
+    assert len(mirror.current().ids) == 3
+    index.remove("d" * 64)
+    document, text, chunks, vectors = _version("d" * 64, 2, seed=2)
+    index.add(document, text, chunks, vectors)
+    snapshot = mirror.current()
+    assert snapshot.ids == [c.id for c in chunks]
+    assert np.allclose(snapshot.vectors, vectors, atol=1e-6)
+    assert mirror.search(vectors[1], ["d" * 64], 5)[0][0] == chunks[1].id
+    assert mirror.search(vectors[1], [], 5) == []  # nothing permitted: nothing found
