@@ -1062,6 +1062,19 @@ def cmd_audit_export(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_config_show(settings: Settings, args) -> int:
+    from appliance.config import settings_report
+
+    rows = settings_report(settings)
+    if args.json:
+        _print_json(rows)
+        return 0
+    for row in rows:
+        changed = "" if row["value"] == row["default"] else f"   (default: {row['default']})"
+        print(f"{row['env']}={row['value']}{changed}")
+    return 0
+
+
 def cmd_version(settings: Settings, args) -> int:
     print(f"appliance {__version__}")
     return 0
@@ -1217,6 +1230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", help="only records of this user (local-operator for the CLI)")
     p.add_argument("--action", dest="only_action", help="only this action (upload, delete, ask, grant_add, ...)")
     p.set_defaults(func=cmd_audit_export)
+
+    config = sub.add_parser("config", help="the settings").add_subparsers(dest="action", required=True)
+    p = config.add_parser("show", help="every setting: current value (secrets masked), default, description")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config_show)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

@@ -305,6 +305,46 @@ def load_settings(**overrides) -> Settings:
     return Settings(**overrides)
 
 
+MASKED = "********"
+
+
+def _shown(name: str, value: object) -> object:
+    """A setting's value as `config show` prints it: secrets masked, a database URL without its password."""
+    if isinstance(value, SecretStr):
+        return MASKED if value.get_secret_value() else ""
+    if name == "database_url" and value:
+        from sqlalchemy.engine import make_url
+
+        return make_url(str(value)).render_as_string(hide_password=True)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def settings_report(settings: Settings) -> list[dict]:
+    """Every setting with its environment variable, current value, default and description (secrets masked)."""
+    rows: list[dict] = []
+
+    def walk(model: BaseSettings) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            if isinstance(value, BaseSettings):
+                walk(value)
+                continue
+            default = field.get_default(call_default_factory=True)
+            rows.append(
+                {
+                    "env": f"{ENV_PREFIX}{name.upper()}",
+                    "value": _shown(name, value),
+                    "default": _shown(name, default),
+                    "description": field.description or "",
+                }
+            )
+
+    walk(settings)
+    return rows
+
+
 def settings_reference() -> list[tuple[str, object, str]]:
     """(environment variable, default, description) for every setting, nested groups included."""
     rows: list[tuple[str, object, str]] = []

@@ -116,3 +116,25 @@ def test_run_reports_unknown_model_and_missing_server(cli_server, fresh_home):
     assert missing.returncode == 1 and "not found" in missing.stderr
     no_server = run_cli(fresh_home, "ps", APPLIANCE_PORT="9", check=False)
     assert no_server.returncode == 1 and "appliance serve" in no_server.stderr
+
+
+def test_config_show_lists_every_setting_with_secrets_masked(fresh_home):
+    from appliance.config import settings_reference
+
+    env = {
+        "APPLIANCE_RRF_K": "33",
+        "APPLIANCE_OIDC_CLIENT_SECRET": "very-secret-value",
+        "APPLIANCE_DATABASE_URL": "postgresql://app:db-password-1@db.internal/appliance",
+    }
+    result = run_cli(fresh_home, "config", "show", "--json", **env)
+    rows = {row["env"]: row for row in json.loads(result.stdout)}
+    assert set(rows) == {env_name for env_name, _default, _description in settings_reference()}
+    assert rows["APPLIANCE_RRF_K"]["value"] == 33 and rows["APPLIANCE_RRF_K"]["default"] == 20
+    assert rows["APPLIANCE_OIDC_CLIENT_SECRET"]["value"] == "********"
+    assert rows["APPLIANCE_DATABASE_URL"]["value"] == "postgresql://app:***@db.internal/appliance"
+    assert rows["APPLIANCE_HOME"]["value"] == str(fresh_home.resolve())
+    assert all(row["description"] for row in rows.values())
+    text = run_cli(fresh_home, "config", "show", **env).stdout
+    for output in (result.stdout, text):
+        assert "very-secret-value" not in output and "db-password-1" not in output
+    assert "APPLIANCE_RRF_K=33   (default: 20)" in text
