@@ -80,11 +80,9 @@ def _insert_fts(db, chunks: list[Chunk], documents: dict[str, Document]) -> None
         db.exec(_FTS_INSERT, params=params)
 
 
-def _vector_rows(chunks: list[Chunk], embeddings) -> list[ChunkVector]:
+def _vector_rows(chunk_ids: list[str], embeddings) -> list[ChunkVector]:
     vectors = np.asarray(embeddings, dtype=np.float32)
-    return [
-        ChunkVector(chunk_id=chunk.id, vector=vector.tobytes()) for chunk, vector in zip(chunks, vectors, strict=True)
-    ]
+    return [ChunkVector(chunk_id=i, vector=v.tobytes()) for i, v in zip(chunk_ids, vectors, strict=True)]
 
 
 def _bump_generation(db, rebuilt: bool = False) -> None:
@@ -127,7 +125,7 @@ class ChunkIndex:
             db.flush()
             _insert_fts(db, all_chunks, documents)
             for _document, _text, chunks, embeddings in entries:
-                db.add_all(_vector_rows(chunks, embeddings))
+                db.add_all(_vector_rows([c.id for c in chunks], embeddings))
             db.commit()
         if all_chunks:
             vectors = np.concatenate([np.asarray(e, dtype=np.float32) for _, _, chunks, e in entries if chunks])
@@ -211,7 +209,7 @@ class ChunkIndex:
             vectors = embed([c.text for c in part])
             self._upsert_vectors(part, vectors, documents)
             with session(self.engine) as db:
-                db.add_all(_vector_rows(part, vectors))
+                db.add_all(_vector_rows([c.id for c in part], vectors))
                 db.commit()
         with session(self.engine) as db:
             _bump_generation(db, rebuilt=True)
@@ -251,11 +249,8 @@ class ChunkIndex:
             got = self.vectors.get(ids=missing[begin : begin + batch], include=["embeddings"])
             if not got["ids"]:
                 continue
-            vectors = np.asarray(got["embeddings"], dtype=np.float32)
             with session(self.engine) as db:
-                db.add_all(
-                    ChunkVector(chunk_id=i, vector=v.tobytes()) for i, v in zip(got["ids"], vectors, strict=True)
-                )
+                db.add_all(_vector_rows(got["ids"], got["embeddings"]))
                 _bump_generation(db)
                 db.commit()
             copied += len(got["ids"])

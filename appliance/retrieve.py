@@ -77,10 +77,15 @@ def query_words(query: str) -> list[str]:
     return words[:MAX_QUERY_TERMS]
 
 
+def match_expression(words: list[str]) -> str:
+    """An FTS5 MATCH expression: the words, quoted (so FTS syntax in a question is data), OR-ed."""
+    return " OR ".join(f'"{w}"' for w in words)
+
+
 def fts_query(query: str) -> str | None:
-    """An FTS5 MATCH expression: every word of the query, quoted, OR-ed (BM25 weighs them)."""
+    """The MATCH expression of every word of the query (BM25 weighs them); None when it has no word."""
     words = query_words(query)
-    return " OR ".join(f'"{w}"' for w in words) if words else None
+    return match_expression(words) if words else None
 
 
 def document_frequencies(db, words: list[str]) -> dict[str, int]:
@@ -236,7 +241,7 @@ class Retriever:
             if not words:
                 return []
             conditions, params, binds = _permission_sql(access, scope)
-            params.update(match=" OR ".join(f'"{w}"' for w in words), limit=limit)
+            params.update(match=match_expression(words), limit=limit)
             statement = sql(
                 f"SELECT f.chunk_id FROM {FTS_TABLE} AS f JOIN document AS d ON d.id = f.document_id "  # noqa: S608
                 f"WHERE {FTS_TABLE} MATCH :match AND {' AND '.join(conditions)} ORDER BY f.rank LIMIT :limit"

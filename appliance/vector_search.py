@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -145,5 +145,5 @@ class VectorMirror:
     def _build(generation, ids, rows, documents, vectors) -> _Snapshot:
         vectors = [block for block in vectors if len(block)]
         if not ids or not vectors:
-            return _Snapshot(generation, [], np.zeros(0, dtype=np.int32), [], np.zeros((0, 0), dtype=np.float32))
+            return replace(EMPTY, generation=generation)
         return _Snapshot(generation, ids, np.concatenate(rows), documents, np.ascontiguousarray(np.vstack(vectors)))
