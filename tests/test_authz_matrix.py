@@ -476,6 +476,14 @@ ROWS: list[Row] = [
         data={"collection": "spare", "reason": REASON, "minutes": "5"},
         page=True,
     ),
+    Row(
+        "set a document's readers",
+        "POST",
+        "/admin/document-acl",
+        E(303, 403, 403, 403, 403, 303),  # done: back to the document's page with a notice
+        data=lambda c: {"document": c.world.doc_id, "acl": ""},  # its ACL already (alpha's readers)
+        page=True,
+    ),
 ]
 
 # Each administration form: what it posts, and what must hold before (so that the admin's post succeeds).
@@ -486,7 +494,6 @@ ADMIN_FORMS: dict[str, tuple[dict | Callable[[Call], dict], Callable[[Call], Non
     "user-password": ({"name": "spare-user", "password": PASSWORD}, None),
     "user-mfa-reset": ({"name": "spare-user"}, None),
     "user-role": ({"name": "spare-user", "role": "reader"}, None),  # its role already: nothing else changes
-    "document-acl": (lambda c: {"document": c.world.doc_id, "acl": ""}, None),  # its ACL already (alpha's readers)
     "group-add": (lambda c: {"name": _named("group")(c)}, None),
     "member-add": (
         {"group": "spare-group", "user": "spare-user"},

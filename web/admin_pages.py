@@ -98,22 +98,6 @@ def _user_role(engine, form, me):
     return f"user:{name}", f"{name} is now {role} (was {old}).", {"role": role, "previous": old}
 
 
-def _document_acl(index, form, me):
-    """Who may read one document (its collection's readers, or named users and groups); takes the chunk
-    index, which keeps the document row and the vector store's metadata in step."""
-    from ingest.pipeline import parse_acl
-
-    document_id = _field(form, "document")
-    with session(index.engine) as db:
-        document = db.get(Document, document_id) if len(document_id) == 64 else None
-    if document is None:
-        raise NotFound(f"document {document_id[:64]} not found")
-    acl = parse_acl(_field(form, "acl", required=False), document.collection)
-    index.set_acl(document.id, acl)
-    notice = f"{document.filename} is now readable by {', '.join(acl)}."
-    return f"document:{document.id}", notice, {"collection": document.collection, "acl": acl, "previous": document.acl}
-
-
 def _group_add(engine, form, me):
     name = _field(form, "name")
     rbac.add_group(engine, name)
@@ -179,7 +163,6 @@ ACTIONS: dict[str, tuple[str, str, Handler]] = {
     "user-password": ("manage_users", "password_set", _user_password),
     "user-mfa-reset": ("manage_users", "mfa_reset", _user_mfa_reset),
     "user-role": ("manage_users", "role_set", _user_role),
-    "document-acl": ("manage_policy", "acl_set", _document_acl),
     "group-add": ("manage_users", "group_add", _group_add),
     "member-add": ("manage_users", "member_add", _member_add),
     "member-rm": ("manage_users", "member_rm", _member_rm),
@@ -296,6 +279,41 @@ async def break_glass(request: Request):
     return RedirectResponse(f"/admin?{urlencode({'done': notice})}#break-glass", status_code=303)
 
 
+def _set_document_acl(index, document_id: str, acl_field: str):
+    """Who may read one document: its collection's readers, or named users and groups. The chunk index keeps
+    the document row and the vector store's metadata in step. Returns (document, new ACL)."""
+    from ingest.pipeline import parse_acl
+
+    with session(index.engine) as db:
+        document = db.get(Document, document_id) if len(document_id) == 64 else None
+    if document is None:
+        raise NotFound(f"document {document_id[:64]} not found")
+    acl = parse_acl(acl_field, document.collection)
+    index.set_acl(document.id, acl)
+    return document, acl
+
+
+@router.post("/admin/document-acl")
+async def document_acl(request: Request):
+    """The access form of the document page; back to that page with a notice."""
+    signed = _require(request, "manage_policy")
+    form = await request.form(max_files=0, max_fields=10)
+    check_csrf(signed, form.get("csrf"))
+    me = signed.principal
+    try:
+        document_id = _field(form, "document")
+        document, acl = await asyncio.to_thread(
+            _set_document_acl, request.app.state.ingestor.index, document_id, _field(form, "acl", required=False)
+        )
+    except ApplianceError as exc:
+        audit(request, me.name, "acl_set", actor_id=me.user_id, outcome="failed", error=exc.message[:200])
+        return await _admin_page(request, signed, exc.status, error=exc.message)
+    details = {"collection": document.collection, "acl": acl, "previous": document.acl}
+    audit(request, me.name, "acl_set", actor_id=me.user_id, target=f"document:{document.id}", **details)
+    notice = f"{document.filename} is now readable by {', '.join(acl)}."
+    return RedirectResponse(f"/documents/{document.id}?{urlencode({'done': notice})}", status_code=303)
+
+
 @router.post("/admin/{action}")
 async def admin_action(request: Request, action: str):
     if action not in ACTIONS:
@@ -307,14 +325,11 @@ async def admin_action(request: Request, action: str):
     check_csrf(signed, form.get("csrf"))
     me = signed.principal
     try:
-        store = request.app.state.ingestor.index if handler is _document_acl else request.app.state.db
-        target, notice, details = await asyncio.to_thread(handler, store, form, me)
+        target, notice, details = await asyncio.to_thread(handler, request.app.state.db, form, me)
     except ApplianceError as exc:
         audit(request, me.name, audit_action, actor_id=me.user_id, outcome="failed", error=exc.message[:200])
         return await _admin_page(request, signed, exc.status, error=exc.message)
     audit(request, me.name, audit_action, actor_id=me.user_id, target=target, **details)
-    if handler is _document_acl:  # back to the document, whose page holds the form
-        return RedirectResponse(f"/documents/{target.split(':', 1)[1]}?{urlencode({'done': notice})}", status_code=303)
     section = action.split("-")[0]
     return RedirectResponse(f"/admin?{urlencode({'done': notice})}#{section}", status_code=303)
 
