@@ -36,6 +36,14 @@ class ServerSettings(BaseSettings):
     max_blob_bytes: int = Field(
         1 << 40, ge=1024, description="Largest model blob accepted by POST /api/blobs, in bytes."
     )
+    api_rate_limit: str = Field(
+        "600/minute",
+        max_length=200,
+        description=(
+            "Requests one user (or API key) may make to /api and /v1 routes, in the `limits` notation "
+            "('600/minute', several joined by ';'); 429 with Retry-After beyond it; empty disables."
+        ),
+    )
 
 
 class SchedulerSettings(BaseSettings):
@@ -61,6 +69,18 @@ class SchedulerSettings(BaseSettings):
         -1, ge=-1, le=100_000, description="Layers offloaded to the GPU; -1 chooses from free GPU memory."
     )
     load_timeout_s: float = Field(300.0, gt=0, description="Longest time a runner may take to load a model.")
+    num_parallel: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description=(
+            "Sequences a generation runner decodes together (each with its own num_ctx of KV cache); "
+            "0 chooses the largest of 16, 8, 4, 2, 1 that fits the memory budget."
+        ),
+    )
+    retry_after_s: int = Field(
+        5, ge=1, le=3600, description="Retry-After seconds sent with a 503 when the request queue is full."
+    )
 
 
 class EmbeddingSettings(BaseSettings):

@@ -36,10 +36,24 @@ class PayloadTooLarge(ApplianceError):
     status = 413
 
 
+class TooManyRequests(ApplianceError):
+    """The caller is over its rate limit; `retry_after` says in how many seconds it may try again."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
+
+
 class Busy(ApplianceError):
-    """The server is at its queue bound; the client should retry later."""
+    """The server is at its queue bound; the client should retry in `retry_after` seconds."""
 
     status = 503
+
+    def __init__(self, message: str, retry_after: int = 5):
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
 
 
 class InsufficientMemory(ApplianceError):

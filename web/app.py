@@ -141,7 +141,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def appliance_error(request: Request, exc: ApplianceError):
         if exc.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-        headers = {"Retry-After": "5"} if exc.status == 503 else None
+        retry_after = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         return _error_response(request, exc.status, exc.message, headers)
 
     @app.exception_handler(StarletteHTTPException)
