@@ -168,7 +168,7 @@ class Answerer:
         record = self.generation_model(model)
         searched = question
         if history:
-            searched = await self.standalone_question(question, history, record)
+            searched = await self.standalone_question(question, history, record, access.requester)
         hits = await asyncio.to_thread(self.retriever.search, searched, access, collections, top_k)
         relevant = [h for h in hits if h.similarity is not None and h.similarity >= self.settings.min_similarity]
         retrieved = [h.chunk_id for h in hits]
@@ -181,7 +181,10 @@ class Answerer:
             async for event in self._extractive(hits, texts, searched, retrieved):
                 yield event
             return
-        async for event in self._generated(record, question, hits, texts, searched, retrieved, history, options):
+        generated = self._generated(
+            record, question, hits, texts, searched, retrieved, history, options, access.requester
+        )
+        async for event in generated:
             yield event
 
     async def _extractive(self, hits: list[Hit], texts: dict[str, str], searched: str, retrieved: list[str]):
@@ -223,6 +226,7 @@ class Answerer:
         retrieved: list[str],
         history: list[dict[str, str]] | None,
         options: dict[str, Any] | None,
+        requester: str,
     ):
         options = dict(options or {})
         options.setdefault("num_predict", self.settings.answer_max_tokens)
@@ -232,7 +236,7 @@ class Answerer:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}]
         messages += [m for m in (history or [])[-6:] if m.get("role") in ("user", "assistant")]
         messages.append({"role": "user", "content": user_message(question, blocks)})
-        request = GenerationRequest(model=record.name.display, messages=messages, options=options)
+        request = GenerationRequest(model=record.name.display, messages=messages, options=options, user=requester)
         pieces: list[str] = []
         finished: Finished | None = None
         async for event in self.engine.generate(request):
@@ -288,7 +292,7 @@ class Answerer:
         return used
 
     async def standalone_question(
-        self, question: str, history: list[dict[str, str]], record: ModelRecord | None
+        self, question: str, history: list[dict[str, str]], record: ModelRecord | None, requester: str = ""
     ) -> str:
         """A follow-up rewritten to stand alone (by the model when there is one), for retrieval."""
         previous = [m["content"] for m in history if m.get("role") == "user" and m.get("content")]
@@ -305,6 +309,7 @@ class Answerer:
                 {"role": "user", "content": f"Conversation:\n{turns}\n\nLast question: {question}"},
             ],
             options={"num_predict": 64, "temperature": 0},
+            user=requester,
         )
         pieces = []
         try:

@@ -58,6 +58,11 @@ class Access:
     actions: frozenset[str] = frozenset()  # what the global role allows: manage_users, manage_policy, edit
     break_glass: tuple[tuple[str, datetime], ...] = ()  # (collection, expiry) of the caller's live break-glass grants
 
+    @property
+    def requester(self) -> str:
+        """Who asks, as the inference queue counts requests for fair turns ("user:NAME")."""
+        return next((p for p in sorted(self.principals) if p.startswith("user:")), "operator")
+
     def can_read_collection(self, name: str) -> bool:
         return self.everything or name in self.collections
 

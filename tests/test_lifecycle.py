@@ -32,6 +32,7 @@ def small_server(tmp_path_factory, tiny_gguf, tiny_long_gguf):
         {"tiny": tiny_gguf, "tiny-long": tiny_long_gguf},
         APPLIANCE_MAX_LOADED_MODELS="1",
         APPLIANCE_MAX_QUEUE="1",
+        APPLIANCE_NUM_PARALLEL="1",  # one sequence per runner, so a second request has to wait
         APPLIANCE_NUM_CTX="16384",
     )
     yield srv

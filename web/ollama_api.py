@@ -89,8 +89,9 @@ def _request_template(template: str | None) -> str | None:
     return template or None
 
 
-async def _generation(request: Request, chat: bool, body: dict[str, Any]):
+async def _generation(request: Request, chat: bool, body: dict[str, Any], principal: Principal):
     generation = _generation_request(body, chat)
+    generation.user = principal.requester
     stream = bool(get(body, "stream", bool, True))
     engine = _state(request).engine
     model = parse_name(generation.model).display
@@ -135,11 +136,11 @@ async def _respond(events: AsyncIterator[Any], stream: bool, shape, final):
 
 
 @router.post("/generate")
-async def generate(request: Request, _: Principal = Depends(require_user)):
+async def generate(request: Request, principal: Principal = Depends(require_user)):
     body = await read_json(request)
     if rag_collection(model_name(body)) is not None:
         raise BadRequest("RAG models answer through /api/chat")
-    return await _generation(request, False, body)
+    return await _generation(request, False, body, principal)
 
 
 @router.post("/chat")
@@ -147,7 +148,7 @@ async def chat(request: Request, principal: Principal = Depends(require_user)):
     body = await read_json(request)
     collection = rag_collection(model_name(body))
     if collection is None:
-        return await _generation(request, True, body)
+        return await _generation(request, True, body, principal)
     return await _rag_chat(request, principal, body, collection)
 
 
@@ -187,7 +188,7 @@ async def _rag_chat(request: Request, principal: Principal, body: dict[str, Any]
 
 # --- embeddings --------------------------------------------------------------------------------
 @router.post("/embed")
-async def embed(request: Request, _: Principal = Depends(require_user)):
+async def embed(request: Request, principal: Principal = Depends(require_user)):
     body = await read_json(request)
     started = datetime.now(UTC)
     raw_input = body.get("input", [])
@@ -202,6 +203,7 @@ async def embed(request: Request, _: Principal = Depends(require_user)):
         dimensions=get(body, "dimensions", int),
         options=get(body, "options", dict, {}),
         keep_alive=body.get("keep_alive"),
+        user=principal.requester,
     )
     total = int((datetime.now(UTC) - started).total_seconds() * 1e9)
     return json_response(
@@ -216,13 +218,17 @@ async def embed(request: Request, _: Principal = Depends(require_user)):
 
 
 @router.post("/embeddings")
-async def embeddings_legacy(request: Request, _: Principal = Depends(require_user)):
+async def embeddings_legacy(request: Request, principal: Principal = Depends(require_user)):
     body = await read_json(request)
     prompt = get(body, "prompt", str, "")
     if not prompt:
         return {"embedding": []}
     result, _load = await _state(request).engine.embed(
-        model_name(body), [prompt], options=get(body, "options", dict, {}), keep_alive=body.get("keep_alive")
+        model_name(body),
+        [prompt],
+        options=get(body, "options", dict, {}),
+        keep_alive=body.get("keep_alive"),
+        user=principal.requester,
     )
     return json_response({"embedding": result.vectors[0]})
 

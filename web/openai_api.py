@@ -142,6 +142,7 @@ async def chat_completions(request: Request, principal: Principal = Depends(requ
         format=_response_format(body),
         options=_options(body),
         tools=get(body, "tools", list),
+        user=principal.requester,
     )
     events = await primed(request.app.state.engine.generate(generation))
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -261,7 +262,7 @@ async def _rag_completion(
 
 
 @router.post("/completions")
-async def completions(request: Request, _: Principal = Depends(require_user)):
+async def completions(request: Request, principal: Principal = Depends(require_user)):
     body = await read_json(request)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -269,7 +270,9 @@ async def completions(request: Request, _: Principal = Depends(require_user)):
     if not isinstance(prompt, str):
         raise BadRequest("prompt must be a string (or a list of one string)")
     model = get(body, "model", str, required=True)
-    generation = GenerationRequest(model=model, prompt=prompt, raw=True, options=_options(body, 16))
+    generation = GenerationRequest(
+        model=model, prompt=prompt, raw=True, options=_options(body, 16), user=principal.requester
+    )
     events = await primed(request.app.state.engine.generate(generation))
     completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
@@ -308,7 +311,7 @@ async def completions(request: Request, _: Principal = Depends(require_user)):
 
 
 @router.post("/embeddings")
-async def embeddings(request: Request, _: Principal = Depends(require_user)):
+async def embeddings(request: Request, principal: Principal = Depends(require_user)):
     body = await read_json(request)
     raw_input = body.get("input")
     inputs = [raw_input] if isinstance(raw_input, str) else raw_input
@@ -318,7 +321,9 @@ async def embeddings(request: Request, _: Principal = Depends(require_user)):
     if encoding not in ("float", "base64"):
         raise BadRequest("encoding_format must be float or base64")
     model = get(body, "model", str, required=True)
-    result, _load = await request.app.state.engine.embed(model, inputs, dimensions=get(body, "dimensions", int))
+    result, _load = await request.app.state.engine.embed(
+        model, inputs, dimensions=get(body, "dimensions", int), user=principal.requester
+    )
     data = []
     for index, vector in enumerate(result.vectors):
         value: Any = vector

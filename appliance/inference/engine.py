@@ -39,6 +39,7 @@ class GenerationRequest:
     keep_alive: Any = None
     tools: list[dict[str, Any]] | None = None
     truncate: bool = True
+    user: str = ""  # who asks: waiting requests are admitted fairly across users
 
 
 @dataclass
@@ -149,7 +150,7 @@ class Engine:
             yield Finished("load", time.perf_counter_ns() - started, model.load_duration_ns)
             return
         prompt = await asyncio.to_thread(self._prompt, record, request)
-        async with self.scheduler.use(record, options, request.keep_alive) as model:
+        async with self.scheduler.use(record, options, request.keep_alive, user=request.user) as model:
             load_duration = time.perf_counter_ns() - started
             pieces: list[str] = []
             payload = {"prompt": prompt, "options": options, "grammar": grammar, "truncate": request.truncate}
@@ -183,6 +184,7 @@ class Engine:
         dimensions: int | None = None,
         options: dict[str, Any] | None = None,
         keep_alive: Any = None,
+        user: str = "",
     ) -> tuple[EmbeddingResult, int]:
         """Embeddings for `inputs`; returns the result and the load duration in ns."""
         if not all(isinstance(text, str) for text in inputs):
@@ -198,7 +200,7 @@ class Engine:
         record = self.store.resolve(model_name)
         merged = merge_options(record.parameters, options)
         started = time.perf_counter_ns()
-        async with self.scheduler.use(record, merged, keep_alive, embedding=True) as model:
+        async with self.scheduler.use(record, merged, keep_alive, embedding=True, user=user) as model:
             load_ns = time.perf_counter_ns() - started
             async for event in model.runner.request("embed", {"texts": inputs, "truncate": truncate}):
                 vectors = shorten(event["embeddings"], dimensions)

@@ -6,6 +6,11 @@ library's own output (fd 1) is redirected to stderr so it can never corrupt the 
 A crash here (out of memory, a bad file, an abort in ggml) ends this process only; the server
 notices the closed pipe and answers the request with a clear error.
 
+A generation runner decodes up to `n_parallel` requests together (`batching.BatchedGenerator`); an
+embedding runner answers every embed request waiting at the same moment with one batched call.
+Commands are read on a thread and handled between decode steps, so a new request joins the running
+batch and a cancel takes effect after at most one step.
+
 Commands:  {"id", "op": "complete", "prompt", "options", "grammar", "truncate"}
            {"id", "op": "embed", "texts", "truncate"}
            {"id", "op": "cancel"}
@@ -17,34 +22,27 @@ Events:    {"event": "ready", ...} once loaded, or {"event": "error", "message"}
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
 import queue
-import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from appliance.inference.stops import StopMatcher
+from appliance.inference.batching import BatchedGenerator, RequestError
+
+Send = Callable[[dict[str, Any]], None]
 
 
-class RequestError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class EmbeddingRunner:
+    """An embedding model: every embed request waiting at one moment is answered by one batched call."""
 
-
-class Runner:
-    def __init__(self, config: dict[str, Any], out):
+    def __init__(self, config: dict[str, Any], send: Send):
         import llama_cpp  # imported here: the server process never loads a model
 
-        self._llama_cpp = llama_cpp
-        self._out = out
-        self._write_lock = threading.Lock()
-        self.embedding = bool(config.get("embedding"))
+        self.send = send
         self.llm = llama_cpp.Llama(
             model_path=config["model_path"],
             n_ctx=int(config["n_ctx"]),
@@ -53,139 +51,117 @@ class Runner:
             n_threads_batch=int(config["n_threads"]),
             n_gpu_layers=int(config.get("n_gpu_layers", 0)),
             use_mmap=bool(config.get("use_mmap", True)),
-            embedding=self.embedding,
+            embedding=True,
             pooling_type=int(config.get("pooling_type", -1)),
             verbose=bool(config.get("verbose", False)),
         )
-        self.cancelled: set[str] = set()
+        self.pending: list[tuple[str, dict[str, Any]]] = []
+        self.batches = 0  # batched calls made, reported with each result
 
-    def send(self, event: dict[str, Any]) -> None:
-        line = json.dumps(event, ensure_ascii=False) + "\n"
-        with self._write_lock:
-            self._out.write(line.encode())
-            self._out.flush()
+    def info(self) -> dict[str, Any]:
+        return {"n_ctx": self.llm.n_ctx(), "n_ctx_train": self.llm._model.n_ctx_train(), "n_vocab": self.llm.n_vocab()}
 
-    # --- generation ------------------------------------------------------------------------------
-    def _prompt_tokens(self, prompt: str, truncate: bool, num_predict: int) -> list[int]:
-        tokens = self.llm.tokenize(prompt.encode(), add_bos=self._add_bos(), special=True)
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending)
+
+    def submit(self, request_id: str, request: dict[str, Any]) -> None:
+        self.pending.append((request_id, request))
+
+    def cancel(self, request_id: str) -> None:
+        pass  # an embed call is short and answered whole
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def step(self) -> None:
+        taken, self.pending = self.pending, []
         n_ctx = self.llm.n_ctx()
-        if len(tokens) < n_ctx:
-            return tokens
-        if not truncate:
-            raise RequestError(400, f"input length ({len(tokens)} tokens) exceeds the context length ({n_ctx} tokens)")
-        room = num_predict if 0 < num_predict < n_ctx // 2 else n_ctx // 4
-        return tokens[-(n_ctx - room) :]
-
-    def _add_bos(self) -> bool:
-        value = self.llm.metadata.get("tokenizer.ggml.add_bos_token")
-        return value is None or str(value).lower() == "true"
-
-    def complete(self, request_id: str, request: dict[str, Any]) -> None:
-        options = request.get("options") or {}
-        num_predict = int(options.get("num_predict", -1))
-        tokens = self._prompt_tokens(request.get("prompt", ""), bool(request.get("truncate", True)), num_predict)
-        seed = options.get("seed")
-        self.llm.set_seed(int(seed) if seed is not None and int(seed) >= 0 else random.randint(0, 2**31 - 1))
-        grammar = None
-        if request.get("grammar"):
+        accepted: list[tuple[str, list[str], int]] = []
+        for request_id, request in taken:
+            texts = [str(t) for t in request.get("texts", [])]
+            count = 0
             try:
-                grammar = self._llama_cpp.LlamaGrammar.from_string(request["grammar"], verbose=False)
-            except Exception as exc:
-                raise RequestError(400, f"invalid grammar: {exc}") from None
-        stops = StopMatcher([str(s) for s in options.get("stop") or []])
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        n_ctx = self.llm.n_ctx()
-        limit = n_ctx - len(tokens) if num_predict < 0 else min(num_predict, n_ctx - len(tokens))
-        vocab = self.llm._model.vocab
-        # llama-cpp-python re-uses the KV cache for the prompt's prefix that matches what it holds.
-        cached = self.llm.longest_token_prefix(self.llm._input_ids.tolist(), tokens)
+                for text in texts:
+                    n = len(self.llm.tokenize(text.encode(), add_bos=True))
+                    if n > n_ctx and not request.get("truncate", True):
+                        raise RequestError(
+                            400, f"input length ({n} tokens) exceeds the context length ({n_ctx} tokens)"
+                        )
+                    count += min(n, n_ctx)
+            except RequestError as exc:
+                self.send({"id": request_id, "event": "error", "status": exc.status, "message": exc.message})
+                continue
+            accepted.append((request_id, texts, count))
+        if not accepted:
+            return
         started = time.perf_counter_ns()
-        first_token_at = None
-        generated = 0
-        done_reason = "length"
-        hit_stop_string = False
-        generator = self.llm.generate(
-            tokens,
-            top_k=int(options.get("top_k", 40)),
-            top_p=float(options.get("top_p", 0.9)),
-            min_p=float(options.get("min_p", 0.0)),
-            typical_p=float(options.get("typical_p", 1.0)),
-            temp=float(options.get("temperature", 0.8)),
-            repeat_penalty=float(options.get("repeat_penalty", 1.1)),
-            frequency_penalty=float(options.get("frequency_penalty", 0.0)),
-            presence_penalty=float(options.get("presence_penalty", 0.0)),
-            tfs_z=float(options.get("tfs_z", 1.0)),
-            mirostat_mode=int(options.get("mirostat", 0)),
-            mirostat_tau=float(options.get("mirostat_tau", 5.0)),
-            mirostat_eta=float(options.get("mirostat_eta", 0.1)),
-            penalize_nl=bool(options.get("penalize_newline", True)),
-            grammar=grammar,
-        )
         try:
-            while generated < limit:
-                if request_id in self.cancelled:
-                    done_reason = "cancelled"
-                    break
-                token = next(generator)
-                if first_token_at is None:
-                    first_token_at = time.perf_counter_ns()
-                generated += 1
-                if self._llama_cpp.llama_vocab_is_eog(vocab, token):
-                    done_reason = "stop"
-                    break
-                text, hit = stops.feed(decoder.decode(self.llm.detokenize([token])))
-                if text:
-                    self.send({"id": request_id, "event": "token", "text": text})
-                if hit:
-                    done_reason, hit_stop_string = "stop", True
-                    break
-        finally:
-            generator.close()
-        tail = "" if hit_stop_string else stops.feed(decoder.decode(b"", final=True))[0] + stops.flush()
-        if tail:
-            self.send({"id": request_id, "event": "token", "text": tail})
-        finished = time.perf_counter_ns()
-        first_token_at = first_token_at or finished
-        self.send(
-            {
-                "id": request_id,
-                "event": "done",
-                "done_reason": done_reason,
-                "prompt_eval_count": len(tokens),
-                "prompt_cache_count": min(cached, max(len(tokens) - 1, 0)),
-                "prompt_eval_duration": first_token_at - started,
-                "eval_count": generated,
-                "eval_duration": finished - first_token_at,
-            }
-        )
-
-    # --- embeddings ------------------------------------------------------------------------------
-    def embed(self, request_id: str, request: dict[str, Any]) -> None:
-        if not self.embedding:
-            raise RequestError(400, "this runner was not loaded for embeddings")
-        texts = [str(t) for t in request.get("texts", [])]
-        n_ctx = self.llm.n_ctx()
-        count = 0
-        for text in texts:
-            n = len(self.llm.tokenize(text.encode(), add_bos=True))
-            if n > n_ctx and not request.get("truncate", True):
-                raise RequestError(400, f"input length ({n} tokens) exceeds the context length ({n_ctx} tokens)")
-            count += min(n, n_ctx)
-        vectors = self.llm.embed(texts, normalize=True, truncate=True)
-        self.send({"id": request_id, "event": "embeddings", "embeddings": vectors, "prompt_eval_count": count})
+            vectors = self.llm.embed([t for _, texts, _ in accepted for t in texts], normalize=True, truncate=True)
+        except Exception as exc:  # noqa: BLE001 - reported to each caller; the runner stays up
+            for request_id, _, _ in accepted:
+                self.send({"id": request_id, "event": "error", "status": 500, "message": f"runner error: {exc}"})
+            return
+        self.batches += 1
+        duration = time.perf_counter_ns() - started
+        offset = 0
+        for request_id, texts, count in accepted:
+            mine = vectors[offset : offset + len(texts)]
+            offset += len(texts)
+            self.send(
+                {
+                    "id": request_id,
+                    "event": "embeddings",
+                    "embeddings": mine,
+                    "prompt_eval_count": count,
+                    "batched_with": len(accepted) - 1,
+                    "duration": duration,
+                }
+            )
 
 
-def _read_commands(stream, commands: queue.Queue, runner: Runner) -> None:
+def _read_commands(stream, commands: queue.Queue) -> None:
     for raw in stream:
         try:
             command = json.loads(raw)
         except ValueError:
             continue
-        if command.get("op") == "cancel":
-            runner.cancelled.add(str(command.get("id")))
-        else:
+        if isinstance(command, dict):
             commands.put(command)
     commands.put(None)
+
+
+def _dispatch(worker: BatchedGenerator | EmbeddingRunner, command: dict[str, Any], send: Send) -> None:
+    request_id = str(command.get("id"))
+    op = command.get("op")
+    if op == "cancel":
+        worker.cancel(request_id)
+    elif (op == "complete" and isinstance(worker, BatchedGenerator)) or (
+        op == "embed" and isinstance(worker, EmbeddingRunner)
+    ):
+        worker.submit(request_id, command)
+    elif op in ("complete", "embed"):
+        kind = "embeddings" if isinstance(worker, EmbeddingRunner) else "generation"
+        send({"id": request_id, "event": "error", "status": 400, "message": f"this runner was loaded for {kind}"})
+    else:
+        send({"id": request_id, "event": "error", "status": 400, "message": f"unknown runner operation {op!r}"})
+
+
+def serve(worker: BatchedGenerator | EmbeddingRunner, commands: queue.Queue, send: Send) -> None:
+    """Take every command that is waiting (block only when idle), then run one step; until stdin closes."""
+    while True:
+        block = not worker.busy
+        while True:
+            try:
+                command = commands.get(block=block)
+            except queue.Empty:
+                break
+            if command is None:
+                return
+            _dispatch(worker, command, send)
+            block = False
+        if worker.busy:
+            worker.step()
 
 
 def main() -> int:
@@ -193,39 +169,24 @@ def main() -> int:
     os.dup2(2, 1)  # whatever the C library prints goes to stderr, not into the protocol
     stdin = sys.stdin.buffer
     config = json.loads(stdin.readline() or "{}")
+    write_lock = threading.Lock()
+
+    def send(event: dict[str, Any]) -> None:
+        line = json.dumps(event, ensure_ascii=False) + "\n"
+        with write_lock:
+            protocol_out.write(line.encode())
+            protocol_out.flush()
+
     try:
-        runner = Runner(config, protocol_out)
+        worker = EmbeddingRunner(config, send) if config.get("embedding") else BatchedGenerator(config, send)
     except Exception as exc:  # the model could not be loaded: say why, then exit
-        protocol_out.write((json.dumps({"event": "error", "message": f"failed to load model: {exc}"}) + "\n").encode())
-        protocol_out.flush()
+        send({"event": "error", "message": f"failed to load model: {exc}"})
         return 1
-    llm = runner.llm
-    runner.send(
-        {
-            "event": "ready",
-            "n_ctx": llm.n_ctx(),
-            "n_ctx_train": llm._model.n_ctx_train(),
-            "n_vocab": llm.n_vocab(),
-            "pid": os.getpid(),
-        }
-    )
+    send({"event": "ready", **worker.info(), "pid": os.getpid()})
     commands: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_commands, args=(stdin, commands, runner), daemon=True).start()
-    while (command := commands.get()) is not None:
-        request_id = str(command.get("id"))
-        try:
-            if command.get("op") == "complete":
-                runner.complete(request_id, command)
-            elif command.get("op") == "embed":
-                runner.embed(request_id, command)
-            else:
-                raise RequestError(400, f"unknown runner operation {command.get('op')!r}")
-        except RequestError as exc:
-            runner.send({"id": request_id, "event": "error", "status": exc.status, "message": exc.message})
-        except Exception as exc:
-            runner.send({"id": request_id, "event": "error", "status": 500, "message": f"runner error: {exc}"})
-        finally:
-            runner.cancelled.discard(request_id)
+    threading.Thread(target=_read_commands, args=(stdin, commands), daemon=True).start()
+    serve(worker, commands, send)
+    worker.close()
     return 0
 
 

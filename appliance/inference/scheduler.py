@@ -2,9 +2,10 @@
 
 Loads on demand, keeps a model loaded for its `keep_alive` (0 unloads after the request, a negative
 value keeps it), bounds the number of loaded models and their estimated memory (least recently
-used idle model unloads first), serialises requests per runner, and answers `Busy` (503) once more
-than `max_queue` requests are waiting. A runner that crashes is discarded; the next request for that
-model starts a new one.
+used idle model unloads first), lets up to `n_parallel` requests share a generation runner (which
+decodes them together) with the waiting ones admitted fairly across users (`FairQueue`), and answers
+`Busy` (503 with Retry-After) once more than `max_queue` requests are waiting. A runner that crashes
+is discarded; the next request for that model starts a new one.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from typing import Any
 
 from appliance.config import SchedulerSettings
 from appliance.errors import BadRequest, Busy, InsufficientMemory, RunnerFailed
+from appliance.inference.fair_queue import FairQueue
 from appliance.inference.hardware import Hardware, gpu_layers_for
 from appliance.inference.runner_process import RunnerProcess
 from appliance.models.modelfile import LOAD_OPTIONS
 from appliance.models.store import ModelRecord, ModelStore
 
 log = logging.getLogger(__name__)
+EMBEDDING_PARALLEL = 8  # embed requests an embedding runner may hold at once (answered in one batch)
 FOREVER = datetime(2318, 1, 1, tzinfo=UTC)  # what /api/ps shows for a model kept loaded indefinitely
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -68,7 +71,8 @@ class LoadedModel:
     n_ctx: int
     gpu_layers: int
     load_duration_ns: int
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    n_parallel: int = 1
+    admission: FairQueue = field(default_factory=lambda: FairQueue(1))
     users: int = 0
     unload_requested: bool = False  # unload as soon as the requests using it are done
     last_used: float = field(default_factory=time.monotonic)
@@ -99,18 +103,30 @@ class Scheduler:
 
     @asynccontextmanager
     async def use(
-        self, record: ModelRecord, options: dict[str, Any], keep_alive: Any = None, embedding: bool = False
+        self,
+        record: ModelRecord,
+        options: dict[str, Any],
+        keep_alive: Any = None,
+        embedding: bool = False,
+        user: str = "",
     ) -> AsyncIterator[LoadedModel]:
-        """Hold a loaded runner for one request (loading it first if needed)."""
+        """Hold a place on a loaded runner for one request (loading it first if needed).
+
+        `user` names who asks, for fair admission: waiting requests are served across users in turn.
+        """
         keep = self.default_keep_alive if keep_alive is None else parse_keep_alive(keep_alive)
         if self._queued >= self.settings.max_queue:
-            raise Busy(f"server busy: {self._queued} requests are already waiting; retry later")
+            raise Busy(
+                f"server busy: {self._queued} requests are already waiting; retry later",
+                retry_after=self.settings.retry_after_s,
+            )
         self._queued += 1
         queued = True
         model: LoadedModel | None = None
         try:
             model = await self._obtain(record, options, embedding)
-            async with model.lock:
+            await model.admission.acquire(user)
+            try:
                 self._queued -= 1
                 queued = False
                 model.cancel_expiry()
@@ -122,6 +138,8 @@ class Scheduler:
                 except RunnerFailed:
                     await self._discard(model)
                     raise
+            finally:
+                model.admission.release(user)
         finally:
             if queued:
                 self._queued -= 1
@@ -165,7 +183,9 @@ class Scheduler:
         n_head = int(info.arch_value("attention.head_count", 1) or 1)
         n_head_kv = int(info.arch_value("attention.head_count_kv", n_head) or n_head)
         kv_bytes = n_ctx * n_layers * (n_embd // max(n_head, 1) * n_head_kv) * 2 * 2  # K and V, f16
-        size = record.model_path.stat().st_size + kv_bytes + 64 * 1024 * 1024
+        weights = record.model_path.stat().st_size + 64 * 1024 * 1024
+        n_parallel = EMBEDDING_PARALLEL if embedding else self._parallel_for(weights, kv_bytes)
+        size = weights + kv_bytes * (1 if embedding else n_parallel)
         threads = int(options.get("num_thread") or self.settings.num_thread or self.hardware.physical_cores)
         requested_gpu = int(options["num_gpu"]) if "num_gpu" in options else self.settings.num_gpu
         config = {
@@ -176,10 +196,20 @@ class Scheduler:
             "n_gpu_layers": gpu_layers_for(self.hardware, size, n_layers, requested_gpu),
             "use_mmap": bool(options.get("use_mmap", True)),
             "embedding": embedding,
+            "n_parallel": n_parallel,
             # Chat models carry no pooling type; mean pooling gives one vector per input for them.
             "pooling_type": -1 if info.arch_value("pooling_type") is not None else 1,
         }
         return config, size
+
+    def _parallel_for(self, weights: int, kv_bytes_per_sequence: int) -> int:
+        """APPLIANCE_NUM_PARALLEL, or the most sequences (16, 8, 4, 2) whose model fits half the budget."""
+        if self.settings.num_parallel:
+            return self.settings.num_parallel
+        for n in (16, 8, 4, 2):
+            if weights + n * kv_bytes_per_sequence <= self.memory_budget // 2:
+                return n
+        return 1
 
     async def _obtain(self, record: ModelRecord, options: dict[str, Any], embedding: bool) -> LoadedModel:
         slot = (record.name.display, embedding)
@@ -246,6 +276,8 @@ class Scheduler:
             n_ctx=int(info.get("n_ctx", config["n_ctx"])),
             gpu_layers=config["n_gpu_layers"],
             load_duration_ns=time.perf_counter_ns() - started,
+            n_parallel=config["n_parallel"],
+            admission=FairQueue(config["n_parallel"]),
         )
 
     # --- unloading -------------------------------------------------------------------------------
