@@ -369,7 +369,12 @@ async def ps(request: Request, _: Principal = Depends(require_user)):
                 "expires_at": (loaded.expires_at or datetime.now(UTC)).isoformat().replace("+00:00", "Z"),
                 "size_vram": vram,
                 "context_length": loaded.n_ctx,
-                "runner": {"pid": loaded.runner.pid, "embedding": loaded.slot[1], "gpu_layers": loaded.gpu_layers},
+                "runner": {
+                    "pid": loaded.runner.pid,
+                    "embedding": loaded.slot[1],
+                    "gpu_layers": loaded.gpu_layers,
+                    "parallel": loaded.n_parallel,
+                },
             }
         )
     return {"models": models}

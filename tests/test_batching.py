@@ -1,0 +1,244 @@
+"""Many requests on one model: continuous batching, prefix reuse, cancellation, fair admission."""
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import llama_cpp
+import ollama
+import pytest
+
+from appliance.inference.fair_queue import FairQueue
+from appliance.inference.runner_process import RunnerProcess
+from tests.conftest import start_server, stop_server
+
+GREEDY = {"temperature": 0, "seed": 1, "repeat_penalty": 1.0}
+# Greedy decoding of the synthetic model never samples its end-of-generation token: a long, steady stream.
+LONG = {"num_predict": 1500, "temperature": 0, "repeat_penalty": 1.0}
+
+
+@pytest.fixture(scope="module")
+def batch_server(tmp_path_factory, tiny_gguf, tiny_long_gguf):
+    srv = start_server(
+        tmp_path_factory.mktemp("batching"),
+        {"tiny": tiny_gguf, "tiny-long": tiny_long_gguf},
+        APPLIANCE_NUM_PARALLEL="4",
+        APPLIANCE_NUM_CTX="2048",
+    )
+    yield srv
+    stop_server(srv)
+
+
+def _client(server, key=None) -> ollama.Client:
+    return ollama.Client(host=server.url, headers=server.auth(key), timeout=120)
+
+
+def test_greedy_output_is_the_same_alone_and_in_a_batch(batch_server):
+    client = _client(batch_server)
+    prompts = [f"question {i}: what is the retention period for record type {i * 7}?" for i in range(8)]
+
+    def generate(prompt: str):
+        reply = client.generate(model="tiny", prompt=prompt, raw=True, options={**GREEDY, "num_predict": 48})
+        return reply.response, reply.eval_count
+
+    alone = [generate(p) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(generate, prompts))
+    assert together == alone
+    assert all(count == 48 for _text, count in alone)
+    assert len({text for text, _count in alone}) > 1  # different prompts, different answers: not one cached reply
+
+
+def test_a_request_joins_a_running_generation_and_no_stream_is_cut(batch_server):
+    client = _client(batch_server)
+    stream = client.generate(model="tiny-long", prompt="tell me a long story", stream=True, options=LONG)
+    first = next(stream)
+    assert not first.done
+    # The short request is served while the long one is still streaming (one runner, decoding both).
+    other = _client(batch_server, batch_server.reader_key)
+    short = other.generate(model="tiny-long", prompt="a short one", options={**GREEDY, "num_predict": 4})
+    assert short.done and short.eval_count == 4
+    chunks = list(stream)
+    assert len(chunks) > 100, "the long stream had already finished: the test proves nothing"
+    last = chunks[-1]
+    assert last.done and last.done_reason == "length" and last.eval_count == LONG["num_predict"]
+
+
+def test_disconnected_clients_free_their_sequences(batch_server):
+    client = _client(batch_server)
+    for _ in range(2):  # twice as many long streams as the runner has sequences, each abandoned
+        streams = [client.generate(model="tiny-long", prompt=f"story {i}", stream=True, options=LONG) for i in range(4)]
+        for stream in streams:
+            assert not next(stream).done
+            stream.close()
+    # Had the abandoned sequences kept their places, these would wait for 1500 tokens each.
+    replies = [
+        client.generate(model="tiny-long", prompt=f"quick {i}", options={**GREEDY, "num_predict": 3}) for i in range(4)
+    ]
+    assert all(r.done and r.eval_count == 3 for r in replies)
+    batch_server.assert_alive()
+
+
+def test_ps_shows_the_parallel_sequences(batch_server):
+    client = _client(batch_server)
+    client.generate(model="tiny", prompt="hi", options={"num_predict": 1})
+    with batch_server.http() as http:
+        models = http.get("/api/ps").json()["models"]
+    tiny = next(m for m in models if m["name"] == "tiny:latest")
+    assert tiny["runner"]["parallel"] == 4
+
+
+# --- the runner itself: prefix reuse ---------------------------------------------------------------
+def _complete(runner: RunnerProcess, prompt: str, options: dict):
+    async def run():
+        text, done = [], None
+        async for event in runner.request("complete", {"prompt": prompt, "options": options, "truncate": True}):
+            if event["event"] == "token":
+                text.append(event["text"])
+            else:
+                done = event
+        return "".join(text), done
+
+    return run()
+
+
+def test_runner_reuses_a_cached_prefix_in_its_own_slot_and_across_slots(tiny_gguf):
+    config = {"model_path": str(tiny_gguf), "n_ctx": 512, "n_threads": 2, "n_parallel": 2, "embedding": False}
+    system = "<|im_start|>system\nYou answer only from the documents given below, citing each claim.<|im_end|>\n"
+
+    async def scenario():
+        runner = RunnerProcess(config)
+        await runner.start(60)
+        try:
+            first_text, first = await _complete(runner, system + "first question", {**GREEDY, "num_predict": 8})
+            assert first["prompt_cache_count"] == 0
+            # The same conversation continued: its previous turn (prompt and answer) is already in the cache.
+            follow_up = system + "first question" + first_text + "<|im_end|>\nnext"
+            _, second = await _complete(runner, follow_up, {**GREEDY, "num_predict": 4})
+            assert second["prompt_cache_count"] >= first["prompt_eval_count"]
+            # Two at once: the second slot shares the system prompt held by the first (no re-processing).
+            a, b = await asyncio.gather(
+                _complete(runner, system + "another question", {**GREEDY, "num_predict": 8}),
+                _complete(runner, system + "yet another question", {**GREEDY, "num_predict": 8}),
+            )
+            vocab = llama_cpp.Llama(str(tiny_gguf), vocab_only=True, verbose=False)
+            system_tokens = len(vocab.tokenize(system.encode(), add_bos=False, special=True))
+            assert a[1]["prompt_cache_count"] >= system_tokens and b[1]["prompt_cache_count"] >= system_tokens
+            # Reuse does not change the answer: the same prompt from a cold runner gives the same text.
+            fresh = RunnerProcess(config)
+            await fresh.start(60)
+            try:
+                cold_text, cold = await _complete(fresh, system + "another question", {**GREEDY, "num_predict": 8})
+            finally:
+                await fresh.stop()
+            assert cold["prompt_cache_count"] == 0 and cold_text == a[0]
+        finally:
+            await runner.stop()
+
+    asyncio.run(scenario())
+
+
+def test_embedding_runner_answers_concurrent_requests_in_one_call(tiny_gguf):
+    config = {"model_path": str(tiny_gguf), "n_ctx": 256, "n_threads": 2, "embedding": True, "pooling_type": 1}
+    texts = [[f"text {i} about records", f"and {i} more"] for i in range(16)]
+
+    async def embed(runner, batch):
+        async for event in runner.request("embed", {"texts": batch, "truncate": True}):
+            return event
+
+    async def scenario():
+        runner = RunnerProcess(config)
+        await runner.start(60)
+        try:
+            alone = [await embed(runner, batch) for batch in texts]
+            together = []
+            for _ in range(3):
+                together = await asyncio.gather(*(embed(runner, batch) for batch in texts))
+                if any(event["batched_with"] for event in together):
+                    break
+            return alone, together
+        finally:
+            await runner.stop()
+
+    alone, together = asyncio.run(scenario())
+    assert any(event["batched_with"] > 0 for event in together), "no two requests were ever answered together"
+    for one, other in zip(alone, together, strict=True):
+        assert len(one["embeddings"]) == 2
+        for x, y in zip(one["embeddings"], other["embeddings"], strict=True):
+            assert max(abs(p - q) for p, q in zip(x, y, strict=True)) < 1e-4
+
+
+# --- fair admission ----------------------------------------------------------------------------------
+def test_fair_queue_gives_the_next_place_to_the_user_with_fewest_running():
+    async def scenario():
+        queue = FairQueue(2)
+        order: list[str] = []
+
+        async def request(user: str, label: str, hold: asyncio.Event):
+            await queue.acquire(user)
+            order.append(label)
+            await hold.wait()
+            queue.release(user)
+
+        release = asyncio.Event()
+        tasks = [asyncio.create_task(request("alice", f"alice-{i}", release)) for i in range(20)]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(request("bob", "bob-0", release)))
+        await asyncio.sleep(0)
+        assert order == ["alice-0", "alice-1"] and queue.waiting_total == 19
+        release.set()
+        await asyncio.gather(*tasks)
+        return order
+
+    order = asyncio.run(scenario())
+    # Bob came after twenty of Alice's requests but gets the first place that frees.
+    assert order.index("bob-0") == 2
+    assert len(order) == 21
+
+
+def test_fair_queue_cancelled_waiter_does_not_keep_a_place():
+    async def scenario():
+        queue = FairQueue(1)
+        await queue.acquire("alice")
+        waiter = asyncio.create_task(queue.acquire("bob"))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        queue.release("alice")
+        assert queue.running_total == 0 and queue.waiting_total == 0
+        await asyncio.wait_for(queue.acquire("carol"), 1)  # the place is free again
+        assert queue.running == {"carol": 1}
+
+    asyncio.run(scenario())
+
+
+def test_one_users_many_requests_do_not_starve_another(batch_server):
+    """Twelve streams from the admin fill the four sequences; the reader's one request is next in."""
+    admin = _client(batch_server)
+    options = {"num_predict": 200, "temperature": 0, "repeat_penalty": 1.0}
+    streams = [admin.generate(model="tiny-long", prompt=f"story {i}", stream=True, options=options) for i in range(4)]
+    for stream in streams:
+        next(stream)  # four are running
+
+    def admin_request(i: int):
+        return admin.generate(model="tiny-long", prompt=f"more {i}", options=options).done
+
+    with ThreadPoolExecutor(9) as pool:
+        waiting = [pool.submit(admin_request, i) for i in range(8)]  # eight more wait behind them
+        time.sleep(1.0)
+        reader = pool.submit(
+            lambda: (
+                _client(batch_server, batch_server.reader_key)
+                .generate(model="tiny-long", prompt="mine", options={**options, "num_predict": 2})
+                .done
+            )
+        )
+        for stream in streams:
+            for _chunk in stream:
+                pass
+        assert reader.result(120)
+        unfinished_when_reader_done = sum(not f.done() for f in waiting)
+        assert all(f.result(300) for f in waiting)
+    # The reader was admitted in the first free place, ahead of most of the admin's waiting requests.
+    assert unfinished_when_reader_done >= 4
