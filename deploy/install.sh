@@ -9,6 +9,10 @@
 #                         unset, torch==2.13.0 comes from the configured pip index
 #   APPLIANCE_CUDA        1 forces the CUDA build of llama.cpp, 0 forbids it (default: detect a GPU)
 #   APPLIANCE_REBUILD_LLAMA=1  rebuild llama-cpp-python even if it is installed (e.g. after adding a GPU)
+#   APPLIANCE_EXTRAS      optional dependency groups to install (default "test"; empty for a server only)
+#   APPLIANCE_EDITABLE    1 (default) installs this tree in development mode; 0 copies it into the venv
+#   APPLIANCE_BROWSER     1 (default) installs Debian's chromium for the browser tests; 0 skips it
+#   CMAKE_ARGS_EXTRA      more llama.cpp build options, e.g. -DGGML_NATIVE=OFF for a portable build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +38,7 @@ if ! command -v tesseract >/dev/null 2>&1 || ! command -v pdftoppm >/dev/null 2>
   fi
 fi
 # The web app's browser tests drive Debian's chromium (Playwright never downloads a browser here).
-if ! command -v chromium >/dev/null 2>&1; then
+if [ "${APPLIANCE_BROWSER:-1}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
       || echo "chromium not installed: the browser tests (tests/test_web_e2e.py) will be skipped" >&2
@@ -58,7 +62,7 @@ cuda=${APPLIANCE_CUDA:-auto}
 if [ "$cuda" = auto ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then cuda=1; else cuda=0; fi
 fi
-cmake_args="-DGGML_RPC=on"
+cmake_args="-DGGML_RPC=on ${CMAKE_ARGS_EXTRA:-}"
 [ "$cuda" = 1 ] && cmake_args="$cmake_args -DGGML_CUDA=on"
 if ! "$venv/bin/python" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == "0.3.36" else 1)' 2>/dev/null \
    || [ "${APPLIANCE_REBUILD_LLAMA:-0}" = 1 ]; then
@@ -70,7 +74,14 @@ if ! "$venv/bin/python" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.__ver
     "${rebuild[@]}" "llama-cpp-python==0.3.36"
 fi
 
-"${pip[@]}" install --quiet -e ".[test]"
+extras=${APPLIANCE_EXTRAS-test}
+target="."
+[ -n "$extras" ] && target=".[$extras]"
+if [ "${APPLIANCE_EDITABLE:-1}" = 1 ]; then
+  "${pip[@]}" install --quiet -e "$target"
+else
+  "${pip[@]}" install --quiet "$target"
+fi
 # The PDF partitioner imports unstructured-inference; its own requirements (timm, torchvision)
 # would replace the pinned CPU torch, so it comes without them (see pyproject.toml).
 "${pip[@]}" install --quiet --no-deps "unstructured-inference==1.6.14"
