@@ -62,6 +62,8 @@ ACTIONS = (
     "break_glass",
     "role_set",
     "acl_set",
+    "backup",
+    "restore",
 )
 # Keys that must never appear in details: they would carry secrets or document text.
 _FORBIDDEN_KEYS = frozenset({"password", "key", "api_key", "secret", "token", "text", "content", "answer"})

@@ -1062,6 +1062,28 @@ def cmd_audit_export(settings: Settings, args) -> int:
     return 0
 
 
+# --- backup and restore ----------------------------------------------------------------------------
+def cmd_backup(settings: Settings, args) -> int:
+    from appliance.backup import backup
+
+    report = backup(settings, Path(args.out), include_models=not args.no_models)
+    _audit(_db(settings), "backup", report.path.name, files=report.files, bytes=report.bytes)
+    print(
+        f"backed up {report.documents} documents, {report.files} files ({report.bytes / 2**20:.1f} MiB"
+        f"{'' if report.models_included else ', models left out'}) to {report.path}"
+    )
+    return 0
+
+
+def cmd_restore(settings: Settings, args) -> int:
+    from appliance.backup import restore
+
+    report = restore(settings, Path(args.archive))
+    _audit(_db(settings), "restore", Path(args.archive).name, files=report.files, version=report.source_version)
+    print(f"restored {report.documents} documents, {report.files} files; vector index reloaded: {report.chunks} chunks")
+    return cmd_index_check(settings, argparse.Namespace(json=False))
+
+
 def cmd_config_show(settings: Settings, args) -> int:
     from appliance.config import settings_report
 
@@ -1230,6 +1252,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", help="only records of this user (local-operator for the CLI)")
     p.add_argument("--action", dest="only_action", help="only this action (upload, delete, ask, grant_add, ...)")
     p.set_defaults(func=cmd_audit_export)
+
+    p = sub.add_parser("backup", help="a consistent archive of the home while the server runs")
+    p.add_argument("--out", required=True, help="archive to write (.tar, or .tar.gz to compress)")
+    p.add_argument("--no-models", action="store_true", help="leave the model store out (models can be imported again)")
+    p.set_defaults(func=cmd_backup)
+    p = sub.add_parser("restore", help="restore a backup archive onto an empty home, then check the index")
+    p.add_argument("archive")
+    p.set_defaults(func=cmd_restore)
 
     config = sub.add_parser("config", help="the settings").add_subparsers(dest="action", required=True)
     p = config.add_parser("show", help="every setting: current value (secrets masked), default, description")

@@ -216,6 +216,32 @@ class ChunkIndex:
             db.commit()
         return len(chunks)
 
+    def reload_vectors(self, batch: int = 1000) -> int:
+        """Rebuild Chroma from the vectors the database keeps (after a restore: no re-embedding).
+
+        Returns the number of chunks loaded; chunks without a stored vector are left for `index check`
+        to report (and `index rebuild` to re-embed)."""
+        self.client.delete_collection(VECTOR_COLLECTION)
+        self.vectors = self._open_collection()
+        with session(self.engine) as db:
+            documents = {d.id: d for d in db.exec(select(Document).where(Document.status == "indexed"))}
+            rows = list(
+                db.exec(
+                    select(Chunk, ChunkVector)
+                    .join(ChunkVector, ChunkVector.chunk_id == Chunk.id)
+                    .order_by(Chunk.document_id, Chunk.position)
+                )
+            )
+        rows = [(c, v) for c, v in rows if c.document_id in documents]
+        for begin in range(0, len(rows), batch):
+            part = rows[begin : begin + batch]
+            vectors = np.stack([np.frombuffer(v.vector, dtype=np.float32) for _c, v in part])
+            self._upsert_vectors([c for c, _v in part], vectors, documents)
+        with session(self.engine) as db:
+            _bump_generation(db, rebuilt=True)
+            db.commit()
+        return len(rows)
+
     def _upsert_vectors(self, chunks: list[Chunk], embeddings, documents: dict[str, Document]) -> None:
         """Vectors with the metadata retrieval filters on: document, collection and ACL principals."""
         self.vectors.upsert(
