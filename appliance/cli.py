@@ -116,12 +116,16 @@ def cmd_serve(settings: Settings, args) -> int:
         settings.server.host = args.host
     if args.port:
         settings.server.port = args.port
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from appliance import logs
+
+    logs.configure(settings.log_level, settings.log_format)
     uvicorn.run(
         create_app(settings),
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.log_level.lower(),
+        # With JSON, uvicorn's own loggers must reach the root handler instead of its text handlers.
+        **({"log_config": None} if settings.log_format == "json" else {}),
         access_log=False,
     )
     return 0
@@ -1097,6 +1101,23 @@ def cmd_config_show(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_doctor(settings: Settings, args) -> int:
+    from appliance import doctor
+
+    checks = doctor.run(settings)
+    failed = any(check.status == doctor.FAIL for check in checks)
+    if args.json:
+        _print_json({"ok": not failed, "checks": [check.as_dict() for check in checks]})
+    else:
+        width = max(len(check.name) for check in checks)
+        for check in checks:
+            label = "ok" if check.status == doctor.OK else check.status.upper()
+            print(f"{label:<5} {check.name:<{width}}  {check.message}")
+            if check.advice and check.status != doctor.OK:
+                print(f"{'':<5} {'':<{width}}  -> {check.advice}")
+    return 1 if failed else 0
+
+
 def cmd_version(settings: Settings, args) -> int:
     print(f"appliance {__version__}")
     return 0
@@ -1265,6 +1286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = config.add_parser("show", help="every setting: current value (secrets masked), default, description")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("doctor", help="check the configuration and report network use (exit 1 on a failed check)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

@@ -270,6 +270,13 @@ class Settings(BaseSettings):
         "", description="SQLAlchemy URL of the metadata database; empty uses SQLite in the home directory."
     )
     log_level: str = Field("INFO", description="Logging level of the server.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description=(
+            "Format of the server's log lines: 'text' for people, 'json' for one JSON object per line (time, "
+            "level, logger, message and any extra fields) for a log collector."
+        ),
+    )
     audit_question_text: bool = Field(
         False,
         description=(

@@ -265,6 +265,10 @@ ROWS: list[Row] = [
     Row("favicon", "GET", "/favicon.ico", everyone(204)),
     Row("version", "GET", "/api/version", everyone(200)),
     Row("static file", "GET", "/static/{name}", everyone(200), path="/static/app.css"),
+    Row("liveness", "GET", "/health", everyone(200)),
+    Row("readiness", "GET", "/ready", everyone(200)),
+    # From loopback (where the matrix runs) a caller without credentials may scrape; credentials must be an admin's.
+    Row("metrics", "GET", "/metrics", E(200, 403, 403, 403, 403, 200)),
     # --- Ollama API: models are for every signed-in caller, managing them for admins ---------------
     Row(
         "generate",

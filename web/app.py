@@ -31,7 +31,19 @@ from appliance.rag import Answerer
 from appliance.retrieve import Retriever
 from ingest.jobs import JobWorker
 from ingest.pipeline import Ingestor
-from web import admin_pages, documents_api, oidc, ollama_api, openai_api, pages, rag_api, sessions, signin
+from web import (
+    admin_pages,
+    documents_api,
+    health,
+    metrics,
+    oidc,
+    ollama_api,
+    openai_api,
+    pages,
+    rag_api,
+    sessions,
+    signin,
+)
 from web.auth import host_allowed, issue_cli_token
 from web.rate_limits import RateLimits
 from web.rendering import SignInRequired, error_page, is_page
@@ -128,6 +140,10 @@ def create_app(settings: Settings) -> FastAPI:
         add_security_headers(response, request.url.path)
         return response
 
+    # Added last, so outermost: it also times and counts what the Host check refuses.
+    app.state.metrics = metrics.Metrics(app.state)
+    app.add_middleware(metrics.MetricsMiddleware, metrics=app.state.metrics)
+
     @app.exception_handler(SignInRequired)
     async def sign_in_required(request: Request, exc: SignInRequired):
         return RedirectResponse(exc.location, status_code=303)
@@ -172,6 +188,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def favicon():
         return Response(status_code=204)
 
+    app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(ollama_api.router)
     app.include_router(openai_api.router)
     app.include_router(documents_api.router)

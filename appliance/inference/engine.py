@@ -97,11 +97,24 @@ def grammar_for(output_format: Any) -> str | None:
     raise BadRequest('format must be "json" or a JSON schema object')
 
 
+@dataclass
+class TokenUsage:
+    """Tokens of finished generations since the process started, per model (read by /metrics)."""
+
+    prompt: dict[str, int] = field(default_factory=dict)
+    generated: dict[str, int] = field(default_factory=dict)
+
+    def add(self, model: str, prompt_tokens: int, generated_tokens: int) -> None:
+        self.prompt[model] = self.prompt.get(model, 0) + prompt_tokens
+        self.generated[model] = self.generated.get(model, 0) + generated_tokens
+
+
 class Engine:
     def __init__(self, store: ModelStore, scheduler: Scheduler, embedder: SentenceEmbedder):
         self.store = store
         self.scheduler = scheduler
         self.embedder = embedder
+        self.usage = TokenUsage()
 
     def resolve(self, name: str) -> ModelRecord:
         if parse_name(name).display == f"{DEFAULT_EMBEDDING_MODEL}:latest":
@@ -163,6 +176,7 @@ class Engine:
                     if request.tools:
                         names = {t.get("function", {}).get("name") for t in request.tools if isinstance(t, dict)}
                         tool_calls = parse_tool_calls("".join(pieces), names)
+                    self.usage.add(record.name.display, event["prompt_eval_count"], event["eval_count"])
                     yield Finished(
                         done_reason=event["done_reason"] if event["done_reason"] != "cancelled" else "stop",
                         total_duration=time.perf_counter_ns() - started,

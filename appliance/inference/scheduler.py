@@ -101,6 +101,16 @@ class Scheduler:
     def loaded(self) -> list[LoadedModel]:
         return list(self._models.values())
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a runner (to load, or for a free sequence on it)."""
+        return self._queued
+
+    @property
+    def running(self) -> int:
+        """Requests holding a sequence on a loaded runner."""
+        return sum(model.admission.running_total for model in self._models.values())
+
     @asynccontextmanager
     async def use(
         self,
