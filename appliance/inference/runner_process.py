@@ -130,10 +130,11 @@ class RunnerProcess:
                     error = ApplianceError(event.get("message", "runner error"))
                     error.status = int(event.get("status", 500))
                     raise error
-                yield event
                 if kind in ("done", "embeddings"):
-                    finished = True
+                    finished = True  # before yielding: a caller that stops reading now leaves nothing to cancel
+                    yield event
                     return
+                yield event
         except (BrokenPipeError, ConnectionResetError):
             finished = True
             raise RunnerFailed("the model runner process is gone; the next request starts a new runner") from None
