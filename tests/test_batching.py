@@ -15,6 +15,7 @@ from tests.conftest import start_server, stop_server
 GREEDY = {"temperature": 0, "seed": 1, "repeat_penalty": 1.0}
 # Greedy decoding of the synthetic model never samples its end-of-generation token: a long, steady stream.
 LONG = {"num_predict": 1500, "temperature": 0, "repeat_penalty": 1.0}
+LONG_PROMPT = "tell me a story"  # some prompts do reach the end token early; this one does not
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,7 @@ def batch_server(tmp_path_factory, tiny_gguf, tiny_long_gguf):
         {"tiny": tiny_gguf, "tiny-long": tiny_long_gguf},
         APPLIANCE_NUM_PARALLEL="4",
         APPLIANCE_NUM_CTX="2048",
+        APPLIANCE_NUM_THREAD="1",  # a model this small decodes faster on one thread, and a busy machine slows it less
     )
     yield srv
     stop_server(srv)
@@ -51,7 +53,7 @@ def test_greedy_output_is_the_same_alone_and_in_a_batch(batch_server):
 
 def test_a_request_joins_a_running_generation_and_no_stream_is_cut(batch_server):
     client = _client(batch_server)
-    stream = client.generate(model="tiny-long", prompt="tell me a long story", stream=True, options=LONG)
+    stream = client.generate(model="tiny-long", prompt=LONG_PROMPT, stream=True, options=LONG)
     first = next(stream)
     assert not first.done
     # The short request is served while the long one is still streaming (one runner, decoding both).
@@ -214,31 +216,33 @@ def test_fair_queue_cancelled_waiter_does_not_keep_a_place():
 
 
 def test_one_users_many_requests_do_not_starve_another(batch_server):
-    """Twelve streams from the admin fill the four sequences; the reader's one request is next in."""
-    admin = _client(batch_server)
-    options = {"num_predict": 200, "temperature": 0, "repeat_penalty": 1.0}
-    streams = [admin.generate(model="tiny-long", prompt=f"story {i}", stream=True, options=options) for i in range(4)]
-    for stream in streams:
-        next(stream)  # four are running
+    """Twelve requests from the admin fill the four sequences and the queue; the reader's one is next in.
 
-    def admin_request(i: int):
-        return admin.generate(model="tiny-long", prompt=f"more {i}", options=options).done
+    In arrival order the reader would wait until at least four of the admin's queued requests had
+    finished; admitted fairly it takes the first place that frees and is done two tokens later.
+    """
+    admin = _client(batch_server)
+    streams = [admin.generate(model="tiny-long", prompt=LONG_PROMPT, stream=True, options=LONG) for _ in range(4)]
+    for stream in streams:
+        assert not next(stream).done  # four are running, each for 1500 tokens
+    finished_at: dict[str, float] = {}
+
+    def request(key: str | None, label: str, num_predict: int) -> None:
+        reply = _client(batch_server, key).generate(
+            model="tiny-long", prompt=LONG_PROMPT, options={**LONG, "num_predict": num_predict}
+        )
+        assert reply.eval_count == num_predict
+        finished_at[label] = time.monotonic()
 
     with ThreadPoolExecutor(9) as pool:
-        waiting = [pool.submit(admin_request, i) for i in range(8)]  # eight more wait behind them
-        time.sleep(1.0)
-        reader = pool.submit(
-            lambda: (
-                _client(batch_server, batch_server.reader_key)
-                .generate(model="tiny-long", prompt="mine", options={**options, "num_predict": 2})
-                .done
-            )
-        )
+        waiting = [pool.submit(request, None, f"admin {i}", 1500) for i in range(8)]
+        time.sleep(1.0)  # the admin's eight are queued before the reader asks
+        reader = pool.submit(request, batch_server.reader_key, "reader", 2)
         for stream in streams:
             for _chunk in stream:
                 pass
-        assert reader.result(120)
-        unfinished_when_reader_done = sum(not f.done() for f in waiting)
-        assert all(f.result(300) for f in waiting)
-    # The reader was admitted in the first free place, ahead of most of the admin's waiting requests.
-    assert unfinished_when_reader_done >= 4
+        reader.result(300)
+        for future in waiting:
+            future.result(300)
+    before_reader = sorted(label for label, at in finished_at.items() if at < finished_at["reader"])
+    assert before_reader == []
