@@ -27,13 +27,17 @@ or failed, is counted as cut off. Per level: aggregate generated tokens/s = all 
 from the first request sent to the last stream ended; p95 time to first token over all requests.
 
 `--batched-bench PATH` also runs llama.cpp's own `llama-batched-bench` on the same file (-npp 128 -ntg 64
--npl <levels>, same threads): the ceiling of batched over serial throughput. Build it outside the repo from
-the llama.cpp vendored in the llama-cpp-python sdist:
+-npl <levels>, same threads, -fa off as llama-cpp-python): the ceiling of batched over serial throughput. Its
+"S vs 1" (equal to generated tokens over its whole time, B x TG / T, against B = 1) is the figure to hold our
+"ours / baseline" tokens/s against. It runs all prompts, then all generation; a server that mixes new prompts
+into running generation steps can come out slightly above it. Build it outside the repo from the llama.cpp
+vendored in the llama-cpp-python sdist:
     pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d /tmp/lcp; tar xzf ... ; cd ...
     cmake -S vendor/llama.cpp -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
     cmake --build build --target llama-batched-bench -j2        # -> build/bin/llama-batched-bench
 Prints a table and writes bench/out/concurrency.json (server logs: bench/out/concurrency-*.log).
-The default run takes about 10-12 minutes on 2 cores. Record results in docs/benchmarks.md.
+The default run takes about 14 minutes on 2 cores (about 8 of them the baseline).
+Record results in docs/benchmarks.md.
 """
 
 from __future__ import annotations
