@@ -1088,6 +1088,41 @@ def cmd_restore(settings: Settings, args) -> int:
     return cmd_index_check(settings, argparse.Namespace(json=False))
 
 
+def cmd_bundle(settings: Settings, args) -> int:
+    import time
+
+    from rich.console import Console
+
+    from appliance.bundle import DEFAULT_CMAKE_ARGS, build_bundle
+    from ingest.spacy_standin import build_wheel
+
+    started = time.monotonic()
+    with Console(stderr=True).status("building the offline bundle") as status:
+
+        def progress(message: str) -> None:
+            status.update(message)
+            log.info(message)
+
+        report = build_bundle(
+            settings,
+            Path(args.out),
+            spacy_standin=build_wheel,
+            models=args.model or [],
+            cmake_args=args.cmake_args or DEFAULT_CMAKE_ARGS,
+            torch_index=args.torch_index,
+            rebuild_llama=args.rebuild_llama,
+            progress=progress,
+        )
+    print(
+        f"bundle of {len(report.distributions)} distributions and {len(report.models)} models "
+        f"({report.bytes / 2**20:.0f} MiB) in {report.path}, built in {time.monotonic() - started:.0f} s"
+        f"{' (llama-cpp-python from the cache)' if report.llama_reused else ''}\n"
+        f"sha256 of SHA256SUMS: {report.checksums_sha256} (note it; compare it on the target before installing)\n"
+        f"install on the target: bash {report.path}/install.sh /opt/appliance/.venv"
+    )
+    return 0
+
+
 def cmd_config_show(settings: Settings, args) -> int:
     from appliance.config import settings_report
 
@@ -1281,6 +1316,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore", help="restore a backup archive onto an empty home, then check the index")
     p.add_argument("archive")
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("bundle", help="an offline install bundle (wheels, models, install.sh); run connected")
+    p.add_argument("--out", required=True, help="folder to write (new or empty)")
+    p.add_argument("--model", action="append", help="a model from this home to carry along (repeatable)")
+    p.add_argument(
+        "--cmake-args",
+        help="llama.cpp build options for the target (default: -DGGML_RPC=on -DGGML_NATIVE=OFF, any AVX2 CPU; "
+        "add -DGGML_CUDA=on for NVIDIA GPUs)",
+    )
+    p.add_argument("--torch-index", help="package index for torch, e.g. a mirror of the PyTorch CPU wheels")
+    p.add_argument("--rebuild-llama", action="store_true", help="build llama-cpp-python again, ignoring the cache")
+    p.set_defaults(func=cmd_bundle)
 
     config = sub.add_parser("config", help="the settings").add_subparsers(dest="action", required=True)
     p = config.add_parser("show", help="every setting: current value (secrets masked), default, description")
