@@ -26,6 +26,20 @@ APPLIANCE = str(Path(sys.executable).with_name("appliance"))
 TINY_LONG = Shape(n_vocab=320, n_embd=64, n_layer=2, n_ff=128, n_head=4, n_head_kv=2, n_ctx=16384)
 
 
+def network_namespace_command() -> list[str] | None:
+    """`unshare -n` (with a user namespace too when not root) if this machine permits it, else None."""
+    import shutil
+
+    if shutil.which("unshare") is None or not sys.platform.startswith("linux"):
+        return None
+    command = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
+    try:
+        probe = subprocess.run([*command, "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return command if probe.returncode == 0 else None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import APPLIANCE, HERE, cli_env, run_cli
+from tests.conftest import APPLIANCE, HERE, cli_env, network_namespace_command, run_cli
 
 BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}")
 BIN_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -96,19 +96,7 @@ echo "ANSWER $("${clean[@]}" "$work/venv/bin/python" "$work/client.py" 11434 "$k
 """
 
 
-def _namespace_command() -> list[str] | None:
-    """`unshare -n` (plus a user namespace when not root), if this machine permits it."""
-    if shutil.which("unshare") is None or not sys.platform.startswith("linux"):
-        return None
-    command = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
-    try:
-        probe = subprocess.run([*command, "true"], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return command if probe.returncode == 0 else None
-
-
-NAMESPACE = _namespace_command()
+NAMESPACE = network_namespace_command()
 
 
 def _lines(output: str, prefix: str) -> list[str]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -25,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import APPLIANCE, HERE, cli_env, free_port, run_cli
+from tests.conftest import APPLIANCE, HERE, cli_env, free_port, network_namespace_command, run_cli
 
 CORPUS = HERE.parent / "sample_corpus" / "hospital"
 DOCUMENTS = ("records-retention-policy.md", "infection-control-manual.pdf")
@@ -33,19 +31,7 @@ QUESTION = "What bleep reaches the infection prevention and control nurse on cal
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
 
-def _namespace_command() -> list[str] | None:
-    """`unshare` with a new network namespace (and a user namespace when not root), if this machine allows it."""
-    if shutil.which("unshare") is None:
-        return None
-    command = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
-    try:
-        probe = subprocess.run([*command, "true"], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return command if probe.returncode == 0 else None
-
-
-NAMESPACE = _namespace_command()
+NAMESPACE = network_namespace_command()
 
 
 @pytest.mark.slow
