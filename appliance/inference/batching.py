@@ -44,7 +44,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def build_sampler(vocab, n_vocab: int, options: dict[str, Any], grammar: str | None, history: list[int]):
+def build_sampler(vocab, n_vocab: int, n_ctx: int, options: dict[str, Any], grammar: str | None, history: list[int]):
     """A llama.cpp sampler chain for one request (Ollama option names and defaults)."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     if not chain:
@@ -63,7 +63,7 @@ def build_sampler(vocab, n_vocab: int, options: dict[str, Any], grammar: str | N
             raise RequestError(400, "invalid grammar")
         add(sampler)
     last_n = int(options.get("repeat_last_n", 64))
-    last_n = n_vocab if last_n < 0 else last_n
+    last_n = n_ctx if last_n < 0 else last_n  # -1: the whole context, as in Ollama
     penalties = llama_cpp.llama_sampler_init_penalties(
         n_vocab,
         last_n,
@@ -219,7 +219,7 @@ class BatchedGenerator:
         slot = max(free, key=lambda s: (common_prefix(s.cached, tokens), -s.last_used))
         room = self.n_ctx_seq - len(tokens)
         limit = room if num_predict < 0 else min(num_predict, room)
-        sampler = build_sampler(self.vocab, self.n_vocab, options, request.get("grammar"), tokens)
+        sampler = build_sampler(self.vocab, self.n_vocab, self.n_ctx_seq, options, request.get("grammar"), tokens)
         sequence = Sequence(
             request_id=request_id,
             prompt=tokens,
