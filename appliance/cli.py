@@ -270,10 +270,16 @@ def cmd_ps(settings: Settings, args) -> int:
     print(f"{'NAME':<40} {'SIZE':>10}  {'PROCESSOR':<10} {'CONTEXT':>7}  {'PID':>7}  UNTIL")
     for m in models:
         processor = "GPU" if m["size_vram"] >= m["size"] else ("CPU" if not m["size_vram"] else "CPU/GPU")
+        if m.get("cluster"):
+            processor = "CLUSTER"
         print(
             f"{m['name']:<40} {m['size'] / 1e6:>8.1f}MB  {processor:<10} {m['context_length']:>7}  "
             f"{m['runner']['pid']:>7}  {m['expires_at']}"
         )
+        for node in (m.get("cluster") or {}).get("nodes", []):
+            layers = node["layers"]
+            span = f"layers {layers[0]}-{layers[1]}" if layers else "no layers"
+            print(f"  {node['node']:<38} {span}{' + output' if node.get('output') else ''}")
     return 0
 
 
@@ -1153,6 +1159,121 @@ def cmd_doctor(settings: Settings, args) -> int:
     return 1 if failed else 0
 
 
+# --- cluster ---------------------------------------------------------------------------------------
+def _cluster(settings: Settings):
+    from appliance.cluster.coordinator import Cluster
+
+    return Cluster(settings.home / "cluster")
+
+
+def cmd_worker(settings: Settings, args) -> int:
+    from appliance.cluster.worker import Worker, WorkerState, main_event_loop, parse_size, split_address
+
+    host, port = split_address(args.listen)
+    try:
+        max_memory = parse_size(args.max_memory) if args.max_memory else None
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    state = WorkerState(settings.home / "worker")
+    if args.reset_pairing:
+        state.reset()
+        print("pairing reset: this worker forgot its coordinator", flush=True)
+    code = None if state.paired else state.new_code()
+    from appliance import logs
+
+    logs.configure(settings.log_level, settings.log_format)
+
+    def listening() -> None:
+        if code:
+            print(f"Pairing code (one use): {code}", flush=True)
+            print(f"On the coordinator: appliance cluster pair {host}:{port} --code {code}", flush=True)
+        else:
+            print(f"paired; the coordinator CA fingerprint is {state.data.get('coordinator_ca', '')[:16]}", flush=True)
+        print(f"worker listening on {host}:{port}", flush=True)
+
+    worker = Worker(
+        state,
+        host,
+        port,
+        max_memory=max_memory,
+        threads=args.threads,
+        devices=args.device,
+        on_event=lambda message: print(message, flush=True),
+    )
+    main_event_loop(worker, listening)
+    return 0
+
+
+def cmd_cluster_pair(settings: Settings, args) -> int:
+    status = _cluster(settings).pair(args.address, args.code)
+    print(f"paired with {status.address} (node {status.node_id})")
+    if status.problem:
+        print(f"warning: {status.problem}")
+    return 0
+
+
+def cmd_cluster_unpair(settings: Settings, args) -> int:
+    _cluster(settings).unpair(args.address)
+    print(f"forgot {args.address} (its own pairing stays until `appliance worker --reset-pairing` there)")
+    return 0
+
+
+def cmd_cluster_status(settings: Settings, args) -> int:
+    from appliance.cluster.plan import gib
+
+    statuses = _cluster(settings).probe_all()
+    if args.json:
+        _print_json([s.as_json() for s in statuses])
+        return 0
+    if not statuses:
+        print("no worker is paired (appliance cluster pair HOST:PORT --code CODE)")
+        return 0
+    print(f"{'WORKER':<24} {'STATE':<10} {'FREE':>10} {'CAP':>10} {'LATENCY':>9}  {'VERSION':<16} DEVICES")
+    for s in statuses:
+        state = "ok" if s.problem is None else ("busy" if s.busy else ("down" if not s.reachable else "unusable"))
+        devices = ", ".join(f"{d.get('name')} ({d.get('description')})" for d in s.devices)
+        version = f"{s.version or '-'}/{s.llama_cpp_python or '-'}"
+        print(
+            f"{s.address:<24} {state:<10} {gib(s.free_memory) if s.reachable else '-':>10} "
+            f"{gib(s.max_memory) if s.max_memory else '-':>10} "
+            f"{f'{s.latency_ms:.2f} ms' if s.latency_ms is not None else '-':>9}  {version:<16} {devices}"
+        )
+        if s.problem:
+            print(f"{'':<24} {s.problem}")
+    return 0
+
+
+def cmd_cluster_plan(settings: Settings, args) -> int:
+    from appliance.cluster.plan import gib
+    from appliance.inference import hardware
+    from appliance.inference.engine import merge_options
+    from appliance.inference.scheduler import Scheduler
+
+    store = _store(settings)
+    record = store.resolve(args.model)
+    options = merge_options(record.parameters, {"num_nodes": args.num_nodes} if args.num_nodes else {})
+    scheduler = Scheduler(settings.scheduler, store, hardware.detect(), _cluster(settings))
+    config, size = scheduler._load_config(record, options, embedding=False)
+    local = 0 if args.no_local else scheduler.memory_budget
+    plan, _ = scheduler.cluster.plan(
+        store.gguf_info(record.model_digest),
+        config["n_ctx"],
+        config["n_parallel"],
+        local,
+        int(options.get("num_nodes") or 0),
+    )
+    if args.json:
+        _print_json({"model": record.name.display, "fits_locally": size <= scheduler.memory_budget, **plan.as_json()})
+        return 0
+    print(f"{record.name.display}: {gib(plan.total_bytes)} with context {config['n_ctx']} x {config['n_parallel']}")
+    print(f"{'NODE':<24} {'LAYERS':<12} {'USES':>10} {'FREE':>10}")
+    for share in plan.shares:
+        layers = f"{share.first_layer}-{share.first_layer + share.n_layers - 1}" if share.n_layers else "-"
+        layers += " +out" if share.output else ""
+        print(f"{share.node:<24} {layers:<12} {gib(share.bytes):>10} {gib(share.free):>10}")
+    return 0
+
+
 def cmd_version(settings: Settings, args) -> int:
     print(f"appliance {__version__}")
     return 0
@@ -1337,6 +1458,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check the configuration and report network use (exit 1 on a failed check)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("worker", help="lend this machine to a paired coordinator (llama.cpp RPC behind mutual TLS)")
+    p.add_argument("--listen", required=True, help="HOST:PORT the coordinator connects to (TLS)")
+    p.add_argument("--max-memory", help="most memory the coordinator may plan on this worker, e.g. 16GiB")
+    p.add_argument("--threads", type=int, default=0, help="compute threads (default: all usable cores)")
+    p.add_argument("--device", action="append", help="llama.cpp device to serve (default: GPUs, else the CPU)")
+    p.add_argument("--reset-pairing", action="store_true", help="forget the coordinator and show a new code")
+    p.set_defaults(func=cmd_worker)
+
+    cluster = sub.add_parser("cluster", help="paired workers: pair, status, plan").add_subparsers(
+        dest="action", required=True
+    )
+    p = cluster.add_parser("pair", help="pair with a worker using the one-time code its console shows")
+    p.add_argument("address", help="HOST:PORT of the worker")
+    p.add_argument("--code", required=True)
+    p.set_defaults(func=cmd_cluster_pair)
+    p = cluster.add_parser("unpair", help="forget a worker")
+    p.add_argument("address")
+    p.set_defaults(func=cmd_cluster_unpair)
+    p = cluster.add_parser("status", help="each worker: devices, free memory, latency, version")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cluster_status)
+    p = cluster.add_parser("plan", help="how a model's layers would be split over this machine and the workers")
+    p.add_argument("model")
+    p.add_argument("--num-nodes", type=int, default=0, help="use exactly this many workers")
+    p.add_argument("--no-local", action="store_true", help="keep no layer on this machine")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cluster_plan)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse,
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
+from appliance.cluster.coordinator import Cluster
 from appliance.config import Settings
 from appliance.db import create_db_engine
 from appliance.embeddings import SentenceEmbedder
@@ -86,7 +87,9 @@ def create_app(settings: Settings) -> FastAPI:
         state.db = create_db_engine(settings.resolved_database_url)
         state.store = ModelStore(settings.models_dir)
         state.hardware = await asyncio.to_thread(hardware.detect)
-        state.scheduler = Scheduler(settings.scheduler, state.store, state.hardware)
+        state.scheduler = Scheduler(
+            settings.scheduler, state.store, state.hardware, cluster=Cluster(settings.home / "cluster")
+        )
         state.embedder = SentenceEmbedder(settings.embeddings)
         state.engine = Engine(state.store, state.scheduler, state.embedder)
         state.vectors = await asyncio.to_thread(open_vector_store, settings.chroma_dir)

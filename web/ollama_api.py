@@ -359,6 +359,8 @@ async def ps(request: Request, _: Principal = Depends(require_user)):
         record = loaded.record
         n_layers = int(_state(request).store.gguf_info(record.model_digest).arch_value("block_count", 0) or 0)
         vram = int(loaded.size * min(1.0, loaded.gpu_layers / n_layers)) if n_layers and loaded.gpu_layers else 0
+        if loaded.placement:
+            vram = 0  # the offloaded layers are on cluster workers, not on a local GPU
         models.append(
             {
                 "name": record.name.display,
@@ -375,6 +377,7 @@ async def ps(request: Request, _: Principal = Depends(require_user)):
                     "gpu_layers": loaded.gpu_layers,
                     "parallel": loaded.n_parallel,
                 },
+                **({"cluster": {"nodes": loaded.placement}} if loaded.placement else {}),
             }
         )
     return {"models": models}

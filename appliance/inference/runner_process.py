@@ -39,6 +39,7 @@ class RunnerProcess:
         self._queues: dict[str, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
         self._dead = False
+        self.cluster_error: str | None = None  # the last worker the runner reported lost (sharded models)
 
     @property
     def pid(self) -> int | None:
@@ -49,7 +50,8 @@ class RunnerProcess:
         return self.process is not None and self.process.returncode is None and not self._dead
 
     async def start(self, timeout_s: float) -> dict[str, Any]:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        # GGML_RPC_NO_RDMA: ggml-rpc must never upgrade a worker connection past our TLS tunnel.
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", GGML_RPC_NO_RDMA="1")
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -63,20 +65,34 @@ class RunnerProcess:
         self.process.stdin.write((json.dumps(self.config) + "\n").encode())
         await self.process.stdin.drain()
         try:
-            line = await asyncio.wait_for(self.process.stdout.readline(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    line = await self.process.stdout.readline()
+                    event = json.loads(line) if line else {}
+                    if event.get("event") != "cluster_error":
+                        break
+                    self.cluster_error = event.get("message")
         except TimeoutError:
             await self.stop()
             raise RunnerFailed(f"the model did not load within {timeout_s:.0f} s") from None
         if not line:
             code = await self.process.wait()
-            raise RunnerFailed(f"failed to load model: {_exit_description(code)}")
-        event = json.loads(line)
+            raise RunnerFailed(f"failed to load model: {self._exit_description(code)}")
         if event.get("event") != "ready":
             await self.stop()
             raise RunnerFailed(event.get("message") or "failed to load model")
         self.info = event
         self._reader = asyncio.create_task(self._read_events())
         return event
+
+    def _exit_description(self, code: int | None) -> str:
+        """Why the runner ended; for a sharded model, which worker it lost (ggml-rpc then aborts it)."""
+        description = _exit_description(code)
+        if self.cluster_error:
+            return f"{self.cluster_error}; {description}"
+        if self.config.get("cluster") and code is not None and code < 0:
+            return f"a cluster worker stopped responding; {description}"
+        return description
 
     async def _read_events(self) -> None:
         assert self.process and self.process.stdout
@@ -86,6 +102,10 @@ class RunnerProcess:
                     event = json.loads(line)
                 except ValueError:
                     log.warning("runner %s wrote a line that is not JSON", self.pid)
+                    continue
+                if event.get("event") == "cluster_error":
+                    self.cluster_error = event.get("message")
+                    log.error("runner %s: %s", self.pid, self.cluster_error)
                     continue
                 target = self._queues.get(str(event.get("id")))
                 if target is not None:
@@ -99,7 +119,7 @@ class RunnerProcess:
                 code = await asyncio.wait_for(self.process.wait(), 5)
             except TimeoutError:
                 self.process.kill()
-            message = _exit_description(code)
+            message = self._exit_description(code)
             if self._queues:
                 log.error("%s while serving %d request(s)", message, len(self._queues))
             for target in self._queues.values():

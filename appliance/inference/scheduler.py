@@ -6,6 +6,12 @@ used idle model unloads first), lets up to `n_parallel` requests share a generat
 decodes them together) with the waiting ones admitted fairly across users (`FairQueue`), and answers
 `Busy` (503 with Retry-After) once more than `max_queue` requests are waiting. A runner that crashes
 is discarded; the next request for that model starts a new one.
+
+Sharding: a model larger than the memory budget, or one whose options ask for `num_nodes` workers,
+is split across this machine and the paired workers (`appliance.cluster`): the workers are probed
+(a dead or busy one is left out, with the reason), the layers planned by free memory, and the runner
+given the tunnels and split. ggml's RPC server serves one client at a time, so one sharded model is
+loaded at a time (an idle one is unloaded for the next).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from appliance.cluster.coordinator import Cluster
 from appliance.config import SchedulerSettings
 from appliance.errors import BadRequest, Busy, InsufficientMemory, RunnerFailed
 from appliance.inference.fair_queue import FairQueue
@@ -77,6 +84,7 @@ class LoadedModel:
     unload_requested: bool = False  # unload as soon as the requests using it are done
     last_used: float = field(default_factory=time.monotonic)
     expires_at: datetime | None = None
+    placement: list[dict[str, Any]] | None = None  # nodes and their layers, for a sharded model
     _expiry: asyncio.TimerHandle | None = None
 
     def cancel_expiry(self) -> None:
@@ -86,10 +94,13 @@ class LoadedModel:
 
 
 class Scheduler:
-    def __init__(self, settings: SchedulerSettings, store: ModelStore, hardware: Hardware):
+    def __init__(
+        self, settings: SchedulerSettings, store: ModelStore, hardware: Hardware, cluster: Cluster | None = None
+    ):
         self.settings = settings
         self.store = store
         self.hardware = hardware
+        self.cluster = cluster
         self.memory_budget = settings.max_memory_bytes or int(hardware.available_memory * 0.9)
         self.default_keep_alive = parse_keep_alive(settings.keep_alive)
         self._models: dict[tuple[str, bool], LoadedModel] = {}
@@ -238,6 +249,14 @@ class Scheduler:
                     await self._changed.wait()  # a reload must wait for the current users
                     continue
                 config, size = self._load_config(record, options, embedding)
+                if self._wants_sharding(options, embedding, size):
+                    holders = [m for m in self._models.values() if m.placement]
+                    if any(m.users for m in holders):
+                        await self._changed.wait()  # the workers serve one sharded model at a time
+                        continue
+                    for holder in holders:
+                        await self._unload_locked(holder)
+                    config, size = await self._shard(record, options, config)
                 if size > self.memory_budget:
                     raise InsufficientMemory(
                         f"model requires more memory ({size / 2**30:.1f} GiB) than the appliance may use "
@@ -250,6 +269,34 @@ class Scheduler:
                 model.users += 1
                 self._models[slot] = model
                 return model
+
+    def _wants_sharding(self, options: dict[str, Any], embedding: bool, size: int) -> bool:
+        if embedding:
+            return False
+        if int(options.get("num_nodes") or 0) > 0:
+            return True
+        return size > self.memory_budget and self.cluster is not None and bool(self.cluster.nodes())
+
+    async def _shard(self, record: ModelRecord, options: dict[str, Any], config: dict) -> tuple[dict, int]:
+        """Plan the split over this machine and the usable workers; the config a sharded runner needs."""
+        num_nodes = int(options.get("num_nodes") or 0)
+        if self.cluster is None or not self.cluster.nodes():
+            raise BadRequest(
+                f"num_nodes {num_nodes} asks for sharding, but no worker is paired "
+                "(pair one with `appliance cluster pair HOST:PORT --code CODE`)"
+            )
+        in_use = sum(m.size for m in self._models.values() if m.users)
+        info = self.store.gguf_info(record.model_digest)
+        plan, usable = await asyncio.to_thread(
+            self.cluster.plan, info, config["n_ctx"], config["n_parallel"], self.memory_budget - in_use, num_nodes
+        )
+        config = {**config, "cluster": self.cluster.shard_config(plan, usable), "n_gpu_layers": plan.n_gpu_layers}
+        log.info(
+            "sharding %s: %s",
+            record.name.display,
+            ", ".join(f"{s.node} {s.n_layers} layers" for s in plan.shares),
+        )
+        return config, plan.local_bytes
 
     async def _make_room(self, size: int) -> bool:
         """Evict idle models, least recently used first, until `size` fits; False if it cannot yet."""
@@ -288,6 +335,7 @@ class Scheduler:
             load_duration_ns=time.perf_counter_ns() - started,
             n_parallel=config["n_parallel"],
             admission=FairQueue(config["n_parallel"]),
+            placement=config["cluster"]["placement"] if config.get("cluster") else None,
         )
 
     # --- unloading -------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""The runner's side of a sharded model: local tunnels to the workers, then ggml-rpc registration.
+
+ggml's RPC client speaks plain TCP. In the runner process, each worker gets a listener on
+127.0.0.1 (an ephemeral port) whose every connection is carried to the worker over mutual TLS
+(ALPN `ggml-rpc`, the worker's certificate checked against our CA and its node id). The tunnels run
+on an asyncio loop in a thread of their own; ggml's calls release the GIL, so they keep moving while
+the model computes. They live and die with the runner: one runner per cluster layout, as RPC
+registrations cannot be undone in a process.
+
+Before registering, each worker is greeted through its tunnel with the RPC hello, with a timeout: an
+unreachable, busy or incompatible worker is a clear load error. Afterwards, a worker whose connection
+ends (it stopped, or its machine did) is reported on the runner's protocol as a `cluster_error`
+event naming it, just before ggml's client aborts the runner; the server turns that into the error
+of the requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from appliance.cluster import pki, rpc
+from appliance.cluster.worker import _set_keepalive, splice, split_address
+
+CONNECT_TIMEOUT_S = 10.0
+HELLO_TIMEOUT_S = 20.0  # a worker still ending a previous session waits up to 10 s before serving us
+
+
+class ClusterError(Exception):
+    pass
+
+
+class Tunnels:
+    def __init__(self, workers: list[dict[str, Any]], tls: dict[str, str], on_error: Callable[[str], None]):
+        self.workers = workers
+        self.on_error = on_error
+        self.closing = False
+        self._tls = tls
+        self.endpoints: list[str] = []
+        self.servers: list[asyncio.Server] = []
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(self._start())
+            except BaseException as exc:  # noqa: BLE001 - reported to the constructor
+                failure.append(exc)
+                started.set()
+                return
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, name="cluster-tunnels", daemon=True)
+        self.thread.start()
+        started.wait()
+        if failure:
+            raise ClusterError(f"could not open the local tunnels: {failure[0]}")
+
+    def _client_context(self):
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_verify_locations(cafile=self._tls["ca"])
+        context.load_cert_chain(self._tls["cert"], self._tls["key"])
+        context.set_alpn_protocols([pki.ALPN_RPC])
+        return context
+
+    async def _start(self) -> None:
+        context = self._client_context()
+        for worker in self.workers:
+            server = await asyncio.start_server(
+                lambda r, w, worker=worker: self._carry(worker, context, r, w), "127.0.0.1", 0
+            )
+            self.servers.append(server)
+            port = server.sockets[0].getsockname()[1]
+            self.endpoints.append(f"127.0.0.1:{port}")
+
+    async def _carry(self, worker: dict[str, Any], context, reader, writer) -> None:
+        address = worker["address"]
+        host, port = split_address(address)
+        try:
+            remote_reader, remote_writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    host, port, ssl=context, server_hostname=pki.worker_hostname(worker["node_id"]), limit=1 << 20
+                ),
+                CONNECT_TIMEOUT_S,
+            )
+        except (OSError, TimeoutError) as exc:
+            if not self.closing:
+                self.on_error(f"cluster worker {address} is unreachable: {exc or type(exc).__name__}")
+            writer.close()
+            return
+        _set_keepalive(remote_writer.get_extra_info("socket"))
+
+        def ended(side: str) -> None:
+            if side == "second" and not self.closing:
+                self.on_error(f"cluster worker {address} closed the connection: it stopped or lost its network")
+
+        await splice(reader, writer, remote_reader, remote_writer, on_end=ended)
+
+    def greet(self) -> None:
+        """The RPC hello through every tunnel, with a timeout; ClusterError naming the worker otherwise."""
+        for worker, endpoint in zip(self.workers, self.endpoints, strict=True):
+            host, port = split_address(endpoint)
+            try:
+                major, minor, patch = rpc.hello(host, port, HELLO_TIMEOUT_S)
+            except (OSError, rpc.RpcError) as exc:
+                raise ClusterError(
+                    f"cluster worker {worker['address']} did not answer the RPC handshake "
+                    f"({exc or type(exc).__name__}): is it running, and not serving another session?"
+                ) from None
+            if major != rpc.RPC_PROTO_MAJOR:
+                raise ClusterError(
+                    f"cluster worker {worker['address']} speaks ggml-rpc v{major}.{minor}.{patch}, "
+                    f"this appliance v{rpc.RPC_PROTO_MAJOR}"
+                )
+
+    def close(self) -> None:
+        self.closing = True
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def attach_workers(
+    cluster: dict[str, Any], model_params, send: Callable[[dict[str, Any]], None]
+) -> tuple[Tunnels, Any]:
+    """Open tunnels, greet and register the workers, and set the split on `model_params`.
+
+    Returns the tunnels and the tensor_split array (both must outlive the model).
+    """
+    import llama_cpp
+
+    tunnels = Tunnels(
+        cluster["workers"], cluster["tls"], lambda message: send({"event": "cluster_error", "message": message})
+    )
+    try:
+        tunnels.greet()
+        rpc.register_servers(tunnels.endpoints)
+    except (ClusterError, rpc.RpcError):
+        tunnels.close()
+        raise
+    n_devices = llama_cpp.llama_max_devices()
+    if len(cluster["tensor_split"]) > n_devices:
+        tunnels.close()
+        raise ClusterError(f"the plan uses {len(cluster['tensor_split'])} devices; llama.cpp takes at most {n_devices}")
+    split = (ctypes.c_float * n_devices)(*cluster["tensor_split"])
+    model_params.tensor_split = split
+    model_params.n_gpu_layers = int(cluster["n_gpu_layers"])
+    return tunnels, split

@@ -1,0 +1,214 @@
+"""Sharding benchmark: generation tokens/s of one model local vs sharded across 2 and 3 loopback workers.
+
+    .venv/bin/python bench/cluster.py [--gguf bench/out/bench-0.7b-q8_0.gguf] [--tokens 64] [--runs 3]
+                                      [--json bench/out/cluster.json] [--label "no delay"]
+
+Starts `appliance worker` on 127.0.0.2, .3, .4 (each in a home of its own), pairs them with a temporary
+coordinator home through `appliance cluster pair` and the printed codes, starts `appliance serve` there,
+and times greedy generations of the same prompt with the model local, with `num_nodes 2` and with
+`num_nodes 3` (the plan keeps a share on the coordinator; `appliance ps` shows it). Each figure is the
+median of --runs generations of --tokens tokens after one warm-up, read from the server's own
+eval_count / eval_duration. The added time per token per hop is (ms/token sharded - ms/token local)
+divided by the hops a token makes (coordinator -> each worker in turn -> back: workers + 1).
+
+All processes share this machine's cores, and a token visits the nodes one after another, so the
+figures show the protocol's cost, not a speed-up. To add network delay: `tc qdisc add dev lo root netem
+delay 1ms` (as root) before the run, `tc qdisc del dev lo root` after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+APPLIANCE = str(Path(sys.executable).with_name("appliance"))
+PROMPT = "Write a long story about a lighthouse keeper and the ships that pass."
+
+
+def env_for(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "OLLAMA_"))}
+    return {**env, "APPLIANCE_HOME": str(home), "HF_HUB_OFFLINE": "1", **extra}
+
+
+def cli(home: Path, *args: str) -> str:
+    done = subprocess.run([APPLIANCE, *args], env=env_for(home), capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        raise SystemExit(f"appliance {' '.join(args)} failed: {done.stderr}")
+    return done.stdout
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def start_worker(home: Path, host: str, threads: int) -> tuple[subprocess.Popen, str, str]:
+    home.mkdir(parents=True, exist_ok=True)
+    address = f"{host}:{free_port(host)}"
+    process = subprocess.Popen(
+        [APPLIANCE, "worker", "--listen", address, "--threads", str(threads)],
+        env=env_for(home),
+        stdout=subprocess.PIPE,
+        stderr=(home / "worker.log").open("ab"),
+        text=True,
+        start_new_session=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    code = ""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = lines.get(timeout=120)
+        if match := re.search(r"Pairing code \(one use\): (\S+)", line):
+            code = match.group(1)
+        if line.startswith("worker listening"):
+            return process, address, code
+    raise SystemExit("a worker did not start")
+
+
+def traffic(home: Path) -> dict[str, tuple[int, int]]:
+    """Bytes each worker's current RPC session has carried (in, out), from `appliance cluster status`."""
+    statuses = json.loads(cli(home, "cluster", "status", "--json"))
+    return {
+        s["address"]: (s["session"]["bytes_in"], s["session"]["bytes_out"])
+        for s in statuses
+        if s.get("session") and not s["session"].get("ended")
+    }
+
+
+def timed(http: httpx.Client, model: str, tokens: int) -> dict[str, float]:
+    options = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": tokens, "seed": 1}
+    body = http.post("/api/generate", json={"model": model, "prompt": PROMPT, "stream": False, "options": options})
+    body.raise_for_status()
+    result = body.json()
+    return {
+        "eval_tokens_per_s": result["eval_count"] / (result["eval_duration"] / 1e9),
+        "eval_count": result["eval_count"],
+        "text": result["response"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", default=str(ROOT / "bench" / "out" / "bench-0.7b-q8_0.gguf"))
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="threads of the runner and of each worker")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--label", default="loopback", help="what this run measures (e.g. 'netem 1ms')")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    home = root / "coordinator"
+    workers = []
+    server = None
+    try:
+        cli(home, "users", "add", "admin", "--role", "admin")
+        key = cli(home, "keys", "create", "--user", "admin").strip()
+        cli(home, "create", "bench", "--from", args.gguf)
+        for n in (2, 3):
+            (root / f"Modelfile{n}").write_text(f"FROM {args.gguf}\nPARAMETER num_nodes {n}\n")
+            cli(home, "create", f"bench-{n}", "-f", str(root / f"Modelfile{n}"))
+        for i, host in enumerate(("127.0.0.2", "127.0.0.3", "127.0.0.4")):
+            process, address, code = start_worker(root / f"worker{i}", host, args.threads)
+            workers.append(process)
+            cli(home, "cluster", "pair", address, "--code", code)
+        port = free_port("127.0.0.1")
+        server = subprocess.Popen(
+            [APPLIANCE, "serve"],
+            env=env_for(
+                home,
+                APPLIANCE_PORT=str(port),
+                APPLIANCE_NUM_PARALLEL="1",
+                APPLIANCE_NUM_CTX="1024",
+                APPLIANCE_NUM_THREAD=str(args.threads),
+                APPLIANCE_MAX_LOADED_MODELS="1",
+            ),
+            stdout=(root / "server.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/api/version", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        results: dict[str, dict] = {}
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=1200) as http:
+            for model, n_workers in (("bench", 0), ("bench-2", 2), ("bench-3", 3)):
+                timed(http, model, 4)  # load and warm up
+                placement = next(m for m in http.get("/api/ps").json()["models"] if m["name"].startswith(model + ":"))
+                before = traffic(home)
+                runs = [timed(http, model, args.tokens) for _ in range(args.runs)]
+                after = traffic(home)
+                tokens = sum(r["eval_count"] + 1 for r in runs)  # + the prompt's pass, small next to a prompt
+                moved = {a: (after[a][0] - before[a][0], after[a][1] - before[a][1]) for a in after if a in before}
+                eval_rate = statistics.median(r["eval_tokens_per_s"] for r in runs)
+                results[model] = {
+                    "workers": n_workers,
+                    "eval_tokens_per_s": round(eval_rate, 2),
+                    "ms_per_token": round(1000 / eval_rate, 2),
+                    "nodes": [
+                        {"node": n["node"], "layers": n["layers"]}
+                        for n in (placement.get("cluster") or {}).get("nodes", [])
+                    ],
+                    "kib_per_token_per_worker": {
+                        a: {"to_worker": round(i / tokens / 1024, 1), "from_worker": round(o / tokens / 1024, 1)}
+                        for a, (i, o) in moved.items()
+                        if i or o
+                    },
+                    "same_text_as_local": runs[0]["text"] == results.get("bench", {}).get("text", runs[0]["text"]),
+                    "text": runs[0]["text"],
+                }
+        local_ms = results["bench"]["ms_per_token"]
+        for model in ("bench-2", "bench-3"):
+            hops = results[model]["workers"] + 1
+            results[model]["added_ms_per_token_per_hop"] = round((results[model]["ms_per_token"] - local_ms) / hops, 2)
+        for r in results.values():
+            r.pop("text")
+        report = {
+            "label": args.label,
+            "gguf": Path(args.gguf).name,
+            "tokens": args.tokens,
+            "runs": args.runs,
+            "threads": args.threads,
+            "cores": os.cpu_count(),
+            "run_id": secrets.token_hex(4),
+            "results": results,
+        }
+        print(json.dumps(report, indent=2))
+        if args.json:
+            path = Path(args.json)
+            previous = json.loads(path.read_text()) if path.is_file() else []
+            path.write_text(json.dumps([*previous, report] if isinstance(previous, list) else [report], indent=2))
+        return 0
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(60)
+        for process in workers:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
