@@ -7,6 +7,7 @@ local run through /api/chat, and a worker killed mid-generation (clear error, se
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -26,7 +27,11 @@ import pytest
 from appliance.cluster import pairing, pki, rpc
 from appliance.cluster.coordinator import Cluster, Node
 from appliance.cluster.plan import Capacity, ModelShape, exact_split, layers_by_device, plan_layers
+from appliance.config import SchedulerSettings
 from appliance.errors import InsufficientMemory
+from appliance.inference.hardware import detect
+from appliance.inference.scheduler import Scheduler
+from appliance.models.store import ModelStore
 from appliance.models.synthetic_gguf import Shape, write_gguf
 from tests.conftest import APPLIANCE, cli_env, run_cli, start_server, stop_server
 
@@ -59,7 +64,7 @@ def test_plan_is_memory_weighted_contiguous_and_every_worker_gets_a_layer():
     counts = [s.n_layers for s in plan.shares]
     assert sum(counts) == 10 and counts[2] == 1 and counts[1] > counts[0] > 0
     assert [s.first_layer for s in plan.shares] == [0, counts[0], counts[0] + counts[1]]
-    assert all(s.bytes <= s.free for s in plan.shares) and plan.shares[-1].output
+    assert all(s.bytes <= s.free for s in plan.shares) and plan.shares[0].output
     assert plan.n_gpu_layers == 10 - counts[0] + 1
     assert layers_by_device(plan.tensor_split, 10, counts[0]) == counts[1:]
 
@@ -266,13 +271,40 @@ def test_sharded_chat_equals_the_local_run_and_ps_shows_the_layers(cluster):
     nodes = models["deep-sharded:latest"]["cluster"]["nodes"]
     assert [n["node"] for n in nodes] == ["local", workers[0].address, workers[1].address]
     assert sum(n["n_layers"] for n in nodes) == DEEP.n_layer and all(n["n_layers"] >= 1 for n in nodes[1:])
-    assert nodes[-1]["output"] and "cluster" not in models["deep:latest"]
+    assert nodes[0]["output"] and "cluster" not in models["deep:latest"]
     layer_bytes = (4 * DEEP.n_embd * DEEP.n_embd + 3 * DEEP.n_embd * DEEP.n_ff) * 4
     for worker, node in zip(workers, nodes[1:], strict=True):
         status = _status(server, worker.address)
         assert status["busy"] and status["session"]["bytes_in"] >= node["n_layers"] * layer_bytes * 0.5
     ps = run_cli(server.home, "ps", APPLIANCE_PORT=str(server.port)).stdout
     assert f"{workers[0].address}" in ps and "layers" in ps and "CLUSTER" in ps
+
+
+@pytest.mark.slow
+def test_a_model_larger_than_the_memory_budget_is_sharded_automatically(cluster):
+    server, workers, _ = cluster
+    prompt = "Once upon a time"
+    with server.http() as http:
+        http.post("/api/generate", json={"model": "deep-sharded", "keep_alive": 0})  # the workers serve one client
+        response = http.post(
+            "/api/generate", json={"model": "deep", "prompt": prompt, "raw": True, "stream": False, "options": GREEDY}
+        )
+        local = response.json()["response"]
+    store = ModelStore(server.home / "models")
+    settings = SchedulerSettings(max_memory_bytes=66 << 20, num_parallel=1, num_ctx=4096)  # deep needs ~71 MB
+    scheduler = Scheduler(settings, store, detect(), Cluster(server.home / "cluster"))
+
+    async def generate() -> tuple[list[dict], str]:
+        try:
+            async with scheduler.use(store.resolve("deep"), {}) as model:
+                events = [e async for e in model.runner.request("complete", {"prompt": prompt, "options": GREEDY})]
+                return model.placement, "".join(e.get("text", "") for e in events)
+        finally:
+            await scheduler.shutdown()
+
+    placement, text = asyncio.run(generate())
+    assert [n["node"] for n in placement] == ["local", workers[0].address, workers[1].address]
+    assert text == local and len(text) > 10
 
 
 @pytest.mark.slow

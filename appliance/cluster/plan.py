@@ -1,9 +1,11 @@
 """How a model's layers are split across this machine and paired workers.
 
 llama.cpp places a model this way once RPC servers are registered: the token embeddings stay on the
-local CPU, the first `n_layer + 1 - n_gpu_layers` layers too, and the remaining layers plus the output
-layer go to the registered devices (RPC devices first, in registration order) in contiguous runs
-whose lengths follow `tensor_split`. Each layer's KV cache lives with the layer.
+local CPU, the first `n_layer + 1 - n_gpu_layers` layers too, and the remaining layers go to the
+registered devices (RPC devices first, in registration order) in contiguous runs whose lengths follow
+`tensor_split`. Each layer's KV cache lives with the layer. The output layer would go to the last
+device; the runner pins its weights to the local CPU instead (a tensor override), so a token's logits
+(n_vocab floats: 500 KiB for a 128k vocabulary) never cross the network, only its hidden state.
 
 The plan gives every node a contiguous run of layers in proportion to its free memory (the local
 node's free memory is the appliance's budget less the models in use), never more than fits (weights
@@ -35,7 +37,7 @@ class ModelShape:
     n_layers: int
     layer_bytes: list[int]  # weights of each repeating layer
     input_bytes: int  # token embeddings (always local)
-    output_bytes: int  # output norm and projection (on the last node)
+    output_bytes: int  # output norm and projection (kept on this machine)
     kv_bytes_per_layer: int  # K and V of one layer for every sequence of the context
 
     def layer_cost(self, i: int) -> int:
@@ -118,9 +120,8 @@ class Plan:
         }
 
 
-def _fixed(node: Capacity, shape: ModelShape, last: bool) -> int:
-    fixed = shape.input_bytes + LOCAL_OVERHEAD if node.local else WORKER_OVERHEAD
-    return fixed + (shape.output_bytes if last else 0)
+def _fixed(node: Capacity, shape: ModelShape) -> int:
+    return shape.input_bytes + shape.output_bytes + LOCAL_OVERHEAD if node.local else WORKER_OVERHEAD
 
 
 def plan_layers(shape: ModelShape, nodes: list[Capacity]) -> Plan:
@@ -133,7 +134,7 @@ def plan_layers(shape: ModelShape, nodes: list[Capacity]) -> Plan:
     if len(workers) > shape.n_layers:
         raise InsufficientMemory(f"the model has {shape.n_layers} layers: too few for {len(workers)} workers")
     worst = max(shape.layer_cost(i) for i in range(shape.n_layers))
-    room = [max(0, n.free - _fixed(n, shape, n is nodes[-1])) for n in nodes]
+    room = [max(0, n.free - _fixed(n, shape)) for n in nodes]
     caps = [r // worst for r in room]
     free_total = sum(n.free for n in nodes)
     summary = ", ".join(f"{n.name} {gib(n.free)}" for n in nodes)
@@ -150,12 +151,14 @@ def plan_layers(shape: ModelShape, nodes: list[Capacity]) -> Plan:
     counts = _proportional(shape.n_layers, room, caps, [0 if n.local else 1 for n in nodes])
     shares: list[Share] = []
     first = 0
-    for index, (node, count) in enumerate(zip(nodes, counts, strict=True)):
-        last = index == len(nodes) - 1
-        used = sum(shape.layer_cost(i) for i in range(first, first + count)) + _fixed(node, shape, last)
-        if used > node.free:  # the conservative caps make this unreachable; kept as the final word
-            raise InsufficientMemory(f"{node.name} cannot hold its share ({gib(used)} of {gib(node.free)} free)")
-        shares.append(Share(node.name, first, count, used, node.free, output=last))
+    for node, count in zip(nodes, counts, strict=True):
+        used = sum(shape.layer_cost(i) for i in range(first, first + count)) + _fixed(node, shape)
+        if used > node.free:  # only the local node's fixed part can get here (caps leave room for layers)
+            raise InsufficientMemory(
+                f"{node.name} cannot hold its share ({gib(used)}, embeddings and output included, "
+                f"of {gib(node.free)} free)"
+            )
+        shares.append(Share(node.name, first, count, used, node.free, output=node.local))
         first += count
     local_layers = sum(s.n_layers for s, n in zip(shares, nodes, strict=True) if n.local)
     device_counts: list[int] = []

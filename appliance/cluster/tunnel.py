@@ -132,7 +132,7 @@ def attach_workers(
 ) -> tuple[Tunnels, Any]:
     """Open tunnels, greet and register the workers, and set the split on `model_params`.
 
-    Returns the tunnels and the tensor_split array (both must outlive the model).
+    Returns the tunnels and the ctypes arrays handed to llama.cpp (all must outlive the model).
     """
     import llama_cpp
 
@@ -152,4 +152,19 @@ def attach_workers(
     split = (ctypes.c_float * n_devices)(*cluster["tensor_split"])
     model_params.tensor_split = split
     model_params.n_gpu_layers = int(cluster["n_gpu_layers"])
-    return tunnels, split
+    overrides = _output_on_cpu()
+    model_params.tensor_buft_overrides = ctypes.addressof(overrides)
+    return tunnels, (split, overrides)
+
+
+class _BufferOverride(ctypes.Structure):  # llama_model_tensor_buft_override
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+OUTPUT_TENSORS = rb"^(output|output_norm|token_embd)\.weight$"  # token_embd: the output of tied embeddings
+
+
+def _output_on_cpu():
+    """A NULL-terminated override list keeping the output layer's weights in local CPU memory."""
+    cpu_buffer_type = rpc._function("ggml_backend_cpu_buffer_type", ctypes.c_void_p, [])()
+    return (_BufferOverride * 2)(_BufferOverride(OUTPUT_TENSORS, cpu_buffer_type), _BufferOverride(None, None))

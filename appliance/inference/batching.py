@@ -140,11 +140,11 @@ class BatchedGenerator:
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = int(config.get("n_gpu_layers", 0))
         model_params.use_mmap = bool(config.get("use_mmap", True))
-        self.tunnels = self._tensor_split = None
+        self.tunnels = self._cluster_arrays = None
         if config.get("cluster"):  # a sharded model: reach and register the workers before loading
             from appliance.cluster.tunnel import attach_workers
 
-            self.tunnels, self._tensor_split = attach_workers(config["cluster"], model_params, send)
+            self.tunnels, self._cluster_arrays = attach_workers(config["cluster"], model_params, send)
         self.model = _internals.LlamaModel(path_model=config["model_path"], params=model_params, verbose=verbose)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_ctx_seq * self.n_parallel
