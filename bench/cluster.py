@@ -12,8 +12,10 @@ eval_count / eval_duration. The added time per token per hop is (ms/token sharde
 divided by the hops a token makes (coordinator -> each worker in turn -> back: workers + 1).
 
 All processes share this machine's cores, and a token visits the nodes one after another, so the
-figures show the protocol's cost, not a speed-up. To add network delay: `tc qdisc add dev lo root netem
-delay 1ms` (as root) before the run, `tc qdisc del dev lo root` after.
+figures show the protocol's cost, not a speed-up. `--delay-ms D` puts a relay process in front of each
+worker (on 127.0.0.5, .6, .7; pairing and all traffic go through it) that delivers every chunk D ms
+after it arrived, in each direction: a link with D ms one-way latency (2D round trip), where `tc netem`
+is not available (this machine's kernel has no sch_netem).
 """
 
 from __future__ import annotations
@@ -83,6 +85,51 @@ def start_worker(home: Path, host: str, threads: int) -> tuple[subprocess.Popen,
     raise SystemExit("a worker did not start")
 
 
+def relay_main(listen: str, target: str, delay_ms: float) -> None:
+    """Forward TCP connections from `listen` to `target`, each chunk delivered `delay_ms` after it arrived."""
+    import asyncio
+
+    delay = delay_ms / 1000
+
+    async def pump(reader, writer) -> None:
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Queue = asyncio.Queue()
+
+        async def deliver() -> None:
+            while (item := await pending.get()) is not None:
+                due, data = item
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        sender = asyncio.create_task(deliver())
+        try:
+            while data := await reader.read(1 << 16):
+                pending.put_nowait((loop.time() + delay, data))
+        except OSError:
+            pass
+        pending.put_nowait(None)
+        await asyncio.gather(sender, return_exceptions=True)
+
+    async def handle(reader, writer) -> None:
+        host, port = target.rsplit(":", 1)
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer), return_exceptions=True)
+
+    async def serve() -> None:
+        host, port = listen.rsplit(":", 1)
+        server = await asyncio.start_server(handle, host, int(port))
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
 def traffic(home: Path) -> dict[str, tuple[int, int]]:
     """Bytes each worker's current RPC session has carried (in, out), from `appliance cluster status`."""
     statuses = json.loads(cli(home, "cluster", "status", "--json"))
@@ -112,8 +159,13 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="threads of the runner and of each worker")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--label", default="loopback", help="what this run measures (e.g. 'netem 1ms')")
+    parser.add_argument("--label", default="loopback", help="what this run measures")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay added in front of each worker")
+    parser.add_argument("--relay", nargs=3, metavar=("LISTEN", "TARGET", "DELAY_MS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.relay:
+        relay_main(args.relay[0], args.relay[1], float(args.relay[2]))
+        return 0
 
     root = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     home = root / "coordinator"
@@ -129,6 +181,15 @@ def main() -> int:
         for i, host in enumerate(("127.0.0.2", "127.0.0.3", "127.0.0.4")):
             process, address, code = start_worker(root / f"worker{i}", host, args.threads)
             workers.append(process)
+            if args.delay_ms:
+                relay_address = f"127.0.0.{5 + i}:{free_port(f'127.0.0.{5 + i}')}"
+                relay = subprocess.Popen(
+                    [sys.executable, __file__, "--relay", relay_address, address, str(args.delay_ms)],
+                    start_new_session=True,
+                )
+                workers.append(relay)
+                time.sleep(1)
+                address = relay_address
             cli(home, "cluster", "pair", address, "--code", code)
         port = free_port("127.0.0.1")
         server = subprocess.Popen(
@@ -190,6 +251,7 @@ def main() -> int:
             "tokens": args.tokens,
             "runs": args.runs,
             "threads": args.threads,
+            "delay_ms_one_way": args.delay_ms,
             "cores": os.cpu_count(),
             "run_id": secrets.token_hex(4),
             "results": results,

@@ -24,7 +24,7 @@ from appliance.errors import InsufficientMemory
 
 GiB = 1 << 30
 LOCAL_OVERHEAD = 64 << 20  # compute buffers and the runner itself, as the scheduler's size estimate
-WORKER_OVERHEAD = 128 << 20  # a worker's compute buffer for its layers
+WORKER_OVERHEAD = 128 << 20  # the least compute-buffer allowance of a worker
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -39,6 +39,12 @@ class ModelShape:
     input_bytes: int  # token embeddings (always local)
     output_bytes: int  # output norm and projection (kept on this machine)
     kv_bytes_per_layer: int  # K and V of one layer for every sequence of the context
+    n_embd: int = 0
+
+    @property
+    def compute_bytes(self) -> int:
+        """Compute buffers of a node: about 16 activation tensors of a 512-token batch (f32)."""
+        return 16 * 512 * self.n_embd * 4
 
     def layer_cost(self, i: int) -> int:
         return self.layer_bytes[i] + self.kv_bytes_per_layer
@@ -68,7 +74,7 @@ def model_shape(info, n_ctx: int, n_parallel: int) -> ModelShape:
         else:
             output_bytes += tensor.n_bytes
     kv = n_ctx * max(1, n_parallel) * (n_embd // max(n_head, 1) * n_head_kv) * 2 * 2  # K and V, f16
-    return ModelShape(n_layers, layer_bytes, input_bytes, output_bytes, kv)
+    return ModelShape(n_layers, layer_bytes, input_bytes, output_bytes, kv, n_embd)
 
 
 @dataclass
@@ -121,7 +127,9 @@ class Plan:
 
 
 def _fixed(node: Capacity, shape: ModelShape) -> int:
-    return shape.input_bytes + shape.output_bytes + LOCAL_OVERHEAD if node.local else WORKER_OVERHEAD
+    if node.local:
+        return shape.input_bytes + shape.output_bytes + max(LOCAL_OVERHEAD, shape.compute_bytes)
+    return max(WORKER_OVERHEAD, shape.compute_bytes)
 
 
 def plan_layers(shape: ModelShape, nodes: list[Capacity]) -> Plan:
@@ -139,9 +147,10 @@ def plan_layers(shape: ModelShape, nodes: list[Capacity]) -> Plan:
     free_total = sum(n.free for n in nodes)
     summary = ", ".join(f"{n.name} {gib(n.free)}" for n in nodes)
     if sum(caps) < shape.n_layers:
+        needed = sum(shape.layer_cost(i) for i in range(shape.n_layers)) + sum(_fixed(n, shape) for n in nodes)
         raise InsufficientMemory(
-            f"the model does not fit: it needs about {gib(shape.total + WORKER_OVERHEAD * len(workers))} "
-            f"(weights and KV cache for the context asked), the nodes have {gib(free_total)} free ({summary})"
+            f"the model does not fit: it needs about {gib(needed)} (weights, KV cache for the context asked "
+            f"and compute buffers), the nodes have {gib(free_total)} free ({summary})"
         )
     for node, cap in zip(nodes, caps, strict=True):
         if not node.local and cap < 1:
