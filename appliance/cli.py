@@ -1266,6 +1266,8 @@ def cmd_cluster_plan(settings: Settings, args) -> int:
         _print_json({"model": record.name.display, "fits_locally": size <= scheduler.memory_budget, **plan.as_json()})
         return 0
     print(f"{record.name.display}: {gib(plan.total_bytes)} with context {config['n_ctx']} x {config['n_parallel']}")
+    if size <= scheduler.memory_budget and not options.get("num_nodes"):
+        print("(it fits on this machine, where it loads unless num_nodes asks for workers)")
     print(f"{'NODE':<24} {'LAYERS':<12} {'USES':>10} {'FREE':>10}")
     for share in plan.shares:
         layers = f"{share.first_layer}-{share.first_layer + share.n_layers - 1}" if share.n_layers else "-"

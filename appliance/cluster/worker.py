@@ -40,6 +40,7 @@ from typing import Any
 
 from appliance import __version__
 from appliance.cluster import pairing, pki
+from appliance.errors import ApplianceError
 
 log = logging.getLogger(__name__)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -63,6 +64,10 @@ def split_address(address: str, default_port: int = 50052) -> tuple[str, int]:
     if not sep:
         return address, default_port
     return host.strip("[]"), int(port)
+
+
+class RpcStartFailed(ApplianceError):
+    pass
 
 
 class WorkerState:
@@ -236,8 +241,10 @@ class Worker:
     async def _supervise(self) -> None:
         from appliance.cluster import rpc
 
+        failures = 0
         while not self._stopping:
             port = _free_loopback_port()
+            self.rpc_version = None
             env = dict(os.environ, GGML_RPC_NO_RDMA="1")
             self.child = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -258,7 +265,14 @@ class Worker:
                     break
                 except (OSError, rpc.RpcError):
                     await asyncio.sleep(0.2)
-            if self.rpc_version and self.child.returncode is None:
+            if not self.rpc_version or self.child.returncode is not None:
+                failures += 1
+                if failures >= 3:
+                    if self.child.returncode is None:
+                        self.child.kill()
+                    raise RpcStartFailed("the llama.cpp RPC server did not start three times; its errors are above")
+            else:
+                failures = 0
                 self.rpc_port = port
                 self._ready.set()
                 self.on_event(f"llama.cpp RPC server v{'.'.join(map(str, self.rpc_version))} on 127.0.0.1:{port}")
@@ -285,7 +299,13 @@ class Worker:
     async def run(self, on_listening: Callable[[], None] | None = None) -> None:
         supervisor = asyncio.create_task(self._supervise())
         try:
-            await asyncio.wait_for(self._ready.wait(), 180)
+            ready = asyncio.create_task(self._ready.wait())
+            await asyncio.wait({ready, supervisor}, timeout=400, return_when=asyncio.FIRST_COMPLETED)
+            if supervisor.done():
+                ready.cancel()
+                supervisor.result()  # raises RpcStartFailed
+            if not ready.done():
+                raise RpcStartFailed("the llama.cpp RPC server did not answer within 400 s")
             await self._listen()
             if on_listening:
                 on_listening()
