@@ -29,12 +29,19 @@ def test_server_unit_is_hardened_and_may_write_only_its_home():
     assert any(v == "APPLIANCE_HOST=127.0.0.1" for v in unit["Environment"])  # TLS ends at nginx in front
 
 
+def test_worker_unit_is_hardened_and_lends_only_its_tls_port():
+    unit = _directives(DEPLOY / "systemd" / "appliance-worker.service")
+    home = next(v.split("=", 1)[1] for v in unit["Environment"] if v.startswith("APPLIANCE_HOME="))
+    assert unit["NoNewPrivileges"] == ["yes"] and unit["ProtectSystem"] == ["strict"]
+    assert unit["ReadWritePaths"] == [home] and unit["User"] == ["appliance"] and unit["MemoryMax"]
+    assert unit["ExecStart"][0].endswith("appliance worker --listen ${WORKER_LISTEN} --max-memory ${WORKER_MAX_MEMORY}")
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_server_unit_parses():
+@pytest.mark.parametrize("unit", ["appliance.service", "appliance-worker.service"])
+def test_units_parse(unit):
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(DEPLOY / "systemd" / "appliance.service")],
-        capture_output=True,
-        text=True,
+        ["systemd-analyze", "verify", str(DEPLOY / "systemd" / unit)], capture_output=True, text=True
     )
     problems = [
         line for line in result.stderr.splitlines() if line.strip() and "/opt/appliance/.venv/bin/appliance" not in line
