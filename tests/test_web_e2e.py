@@ -54,7 +54,9 @@ def app(tmp_path_factory):
     from playwright.sync_api import sync_playwright
 
     home = tmp_path_factory.mktemp("e2e")
-    server = launch_server(home, "", "")  # a fresh home: no user at all
+    # A fresh home (no user at all), and a per-user API limit low enough for an upload of a few files
+    # to run into it (the upload page must wait and carry on, not report the file as failed).
+    server = launch_server(home, "", "", APPLIANCE_API_RATE_LIMIT="10 per 5 seconds")
     with sync_playwright() as playwright:
         executable = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
@@ -145,6 +147,24 @@ def test_upload_shows_per_file_progress_until_indexed(admin):
     admin.goto("/documents")
     expect(admin.locator("table")).to_contain_text("medication-reconciliation-procedure.pdf")
     shot(admin, "documents")
+
+
+def test_an_upload_over_the_rate_limit_waits_and_still_finishes(admin, tmp_path):
+    from playwright.sync_api import expect
+
+    statuses: list[int] = []
+    admin.on("response", lambda response: statuses.append(response.status))
+    files = []
+    for i in range(4):
+        path = tmp_path / f"ward-note-{i}.txt"
+        path.write_text(f"Ward note {i}: the night handover happens at {20 + i}:00 in the ward office.\n")
+        files.append(str(path))
+    admin.goto("/upload")
+    admin.select_option("#collection", "hospital")
+    admin.set_input_files("#files", files)
+    expect(admin.locator("#uploads .state.done")).to_have_count(4, timeout=180_000)
+    expect(admin.locator("#uploads .state.failed")).to_have_count(0)
+    assert 429 in statuses, "the upload never reached the rate limit: the test proves nothing"
 
 
 def _ask(page, question: str):

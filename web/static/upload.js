@@ -35,12 +35,17 @@
   }
 
   function poll(row, jobId) {
-    var timer = setInterval(async function () {
+    async function check() {
       var response = await window.appliance.api("GET", "/api/jobs/" + encodeURIComponent(jobId));
-      if (!response.ok) { clearInterval(timer); setState(row, "Failed: " + await window.appliance.errorText(response), "failed"); return; }
+      if (response.status === 429 || response.status === 503) {
+        // Over the rate limit or the server is busy: the upload itself is fine, ask again later.
+        var wait = parseInt(response.headers.get("Retry-After") || "2", 10);
+        setTimeout(check, Math.max(1, isNaN(wait) ? 2 : wait) * 1000);
+        return;
+      }
+      if (!response.ok) { setState(row, "Failed: " + await window.appliance.errorText(response), "failed"); return; }
       var job = await response.json();
       if (job.state === "done") {
-        clearInterval(timer);
         row.progress.value = 100;
         setState(row, "Done (" + (job.result || "added") + ")", "done");
         if (job.document_id) {
@@ -50,12 +55,13 @@
           row.state.appendChild(link);
         }
       } else if (job.state === "failed") {
-        clearInterval(timer);
         setState(row, "Failed: " + (job.reason || "unknown reason"), "failed");
       } else {
         setState(row, STAGES[job.stage] || STATES[job.state] || job.state);
+        setTimeout(check, 700);
       }
-    }, 700);
+    }
+    setTimeout(check, 700);
   }
 
   function send(file, collection, aclValue) {
@@ -74,22 +80,33 @@
     data.append("collection", collection);
     if (aclValue) data.append("acl", aclValue);
     data.append("file", file, file.name);
+    transmit(row, data);
+  }
+
+  function transmit(row, data) {
     var xhr = new XMLHttpRequest();
     xhr.open("POST", "/api/documents");
     xhr.setRequestHeader("X-CSRF-Token", window.appliance.csrfToken());
     xhr.upload.addEventListener("progress", function (event) {
       if (event.lengthComputable) {
-        progress.value = Math.round((event.loaded / event.total) * 90);
+        row.progress.value = Math.round((event.loaded / event.total) * 90);
         setState(row, "Uploading " + Math.round((event.loaded / event.total) * 100) + "%");
       }
     });
     xhr.addEventListener("load", function () {
+      if (xhr.status === 429 || xhr.status === 503) {
+        // Over the rate limit or the server is busy: send the same file again when it says.
+        var wait = parseInt(xhr.getResponseHeader("Retry-After") || "2", 10);
+        setState(row, "Waiting for the server…");
+        setTimeout(function () { transmit(row, data); }, Math.max(1, isNaN(wait) ? 2 : wait) * 1000);
+        return;
+      }
       var body = null;
       try { body = JSON.parse(xhr.responseText); } catch (e) { body = null; }
       if (xhr.status !== 200) { setState(row, "Failed: " + ((body && body.error) || "upload refused (" + xhr.status + ")"), "failed"); return; }
       var job = body.jobs[0];
       if (job.error) { setState(row, "Failed: " + job.error, "failed"); return; }
-      progress.value = 90;
+      row.progress.value = 90;
       setState(row, STATES.queued);
       poll(row, job.job_id);
     });
