@@ -5,11 +5,12 @@
 
 Starts `appliance worker` on 127.0.0.2, .3, .4 (each in a home of its own), pairs them with a temporary
 coordinator home through `appliance cluster pair` and the printed codes, starts `appliance serve` there,
-and times greedy generations of the same prompt with the model local, with `num_nodes 2` and with
-`num_nodes 3` (the plan keeps a share on the coordinator; `appliance ps` shows it). Each figure is the
-median of --runs generations of --tokens tokens after one warm-up, read from the server's own
-eval_count / eval_duration. The added time per token per hop is (ms/token sharded - ms/token local)
-divided by the hops a token makes (coordinator -> each worker in turn -> back: workers + 1).
+and times greedy generations of the same prompt with the model local against `num_nodes 2`, then against
+`num_nodes 3` (the plan keeps a share on the coordinator; `appliance ps` shows it): both loaded, runs
+alternating so that the machine's drift hits both alike. Each figure is the median of --runs
+generations of --tokens tokens after a warm-up, read from the server's own eval_count / eval_duration.
+The added time per token per hop is (ms/token sharded - ms/token local) divided by the hops a token
+makes (coordinator -> each worker in turn -> back: workers + 1).
 
 All processes share this machine's cores, and a token visits the nodes one after another, so the
 figures show the protocol's cost, not a speed-up. `--delay-ms D` puts a relay process in front of each
@@ -148,6 +149,7 @@ def timed(http: httpx.Client, model: str, tokens: int) -> dict[str, float]:
     return {
         "eval_tokens_per_s": result["eval_count"] / (result["eval_duration"] / 1e9),
         "eval_count": result["eval_count"],
+        "load_s": result.get("load_duration", 0) / 1e9,
         "text": result["response"],
     }
 
@@ -157,7 +159,8 @@ def main() -> int:
     parser.add_argument("--gguf", default=str(ROOT / "bench" / "out" / "bench-0.7b-q8_0.gguf"))
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="threads of the runner and of each worker")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the runner (and of each worker)")
+    parser.add_argument("--worker-threads", type=int, default=0, help="threads of each worker (default: --threads)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--label", default="loopback", help="what this run measures")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay added in front of each worker")
@@ -179,7 +182,7 @@ def main() -> int:
             (root / f"Modelfile{n}").write_text(f"FROM {args.gguf}\nPARAMETER num_nodes {n}\n")
             cli(home, "create", f"bench-{n}", "-f", str(root / f"Modelfile{n}"))
         for i, host in enumerate(("127.0.0.2", "127.0.0.3", "127.0.0.4")):
-            process, address, code = start_worker(root / f"worker{i}", host, args.threads)
+            process, address, code = start_worker(root / f"worker{i}", host, args.worker_threads or args.threads)
             workers.append(process)
             if args.delay_ms:
                 relay_address = f"127.0.0.{5 + i}:{free_port(f'127.0.0.{5 + i}')}"
@@ -200,7 +203,7 @@ def main() -> int:
                 APPLIANCE_NUM_PARALLEL="1",
                 APPLIANCE_NUM_CTX="1024",
                 APPLIANCE_NUM_THREAD=str(args.threads),
-                APPLIANCE_MAX_LOADED_MODELS="1",
+                APPLIANCE_MAX_LOADED_MODELS="2",
             ),
             stdout=(root / "server.log").open("ab"),
             stderr=subprocess.STDOUT,
@@ -214,19 +217,30 @@ def main() -> int:
                 time.sleep(0.2)
         results: dict[str, dict] = {}
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=1200) as http:
-            for model, n_workers in (("bench", 0), ("bench-2", 2), ("bench-3", 3)):
-                timed(http, model, 4)  # load and warm up
+            for model, n_workers in (("bench-2", 2), ("bench-3", 3)):
+                # Local and sharded loaded side by side, runs alternating, so drift hits both alike.
+                timed(http, "bench", 4)
+                load_s = timed(http, model, 4)["load_s"]
                 placement = next(m for m in http.get("/api/ps").json()["models"] if m["name"].startswith(model + ":"))
+                local_runs, runs = [], []
                 before = traffic(home)
-                runs = [timed(http, model, args.tokens) for _ in range(args.runs)]
+                for _ in range(args.runs):
+                    local_runs.append(timed(http, "bench", args.tokens))
+                    runs.append(timed(http, model, args.tokens))
                 after = traffic(home)
-                tokens = sum(r["eval_count"] + 1 for r in runs)  # + the prompt's pass, small next to a prompt
+                tokens = sum(r["eval_count"] + 1 for r in runs)  # + the prompt's last token, decoded again
                 moved = {a: (after[a][0] - before[a][0], after[a][1] - before[a][1]) for a in after if a in before}
+                local_rate = statistics.median(r["eval_tokens_per_s"] for r in local_runs)
                 eval_rate = statistics.median(r["eval_tokens_per_s"] for r in runs)
                 results[model] = {
                     "workers": n_workers,
-                    "eval_tokens_per_s": round(eval_rate, 2),
-                    "ms_per_token": round(1000 / eval_rate, 2),
+                    "sharded_load_s": round(load_s, 2),  # the workers' layers cross the tunnels here
+                    "local_tokens_per_s": round(local_rate, 2),
+                    "sharded_tokens_per_s": round(eval_rate, 2),
+                    "local_ms_per_token": round(1000 / local_rate, 2),
+                    "sharded_ms_per_token": round(1000 / eval_rate, 2),
+                    # a token crosses workers + 1 links: to each worker in turn, then back to the coordinator
+                    "added_ms_per_token_per_hop": round((1000 / eval_rate - 1000 / local_rate) / (n_workers + 1), 2),
                     "nodes": [
                         {"node": n["node"], "layers": n["layers"]}
                         for n in (placement.get("cluster") or {}).get("nodes", [])
@@ -236,13 +250,9 @@ def main() -> int:
                         for a, (i, o) in moved.items()
                         if i or o
                     },
-                    "same_text_as_local": runs[0]["text"] == results.get("bench", {}).get("text", runs[0]["text"]),
+                    "same_text_as_local": all(r["text"] == local_runs[0]["text"] for r in runs + local_runs),
                     "text": runs[0]["text"],
                 }
-        local_ms = results["bench"]["ms_per_token"]
-        for model in ("bench-2", "bench-3"):
-            hops = results[model]["workers"] + 1
-            results[model]["added_ms_per_token_per_hop"] = round((results[model]["ms_per_token"] - local_ms) / hops, 2)
         for r in results.values():
             r.pop("text")
         report = {
@@ -251,6 +261,7 @@ def main() -> int:
             "tokens": args.tokens,
             "runs": args.runs,
             "threads": args.threads,
+            "worker_threads": args.worker_threads or args.threads,
             "delay_ms_one_way": args.delay_ms,
             "cores": os.cpu_count(),
             "run_id": secrets.token_hex(4),
