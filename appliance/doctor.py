@@ -306,6 +306,12 @@ def _peers(settings: Settings) -> list[tuple[str, str, int | None]]:
     if settings.oidc.enabled:
         issuer = urlsplit(settings.oidc.oidc_issuer)
         peers.append(("OIDC provider", issuer.hostname or "", issuer.port or (443 if issuer.scheme == "https" else 80)))
+    from appliance.cluster.coordinator import Cluster
+    from appliance.cluster.worker import split_address
+
+    for node in Cluster(settings.home / "cluster").nodes():  # paired workers (read from disk, not probed)
+        host, port = split_address(node.address)
+        peers.append(("cluster worker", host, port))
     return peers
 
 

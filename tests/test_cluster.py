@@ -346,3 +346,14 @@ def test_a_worker_killed_mid_generation_gives_a_clear_error_and_the_cluster_reco
         workers[1] = WorkerProcess(root / "w2", workers[1].host, workers[1].port)
         assert _generate_chat(http, "deep-sharded", GREEDY) == local
     server.assert_alive()
+
+
+@pytest.mark.slow
+def test_the_doctor_lists_paired_workers_as_configured_peers(cluster):
+    from appliance import doctor
+    from appliance.config import Settings
+
+    server, workers, _ = cluster
+    check = doctor.check_peers(Settings(home=server.home), None)
+    assert check.status == doctor.OK
+    assert all(f"cluster worker at {w.address}" in check.message for w in workers)
