@@ -357,3 +357,25 @@ def test_the_doctor_lists_paired_workers_as_configured_peers(cluster):
     check = doctor.check_peers(Settings(home=server.home), None)
     assert check.status == doctor.OK
     assert all(f"cluster worker at {w.address}" in check.message for w in workers)
+
+
+@pytest.mark.slow
+def test_a_worker_that_stops_answering_mid_generation_is_reported_within_a_minute(cluster):
+    server, workers, _ = cluster
+    stalled = workers[0]
+    with server.http() as http:
+        with http.stream(
+            "POST", "/api/generate", json={"model": "deep-sharded", "prompt": "a long tale", "options": LONG}
+        ) as stream:
+            lines = stream.iter_lines()
+            assert "response" in json.loads(next(lines))
+            os.killpg(stalled.process.pid, signal.SIGSTOP)  # its kernel still acknowledges every byte
+            started = time.monotonic()
+            try:
+                last = [json.loads(line) for line in lines if line.strip()][-1]
+            finally:
+                os.killpg(stalled.process.pid, signal.SIGCONT)
+        assert time.monotonic() - started < 60
+        assert f"cluster worker {stalled.address} stopped answering" in last["error"]
+        server.assert_alive()
+        assert len(_generate_chat(http, "deep-sharded", GREEDY)) > 10  # the worker is back: a new runner uses it

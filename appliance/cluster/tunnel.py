@@ -27,6 +27,8 @@ from appliance.cluster.worker import _set_keepalive, splice, split_address
 
 CONNECT_TIMEOUT_S = 10.0
 HELLO_TIMEOUT_S = 20.0  # a worker still ending a previous session waits up to 10 s before serving us
+WATCH_INTERVAL_S = 5.0  # how often a worker in use is checked (a TLS status ping), and its timeout
+WATCH_MISSES = 3  # missed checks in a row before the worker counts as stopped
 
 
 class ClusterError(Exception):
@@ -62,18 +64,21 @@ class Tunnels:
         if failure:
             raise ClusterError(f"could not open the local tunnels: {failure[0]}")
 
-    def _client_context(self):
+    def _client_context(self, alpn: str):
         import ssl
 
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         context.load_verify_locations(cafile=self._tls["ca"])
         context.load_cert_chain(self._tls["cert"], self._tls["key"])
-        context.set_alpn_protocols([pki.ALPN_RPC])
+        context.set_alpn_protocols([alpn])
         return context
 
     async def _start(self) -> None:
-        context = self._client_context()
+        context = self._client_context(pki.ALPN_RPC)
+        control = self._client_context(pki.ALPN_CONTROL)
+        self._open: dict[str, set[asyncio.StreamWriter]] = {w["address"]: set() for w in self.workers}
+        self._watchers = []
         for worker in self.workers:
             server = await asyncio.start_server(
                 lambda r, w, worker=worker: self._carry(worker, context, r, w), "127.0.0.1", 0
@@ -81,6 +86,47 @@ class Tunnels:
             self.servers.append(server)
             port = server.sockets[0].getsockname()[1]
             self.endpoints.append(f"127.0.0.1:{port}")
+            self._watchers.append(asyncio.get_running_loop().create_task(self._watch(worker, control)))
+
+    async def _ping(self, worker: dict[str, Any], context) -> None:
+        host, port = split_address(worker["address"])
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=context, server_hostname=pki.worker_hostname(worker["node_id"])
+        )
+        try:
+            writer.write(b'{"op": "ping"}\n')
+            await writer.drain()
+            if b"pong" not in await reader.readline():
+                raise ConnectionError("no pong")
+        finally:
+            writer.close()
+
+    async def _watch(self, worker: dict[str, Any], control) -> None:
+        """While ggml has a connection to the worker, check every few seconds that the worker answers.
+
+        A worker that stops answering (its process stopped, its machine hung) while its kernel keeps
+        the TCP connection alive would otherwise hold ggml's client forever: after WATCH_MISSES
+        missed checks its connections are closed, which ends the runner with an error naming it.
+        """
+        address = worker["address"]
+        misses = 0
+        while not self.closing:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            if not self._open[address]:
+                misses = 0
+                continue
+            try:
+                await asyncio.wait_for(self._ping(worker, control), WATCH_INTERVAL_S)
+                misses = 0
+            except (OSError, TimeoutError, ValueError):
+                misses += 1
+            if misses >= WATCH_MISSES and not self.closing:
+                self.on_error(
+                    f"cluster worker {address} stopped answering ({misses} status checks in a row went unanswered)"
+                )
+                self.closing = True  # the runner ends now; the closed connections need no second report
+                for writer in list(self._open[address]):
+                    writer.close()
 
     async def _carry(self, worker: dict[str, Any], context, reader, writer) -> None:
         address = worker["address"]
@@ -103,7 +149,11 @@ class Tunnels:
             if side == "second" and not self.closing:
                 self.on_error(f"cluster worker {address} closed the connection: it stopped or lost its network")
 
-        await splice(reader, writer, remote_reader, remote_writer, on_end=ended)
+        self._open[address].add(writer)
+        try:
+            await splice(reader, writer, remote_reader, remote_writer, on_end=ended)
+        finally:
+            self._open[address].discard(writer)
 
     def greet(self) -> None:
         """The RPC hello through every tunnel, with a timeout; ClusterError naming the worker otherwise."""
