@@ -186,8 +186,7 @@ class BatchedGenerator:
         llama_cpp.llama_batch_free(self.batch)
         for slot in self.slots:
             if slot.active is not None:
-                llama_cpp.llama_sampler_free(slot.active.sampler)
-                slot.active = None
+                self._release(slot, keep_cache=True)  # the context and its cells go next
         self.context.close()
         self.model.close()
         if self.tunnels is not None:
@@ -219,10 +218,11 @@ class BatchedGenerator:
         room = num_predict if 0 < num_predict < n_ctx // 2 else n_ctx // 4
         return tokens[-(n_ctx - room) :]
 
-    def _start(self, request_id: str, request: dict[str, Any], received_at: int, tokens: list[int]) -> None:
+    def _start(self, request_id: str, request: dict[str, Any], received_at: int, free: list[Slot]) -> None:
+        """Begin a request in the free slot that already holds most of its prompt."""
         options = request.get("options") or {}
         num_predict = int(options.get("num_predict", -1))
-        free = [slot for slot in self.slots if slot.active is None]
+        tokens = self._tokens(str(request.get("prompt", "")), bool(request.get("truncate", True)), num_predict)
         slot = max(free, key=lambda s: (common_prefix(s.cached, tokens), -s.last_used))
         room = self.n_ctx_seq - len(tokens)
         limit = room if num_predict < 0 else min(num_predict, room)
@@ -262,7 +262,7 @@ class BatchedGenerator:
         slot.cached = slot.cached[:keep]
 
     def _admit(self) -> None:
-        """Give waiting requests free slots: the slot already holding most of the prompt first."""
+        """Give waiting requests free slots, oldest first."""
         while self.waiting:
             free = [slot for slot in self.slots if slot.active is None]
             if not free:
@@ -273,13 +273,7 @@ class BatchedGenerator:
                 self.send({"id": request_id, "event": "done", "done_reason": "cancelled", **_no_counts()})
                 continue
             try:
-                options = request.get("options") or {}
-                tokens = self._tokens(
-                    str(request.get("prompt", "")),
-                    bool(request.get("truncate", True)),
-                    int(options.get("num_predict", -1)),
-                )
-                self._start(request_id, request, received_at, tokens)
+                self._start(request_id, request, received_at, free)
             except RequestError as exc:
                 self.send({"id": request_id, "event": "error", "status": exc.status, "message": exc.message})
             except Exception as exc:  # noqa: BLE001 - a bad request must not end the runner
@@ -362,18 +356,22 @@ class BatchedGenerator:
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, False)
         return buffer.raw[: max(n, 0)]
 
-    def _finish(self, slot: Slot, reason: str, stopped_by_string: bool = False) -> None:
+    def _release(self, slot: Slot, keep_cache: bool) -> Sequence:
+        """Take the sequence out of its slot; without `keep_cache` its cells are freed at once."""
         sequence = slot.active
         slot.active = None
         slot.last_used = time.monotonic()
         llama_cpp.llama_sampler_free(sequence.sampler)
         self.cancelled.discard(sequence.request_id)
-        if reason == "cancelled":  # free the cells at once; a partial answer is not worth keeping
+        if not keep_cache:
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
             slot.cached = []
-        elif sequence.fed < len(sequence.prompt):
-            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
-            slot.cached = []
+        return sequence
+
+    def _finish(self, slot: Slot, reason: str, stopped_by_string: bool = False) -> None:
+        # A cancelled answer is not worth keeping, nor a prompt cut off half-read.
+        whole_prompt = slot.active.fed == len(slot.active.prompt)
+        sequence = self._release(slot, keep_cache=reason != "cancelled" and whole_prompt)
         if not stopped_by_string:
             tail = sequence.stops.feed(sequence.decoder.decode(b"", final=True))[0] + sequence.stops.flush()
             if tail:
@@ -398,15 +396,9 @@ class BatchedGenerator:
         """llama_decode refused the batch (no room in the KV cache, or aborted): fail its requests."""
         message = f"the model could not decode this request (llama_decode returned {status})"
         for slot in self.slots:
-            sequence = slot.active
-            if sequence is None:
-                continue
-            slot.active = None
-            llama_cpp.llama_sampler_free(sequence.sampler)
-            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
-            slot.cached = []
-            self.cancelled.discard(sequence.request_id)
-            self.send({"id": sequence.request_id, "event": "error", "status": 503, "message": message})
+            if slot.active is not None:
+                sequence = self._release(slot, keep_cache=False)
+                self.send({"id": sequence.request_id, "event": "error", "status": 503, "message": message})
 
 
 def _no_counts() -> dict[str, int]:
