@@ -138,6 +138,13 @@ class RetrievalSettings(BaseSettings):
             "rarer words remain (they weigh almost nothing and make every chunk a match); 1 keeps every word."
         ),
     )
+    keyword_search: Literal["memory", "fts"] = Field(
+        "memory",
+        description=(
+            "Where the access-filtered BM25 search runs: 'memory', an in-memory inverted index of the chunks "
+            "(any database); 'fts', SQLite's FTS5 table (SQLite only)."
+        ),
+    )
     vector_search: Literal["memory", "chroma"] = Field(
         "memory",
         description=(
@@ -268,6 +275,13 @@ class Settings(BaseSettings):
     )
     database_url: str = Field(
         "", description="SQLAlchemy URL of the metadata database; empty uses SQLite in the home directory."
+    )
+    chroma_url: str = Field(
+        "",
+        description=(
+            "URL of a Chroma server (http://host:8000) shared by several server processes; empty uses an "
+            "embedded Chroma in the home directory."
+        ),
     )
     log_level: str = Field("INFO", description="Logging level of the server.")
     log_format: Literal["text", "json"] = Field(
