@@ -297,5 +297,5 @@ def _rebuild_vectors(settings: Settings) -> int:
     from appliance.index import ChunkIndex, open_vector_store
 
     engine = create_db_engine(settings.resolved_database_url)  # also brings an older backup's schema up to date
-    index = ChunkIndex(engine, open_vector_store(settings.chroma_dir))
+    index = ChunkIndex(engine, open_vector_store(settings))
     return index.reload_vectors()

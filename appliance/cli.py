@@ -704,7 +704,7 @@ def _chunk_index(settings: Settings):
     from appliance.index import ChunkIndex, open_vector_store
 
     settings.ensure_dirs()
-    return ChunkIndex(_db(settings), open_vector_store(settings.chroma_dir))
+    return ChunkIndex(_db(settings), open_vector_store(settings))
 
 
 def _ingestor(settings: Settings):

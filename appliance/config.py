@@ -283,6 +283,12 @@ class Settings(BaseSettings):
             "embedded Chroma in the home directory."
         ),
     )
+    chroma_database: str = Field(
+        "default_database",
+        min_length=1,
+        max_length=128,
+        description="Database on the Chroma server that holds this appliance's vectors (created on first use).",
+    )
     log_level: str = Field("INFO", description="Logging level of the server.")
     log_format: Literal["text", "json"] = Field(
         "text",

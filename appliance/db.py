@@ -267,16 +267,37 @@ class IndexState(SQLModel, table=True):
 FTS_TABLE = "chunk_fts"
 
 
+def acl_names_any(dialect: str, acl_column: str, parameter: str) -> str:
+    """SQL that is true when the JSON list in `acl_column` holds any of the names bound (expanding) to
+    `parameter`: SQLite's json_each, PostgreSQL's json_array_elements_text."""
+    elements = {
+        "sqlite": f"json_each({acl_column}) AS p",
+        "postgresql": f"json_array_elements_text({acl_column}) AS p(value)",
+    }[dialect]
+    # Only fixed column and parameter names are formatted in; the names themselves are bound.
+    return f"EXISTS (SELECT 1 FROM {elements} WHERE p.value IN :{parameter})"  # noqa: S608
+
+
 def include_name(name: str | None, type_: str, parent_names: dict) -> bool:
     """For Alembic's comparisons: the FTS5 table and its shadow tables are managed by hand."""
     return not (type_ == "table" and name and name.startswith(FTS_TABLE))
 
 
+def database_url(url: str) -> str:
+    """The URL SQLAlchemy should open: `postgresql://` (as administrators write it) means psycopg 3, which the
+    appliance ships, rather than SQLAlchemy's default driver for it (psycopg2, not installed)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
 def create_db_engine(url: str) -> Engine:
-    """Create the engine and the tables; SQLite gets WAL and foreign keys."""
+    """Create the engine and the tables; SQLite gets WAL and foreign keys, PostgreSQL a checked pool."""
+    url = database_url(url)
     is_sqlite = url.startswith("sqlite")
-    engine = create_engine(url, connect_args={"check_same_thread": False} if is_sqlite else {})
     if is_sqlite:
+        engine = create_engine(url, connect_args={"check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
@@ -286,11 +307,15 @@ def create_db_engine(url: str) -> Engine:
             cursor.execute("PRAGMA busy_timeout=5000")
             cursor.close()
 
+    else:
+        # pre_ping: a connection the database server closed (restart, idle timeout) is replaced, not used.
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
     migrate(engine)
     return engine
 
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATION_LOCK = 0x4150504C  # PostgreSQL advisory lock key held while migrating ("APPL")
 
 
 def alembic_config(url: str) -> Config:
@@ -304,6 +329,9 @@ def migrate(engine: Engine) -> None:
     """Upgrade the database to the newest schema revision."""
     config = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            # Several server processes may start at once against one database: one migrates, the others wait.
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 

@@ -254,11 +254,11 @@ def check_index(settings: Settings, engine: Engine | None) -> Check:
     current, heads, _known = _schema_state(engine, settings.resolved_database_url)
     if current != heads:
         return Check("index", WARN, "not checked: the schema is not at the newest revision")
-    if not settings.chroma_dir.is_dir():
+    if not settings.chroma_url and not settings.chroma_dir.is_dir():
         return Check("index", FAIL, f"the vector store {settings.chroma_dir} is missing", REBUILD)
     from appliance.index import ChunkIndex, open_vector_store
 
-    report = ChunkIndex(engine, open_vector_store(settings.chroma_dir)).check()
+    report = ChunkIndex(engine, open_vector_store(settings)).check()
     summary = f"{report.documents} documents, {report.chunks} chunks"
     if report.clean:
         return Check("index", OK, f"{summary}: database, keyword index and vectors agree")
@@ -283,10 +283,10 @@ def check_offline(settings: Settings, engine: Engine | None) -> Check:
             f"unset {' and '.join(off)} (runner and parser processes force them to 1 anyway)",
         )
     telemetry = "off (set in code)"
-    if settings.chroma_dir.is_dir():
+    if settings.chroma_url or settings.chroma_dir.is_dir():
         from appliance.index import open_vector_store
 
-        telemetry = "on" if open_vector_store(settings.chroma_dir).get_settings().anonymized_telemetry else "off"
+        telemetry = "on" if open_vector_store(settings).get_settings().anonymized_telemetry else "off"
     if telemetry == "on":
         return Check("offline", FAIL, "Chroma's anonymized telemetry is on", "report this: the code turns it off")
     return Check(

@@ -195,7 +195,7 @@ def throwaway_home(settings: Settings, keep: Path | None = None) -> Iterator[Set
 
 
 def _home_settings(settings: Settings, home: Path) -> Settings:
-    scoped = settings.model_copy(update={"home": home.resolve(), "database_url": ""})
+    scoped = settings.model_copy(update={"home": home.resolve(), "database_url": "", "chroma_url": ""})
     scoped.ensure_dirs()
     return scoped
 
@@ -206,7 +206,7 @@ def open_retriever(settings: Settings):
     from appliance.index import ChunkIndex, open_vector_store
     from appliance.retrieve import Retriever
 
-    index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings.chroma_dir))
+    index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings))
     return Retriever(index, SentenceEmbedder(settings.embeddings), settings.retrieval)
 
 

@@ -2,9 +2,11 @@
 
     database   document, its extracted text, its chunks and their vectors (the record of truth; the
                in-memory vector search reads the vectors from here, see vector_search.py)
-    FTS5       chunk_fts, for BM25 keyword search (same SQLite database)
-    Chroma     one collection of chunk vectors with document, collection and ACL principals as
-               metadata (embeddings always passed in; Chroma never picks an embedding function)
+    FTS5       chunk_fts, for BM25 keyword search (same SQLite database; not kept on PostgreSQL, where
+               BM25 runs on the in-memory index of keyword_search.py alone)
+    Chroma     embedded, or a Chroma server: one collection of chunk vectors with document, collection and
+               ACL principals as metadata (embeddings always passed in; Chroma never picks an embedding
+               function)
 
 Writes go database first (document marked `indexing`, then `indexed` once Chroma holds its vectors);
 removal marks the document `deleting`, empties Chroma, then deletes the rows. A crash in between
@@ -15,26 +17,55 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 from sqlalchemy import text as sql
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
+from appliance.config import Settings
 from appliance.db import FTS_TABLE, Chunk, ChunkVector, Document, DocumentText, session
 from appliance.errors import NotFound
 
 VECTOR_COLLECTION = "chunks"
 
 
-def open_vector_store(path: Path):
+def open_vector_store(settings: Settings):
+    """The Chroma client: the server at `APPLIANCE_CHROMA_URL` (its database `APPLIANCE_CHROMA_DATABASE`,
+    created on first use) when set, else an embedded Chroma in the home directory. Telemetry is off either
+    way."""
     import chromadb
     from chromadb.config import Settings as ChromaSettings
 
-    path.mkdir(parents=True, exist_ok=True)
-    return chromadb.PersistentClient(
-        path=str(path), settings=ChromaSettings(anonymized_telemetry=False, allow_reset=False)
+    if not settings.chroma_url:
+        settings.chroma_dir.mkdir(parents=True, exist_ok=True)
+        return chromadb.PersistentClient(
+            path=str(settings.chroma_dir), settings=ChromaSettings(anonymized_telemetry=False, allow_reset=False)
+        )
+    url = urlsplit(settings.chroma_url)
+    if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
+        raise ValueError(f"APPLIANCE_CHROMA_URL must be http(s)://host[:port], not '{settings.chroma_url}'")
+    server = ChromaSettings(
+        anonymized_telemetry=False,
+        allow_reset=False,
+        chroma_api_impl="chromadb.api.fastapi.FastAPI",
+        chroma_server_host=url.hostname,
+        chroma_server_http_port=url.port or (443 if url.scheme == "https" else 8000),
+        chroma_server_ssl_enabled=url.scheme == "https",
+    )
+    database = settings.chroma_database
+    admin = chromadb.AdminClient(server)
+    try:
+        admin.get_database(database)
+    except Exception:  # chromadb's NotFoundError (its exception classes move between releases)
+        admin.create_database(database)
+    return chromadb.HttpClient(
+        host=url.hostname,
+        port=server.chroma_server_http_port,
+        ssl=server.chroma_server_ssl_enabled,
+        settings=server,
+        database=database,
     )
 
 
@@ -69,7 +100,14 @@ _FTS_INSERT = sql(
 )
 
 
+def has_fts(db) -> bool:
+    """Whether this database keeps the FTS5 table (SQLite); elsewhere BM25 runs on the in-memory index only."""
+    return db.get_bind().dialect.name == "sqlite"
+
+
 def _insert_fts(db, chunks: list[Chunk], documents: dict[str, Document]) -> None:
+    if not has_fts(db):
+        return
     for chunk in chunks:
         params = {
             "text": chunk.text,
@@ -148,7 +186,8 @@ class ChunkIndex:
             db.commit()
         self.vectors.delete(where={"document_id": document_id})
         with session(self.engine) as db:
-            db.exec(sql(f"DELETE FROM {FTS_TABLE} WHERE document_id = :id"), params={"id": document_id})  # noqa: S608
+            if has_fts(db):
+                db.exec(sql(f"DELETE FROM {FTS_TABLE} WHERE document_id = :id"), params={"id": document_id})  # noqa: S608
             db.exec(
                 sql("DELETE FROM chunkvector WHERE chunk_id IN (SELECT id FROM chunk WHERE document_id = :id)"),
                 params={"id": document_id},
@@ -187,7 +226,8 @@ class ChunkIndex:
         self.client.delete_collection(VECTOR_COLLECTION)
         self.vectors = self._open_collection()
         with session(self.engine) as db:
-            db.exec(sql(f"DELETE FROM {FTS_TABLE}"))  # noqa: S608
+            if has_fts(db):
+                db.exec(sql(f"DELETE FROM {FTS_TABLE}"))  # noqa: S608
             documents = {d.id: d for d in db.exec(select(Document).where(Document.status == "indexed"))}
             chunks = [
                 c
@@ -286,7 +326,10 @@ class ChunkIndex:
         with session(self.engine) as db:
             documents = list(db.exec(select(Document)))
             chunk_ids = set(db.exec(select(Chunk.id)))
-            fts_ids = {row[0] for row in db.exec(sql(f"SELECT chunk_id FROM {FTS_TABLE}"))}  # noqa: S608
+            if has_fts(db):
+                fts_ids = {row[0] for row in db.exec(sql(f"SELECT chunk_id FROM {FTS_TABLE}"))}  # noqa: S608
+            else:
+                fts_ids = chunk_ids  # no FTS table to compare: the in-memory index reads the chunks themselves
             vector_ids = set(db.exec(select(ChunkVector.chunk_id)))
         chroma_ids = set(self.vectors.get(include=[])["ids"])
         return IndexReport(

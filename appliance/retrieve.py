@@ -18,7 +18,7 @@ from sqlalchemy import text as sql
 from sqlmodel import select
 
 from appliance.config import RetrievalSettings
-from appliance.db import FTS_TABLE, Chunk, Document, session
+from appliance.db import FTS_TABLE, Chunk, Document, acl_names_any, session
 from appliance.embeddings import SentenceEmbedder
 from appliance.errors import BadRequest, NotFound
 from appliance.index import ChunkIndex
@@ -214,23 +214,10 @@ class Retriever:
         """Ids of the indexed documents the caller may read within `scope`; None: every document."""
         if access.everything and scope is None:
             return None
-        if self.index.engine.dialect.name != "sqlite":  # json_each is SQLite's
-            return self._permitted_in_python(access, scope)
-        conditions, params, binds = _permission_sql(access, scope)
+        conditions, params, binds = _permission_sql(access, scope, self.index.engine.dialect.name)
         statement = sql(f"SELECT d.id FROM document AS d WHERE {' AND '.join(conditions)}").bindparams(*binds)  # noqa: S608
         with session(self.index.engine) as db:
             return [row[0] for row in db.exec(statement, params=params)]
-
-    def _permitted_in_python(self, access: Access, scope: list[str] | None) -> list[str]:
-        """`permitted_documents` for databases without json_each: the same rule, `Access.can_read`, per row."""
-        query = select(Document.id, Document.collection, Document.acl).where(Document.status == "indexed")
-        with session(self.index.engine) as db:
-            rows = db.exec(query).all()
-        return [
-            doc_id
-            for doc_id, collection, acl in rows
-            if (scope is None or collection in scope) and access.can_read(collection, acl)
-        ]
 
     def keyword_search(self, query: str, access: Access, scope: list[str] | None, limit: int) -> list[str]:
         """Chunk ids by BM25, best first, among the chunks the caller may read (SQLite FTS5)."""
@@ -329,7 +316,7 @@ class Retriever:
             return self._reranker
 
 
-def _permission_sql(access: Access, scope: list[str] | None) -> tuple[list[str], dict, list]:
+def _permission_sql(access: Access, scope: list[str] | None, dialect: str = "sqlite") -> tuple[list[str], dict, list]:
     """SQL conditions on `document AS d` that admit only indexed documents the caller may read within
     `scope`: (conditions, parameters, expanding bind parameters)."""
     conditions = ["d.status = 'indexed'"]
@@ -340,7 +327,7 @@ def _permission_sql(access: Access, scope: list[str] | None) -> tuple[list[str],
         params["collections"] = scope
         binds.append(bindparam("collections", expanding=True))
     if not access.everything:
-        conditions.append("EXISTS (SELECT 1 FROM json_each(d.acl) AS p WHERE p.value IN :principals)")
+        conditions.append(acl_names_any(dialect, "d.acl", "principals"))
         params["principals"] = sorted(access.principals)
         binds.append(bindparam("principals", expanding=True))
         if access.walled:

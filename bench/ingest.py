@@ -189,7 +189,7 @@ class Ours:
 
         settings = Settings(home=home)
         settings.ensure_dirs()
-        index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings.chroma_dir))
+        index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings))
         ingestor = Ingestor(settings, index, self.embedder)
         try:
             ingestor.warm_up()  # parser processes started and their imports done, as in a long-lived server

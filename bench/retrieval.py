@@ -81,7 +81,7 @@ def build(home: Path, size: int, sample, rng: np.random.Generator) -> tuple[Chun
     settings = Settings(home=home)
     settings.ensure_dirs()
     engine = create_db_engine(settings.resolved_database_url)
-    index = ChunkIndex(engine, open_vector_store(settings.chroma_dir))
+    index = ChunkIndex(engine, open_vector_store(settings))
     started = time.perf_counter()
     for number in range(size // CHUNKS_PER_DOCUMENT):
         collection = COLLECTIONS[number % len(COLLECTIONS)]

@@ -1,19 +1,23 @@
 """Persistent ingestion jobs and the worker that runs them inside the server.
 
 An upload becomes a `job` row plus its bytes under `<home>/incoming/`. The worker takes jobs one at
-a time, oldest first. After a crash or `kill -9`, `recover()` puts jobs that were running back in
-the queue and finishes interrupted deletions; the pipeline itself removes a half-indexed document
-before indexing it again, so every document ends fully indexed or clearly failed.
+a time, oldest first; several server processes sharing one PostgreSQL database each run a worker, and
+each job is claimed by exactly one of them (`FOR UPDATE SKIP LOCKED`, then a run lock held while it
+runs). After a crash or `kill -9`, `recover()` puts jobs that were running back in the queue and
+finishes interrupted deletions; the pipeline itself removes a half-indexed document before indexing it
+again, so every document ends fully indexed or clearly failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from pathlib import Path
 
-from sqlalchemy.engine import Engine
+from sqlalchemy import text as sql
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import select
 
 from appliance.db import Document, Job, session, utcnow
@@ -21,6 +25,14 @@ from appliance.errors import NotFound
 from ingest.pipeline import Ingestor
 
 log = logging.getLogger(__name__)
+
+ORPHAN_CHECK_S = 60  # on PostgreSQL, how often a worker looks for jobs left running by a process that died
+# A job's run lock: a session-level advisory lock that the running process's connection holds (released by
+# PostgreSQL itself when that process dies). Two keys: a fixed class and the job id's hash.
+_RUN_LOCK_CLASS = 0x4A4F4253  # "JOBS"
+_RUN_LOCK = sql(f"SELECT pg_advisory_lock({_RUN_LOCK_CLASS}, hashtext(:id))")
+_TRY_RUN_LOCK = sql(f"SELECT pg_try_advisory_lock({_RUN_LOCK_CLASS}, hashtext(:id))")
+_RUN_UNLOCK = sql(f"SELECT pg_advisory_unlock({_RUN_LOCK_CLASS}, hashtext(:id))")
 
 
 class JobWorker:
@@ -67,31 +79,97 @@ class JobWorker:
         return job
 
     def recover(self) -> None:
-        """After a restart: re-queue interrupted jobs, finish interrupted deletions."""
+        """After a restart: re-queue interrupted jobs, finish interrupted deletions.
+
+        On PostgreSQL several server processes share the queue: a job counts as interrupted only when no
+        process holds its run lock (the process running it died), so one process starting or checking
+        does not take back the jobs another is running."""
         with session(self.engine) as db:
-            interrupted = list(db.exec(select(Job).where(Job.state == "running")))
-            for job in interrupted:
-                job.state, job.updated_at = "queued", utcnow()
-                db.add(job)
-            db.commit()
+            running = list(db.exec(select(Job.id).where(Job.state == "running")))
             deleting = list(db.exec(select(Document.id).where(Document.status == "deleting")))
+        interrupted = [job_id for job_id in running if self._requeue_if_orphaned(job_id)]
         for document_id in deleting:
-            self.ingestor.remove(document_id)
+            try:
+                self.ingestor.remove(document_id)
+            except Exception:  # another process finished it meanwhile, or it fails again: the next check retries
+                log.warning("could not finish the interrupted deletion of document %s", document_id, exc_info=True)
         if interrupted or deleting:
             log.warning(
                 "recovered %d interrupted job(s) and %d interrupted deletion(s)", len(interrupted), len(deleting)
             )
 
+    def _requeue_if_orphaned(self, job_id: str) -> bool:
+        requeue = sql("UPDATE job SET state = 'queued', updated_at = :now WHERE id = :id AND state = 'running'")
+        with self.engine.connect() as connection:
+            shared = connection.dialect.name == "postgresql"
+            if shared and not connection.execute(_TRY_RUN_LOCK, {"id": job_id}).scalar():
+                connection.rollback()
+                return False  # a live process is running it
+            try:
+                changed = connection.execute(requeue, {"id": job_id, "now": utcnow()}).rowcount
+                connection.commit()
+            finally:
+                if shared:
+                    connection.execute(_RUN_UNLOCK, {"id": job_id})
+                    connection.commit()
+        return bool(changed)
+
+    def _claim(self) -> tuple[Job, Connection | None] | None:
+        """Take the oldest queued job: mark it running, atomically against other workers (a compare-and-set;
+        on PostgreSQL `FOR UPDATE SKIP LOCKED`, so concurrent workers take different jobs without waiting).
+        On PostgreSQL the returned connection holds the job's run lock until `_release`."""
+        connection = self.engine.connect()
+        try:
+            shared = connection.dialect.name == "postgresql"
+            oldest = "SELECT id FROM job WHERE state = 'queued' ORDER BY created_at, id LIMIT 1"
+            row = connection.execute(sql(oldest + (" FOR UPDATE SKIP LOCKED" if shared else ""))).first()
+            if row is None:
+                connection.rollback()
+                connection.close()
+                return None
+            if shared:
+                connection.execute(_RUN_LOCK, {"id": row[0]})  # held past the commit, for as long as the job runs
+            taken = connection.execute(
+                sql("UPDATE job SET state = 'running', updated_at = :now WHERE id = :id AND state = 'queued'"),
+                {"id": row[0], "now": utcnow()},
+            ).rowcount
+            connection.commit()
+        except Exception:
+            connection.close()
+            raise
+        if not taken:  # another worker (another process on the same SQLite file) took it first
+            self._release(row[0], connection if shared else None)
+            connection.close()
+            return self._claim()
+        if not shared:
+            connection.close()
+        with session(self.engine) as db:
+            job = db.get(Job, row[0])
+        return job, connection if shared else None
+
+    @staticmethod
+    def _release(job_id: str, connection: Connection | None) -> None:
+        if connection is None:
+            return
+        try:
+            connection.execute(_RUN_UNLOCK, {"id": job_id})
+            connection.commit()
+        finally:
+            connection.close()
+
     def run_next(self) -> bool:
         """Run the oldest queued job; False when there is none."""
-        with session(self.engine) as db:
-            job = db.exec(select(Job).where(Job.state == "queued").order_by(Job.created_at)).first()
-            if job is None:
-                return False
-            job.state, job.updated_at = "running", utcnow()
-            db.add(job)
-            db.commit()
-            db.refresh(job)
+        claimed = self._claim()
+        if claimed is None:
+            return False
+        job, lock = claimed
+        try:
+            self._run(job)
+        finally:
+            self._release(job.id, lock)
+        return True
+
+    def _run(self, job: Job) -> None:
         upload = Path(job.upload_path)
         source = f"upload:{job.collection}/{job.filename}"
         self._stage = (job.id, "parsing")
@@ -117,10 +195,17 @@ class JobWorker:
             db.add(stored)
             db.commit()
         upload.unlink(missing_ok=True)  # only once the job's outcome is recorded (a crash before re-runs it)
-        return True
 
     async def run_forever(self) -> None:
+        checked = time.monotonic()
         while True:
+            if self.engine.dialect.name == "postgresql" and time.monotonic() - checked > ORPHAN_CHECK_S:
+                # Another server process may have died mid-job: its jobs go back to the queue.
+                checked = time.monotonic()
+                try:
+                    await asyncio.to_thread(self.recover)
+                except Exception:
+                    log.exception("checking for interrupted jobs failed")
             try:
                 ran = await asyncio.to_thread(self.run_next)
             except Exception:  # one bad job must not stop the worker

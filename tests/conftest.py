@@ -46,9 +46,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Set while a test runs against the server stores (the `stores` fixture): PostgreSQL and Chroma server URLs
+# that every Settings() of the test reads from the environment and every CLI or server it starts gets too.
+STORES_ENV: dict[str, str] = {}
+
+
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "OLLAMA_"))}
-    env.update(APPLIANCE_HOME=str(home), HF_HUB_OFFLINE="1", **extra)
+    env.update(APPLIANCE_HOME=str(home), HF_HUB_OFFLINE="1", **STORES_ENV, **extra)
     return env
 
 
@@ -59,6 +64,82 @@ def run_cli(home: Path, *args: str, input: str | None = None, check: bool = True
     if check and result.returncode != 0:
         raise AssertionError(f"appliance {' '.join(args)} failed ({result.returncode}): {result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A private PostgreSQL server for the session (Debian's `postgresql` package); skipped where it is not
+    installed, except in CI (`CI` set), where its absence fails the run."""
+    from tests.services import postgres_bin, start_postgres
+
+    if postgres_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed: .ci/run installs the Debian package 'postgresql'")
+        pytest.skip("PostgreSQL is not installed (Debian package 'postgresql')")
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def chroma_server(tmp_path_factory):
+    """A `chroma run` server for the session."""
+    from tests.services import start_chroma
+
+    server = start_chroma(tmp_path_factory.mktemp("chroma-server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=["embedded", "servers"])
+def stores(request):
+    """Runs a module's tests twice: on the embedded defaults (SQLite and Chroma in the home), and on a fresh
+    PostgreSQL database and a fresh database of a Chroma server, through APPLIANCE_DATABASE_URL and
+    APPLIANCE_CHROMA_URL, which Settings() and the CLIs and servers the tests start all read. Modules opt in
+    with `pytestmark = pytest.mark.usefixtures("stores")`; module-scoped fixtures that build a home take
+    `stores` as an argument so that they are built after it."""
+    if request.param == "embedded":
+        yield request.param
+        return
+    postgres = request.getfixturevalue("postgres_server")
+    chroma = request.getfixturevalue("chroma_server")
+    env = {
+        "APPLIANCE_DATABASE_URL": postgres.new_database(),
+        "APPLIANCE_CHROMA_URL": chroma.url,
+        "APPLIANCE_CHROMA_DATABASE": chroma.new_database(),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        STORES_ENV.update(env)
+        try:
+            yield request.param
+        finally:
+            STORES_ENV.clear()
+
+
+@pytest.fixture
+def fresh_stores(stores, request, monkeypatch):
+    """Within a module run on the server stores, new empty databases for this one test (the embedded stores
+    are new with every home anyway)."""
+    if stores == "servers":
+        saved = dict(STORES_ENV)
+        env = {
+            "APPLIANCE_DATABASE_URL": request.getfixturevalue("postgres_server").new_database(),
+            "APPLIANCE_CHROMA_DATABASE": request.getfixturevalue("chroma_server").new_database(),
+        }
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        STORES_ENV.update(env)
+        yield stores
+        STORES_ENV.update(saved)
+    else:
+        yield stores
+
+
+def database_url(home: Path) -> str:
+    """The database a test's home uses: the `stores` fixture's PostgreSQL database, or SQLite in the home."""
+    return os.environ.get("APPLIANCE_DATABASE_URL") or f"sqlite:///{home / 'appliance.db'}"
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +157,7 @@ def local_ingestor(home: Path, embedder=None, **settings_fields):
 
     settings = Settings(home=home, **settings_fields)
     settings.ensure_dirs()
-    index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings.chroma_dir))
+    index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings))
     return Ingestor(settings, index, embedder or SentenceEmbedder(settings.embeddings))
 
 

@@ -92,7 +92,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         state.embedder = SentenceEmbedder(settings.embeddings)
         state.engine = Engine(state.store, state.scheduler, state.embedder)
-        state.vectors = await asyncio.to_thread(open_vector_store, settings.chroma_dir)
+        state.vectors = await asyncio.to_thread(open_vector_store, settings)
         state.ingestor = Ingestor(settings, ChunkIndex(state.db, state.vectors), state.embedder)
         state.retriever = Retriever(state.ingestor.index, state.embedder, settings.retrieval)
         state.answerer = Answerer(state.retriever, state.engine, settings.retrieval, settings.scheduler.num_ctx)

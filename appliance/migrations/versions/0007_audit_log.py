@@ -1,4 +1,4 @@
-"""the audit log: an append-only, hash-chained table (UPDATE and DELETE refused by triggers on SQLite)
+"""the audit log: an append-only, hash-chained table (UPDATE and DELETE refused by triggers)
 
 Revision ID: 0007
 Revises: 0006
@@ -44,19 +44,39 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_audit_record_at"), ["at"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_record_actor"), ["actor"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_record_action"), ["action"], unique=False)
-    if op.get_bind().dialect.name == "sqlite":
-        # Append-only at the database level; `appliance audit verify` still catches whoever drops these.
+    dialect = op.get_bind().dialect.name
+    # Append-only at the database level; `appliance audit verify` still catches whoever drops these.
+    if dialect == "sqlite":
         for name, statement in TRIGGERS.items():
             op.execute(
                 f"CREATE TRIGGER {name} BEFORE {statement} ON audit_record "
                 "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"
             )
+    elif dialect == "postgresql":
+        op.execute(
+            "CREATE FUNCTION audit_record_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$"
+        )
+        for name, statement in TRIGGERS.items():
+            op.execute(
+                f"CREATE TRIGGER {name} BEFORE {statement} ON audit_record "
+                "FOR EACH ROW EXECUTE FUNCTION audit_record_append_only()"
+            )
+        op.execute(
+            "CREATE TRIGGER audit_record_no_truncate BEFORE TRUNCATE ON audit_record "
+            "FOR EACH STATEMENT EXECUTE FUNCTION audit_record_append_only()"
+        )
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "sqlite":
+    dialect = op.get_bind().dialect.name
+    if dialect == "sqlite":
         for name in TRIGGERS:
             op.execute(f"DROP TRIGGER IF EXISTS {name}")
+    elif dialect == "postgresql":
+        for name in [*TRIGGERS, "audit_record_no_truncate"]:
+            op.execute(f"DROP TRIGGER IF EXISTS {name} ON audit_record")
+        op.execute("DROP FUNCTION IF EXISTS audit_record_append_only()")
     with op.batch_alter_table("audit_record", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_audit_record_action"))
         batch_op.drop_index(batch_op.f("ix_audit_record_actor"))
