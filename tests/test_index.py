@@ -13,7 +13,6 @@ from ingest.chunking import chunk_document
 from ingest.partition import Element
 from ingest.pipeline import chunk_rows
 
-
 pytestmark = pytest.mark.usefixtures("stores")
 
 

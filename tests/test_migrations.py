@@ -2,12 +2,11 @@
 on PostgreSQL."""
 
 import pytest
-from sqlalchemy import inspect
-
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
 from appliance.db import FTS_TABLE, alembic_config, create_db_engine, include_name, migrate
