@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, or_
+from sqlalchemy import String, bindparam, or_
 from sqlalchemy import text as sql
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -163,7 +163,7 @@ def _reached_through_document_acls(db: Session, direct: set[str], skip: set[str]
     statement = sql(
         "SELECT DISTINCT d.collection FROM document AS d WHERE d.collection NOT IN :skip "  # noqa: S608
         f"AND {acl_names_any(db.get_bind().dialect.name, 'd.acl', 'direct')}"
-    ).bindparams(bindparam("skip", expanding=True), bindparam("direct", expanding=True))
+    ).bindparams(bindparam("skip", expanding=True, type_=String), bindparam("direct", expanding=True, type_=String))
     return {row[0] for row in db.exec(statement, params={"skip": sorted(skip), "direct": sorted(direct)})}
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
-from sqlalchemy import bindparam
+from sqlalchemy import String, bindparam
 from sqlalchemy import text as sql
 from sqlmodel import select
 
@@ -122,7 +122,7 @@ class VectorMirror:
         statement = sql(
             "SELECT c.id, c.document_id, v.vector FROM chunkvector AS v JOIN chunk AS c ON c.id = v.chunk_id "
             "WHERE c.document_id IN :documents ORDER BY c.document_id, c.position"
-        ).bindparams(bindparam("documents", expanding=True))
+        ).bindparams(bindparam("documents", expanding=True, type_=String))
         with session(self.index.engine) as db:
             for begin in range(0, len(new), READ_DOCUMENTS):
                 result = db.exec(statement, params={"documents": new[begin : begin + READ_DOCUMENTS]}).all()

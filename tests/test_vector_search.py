@@ -1,4 +1,5 @@
-"""The in-memory copy of the vectors follows writes made by another process (the CLI beside a server)."""
+"""The in-memory copy of the vectors follows writes made by another process (the CLI beside a server), on the
+embedded stores and on PostgreSQL + a Chroma server."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ from appliance.db import Chunk, session
 from appliance.rbac import OPERATOR
 from appliance.retrieve import Retriever
 from tests.conftest import local_ingestor, run_cli
+
+pytestmark = pytest.mark.usefixtures("fresh_stores")
 
 FIRST = "# Parking\n\nStaff park in the multi-storey car park behind the laboratory building.\n"
 SECOND = "# Flu vaccine\n\nEvery member of staff is offered the seasonal flu vaccine in October.\n"
@@ -69,11 +72,13 @@ def _version(doc_id: str, count: int, seed: int):
 
 def test_a_document_indexed_again_between_two_queries_is_read_again(tmp_path):
     """Same id (the same bytes), other chunks (say, new chunking settings): the copy must not keep the old rows."""
+    from appliance.config import Settings
     from appliance.db import create_db_engine
     from appliance.index import ChunkIndex, open_vector_store
     from appliance.vector_search import VectorMirror
 
-    index = ChunkIndex(create_db_engine(f"sqlite:///{tmp_path / 'a.db'}"), open_vector_store(tmp_path / "chroma"))
+    settings = Settings(home=tmp_path)
+    index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings))
     mirror = VectorMirror(index)
     index.add(*_version("d" * 64, 3, seed=1))
     assert len(mirror.current().ids) == 3
