@@ -1,0 +1,220 @@
+"""The in-memory BM25 index (appliance/keyword_search.py): it ranks as SQLite's FTS5 bm25() does, masks unreadable
+documents before the top-k, and follows writes made by another process. Runs on the embedded stores (SQLite +
+Chroma) and on PostgreSQL + a Chroma server, where it is the only BM25 (the comparisons with FTS5 on SQLite only)."""
+
+import hashlib
+import random
+
+import numpy as np
+import pytest
+from sqlalchemy import text as sql
+
+from appliance.config import Settings
+from appliance.db import FTS_TABLE, Chunk, Document, create_db_engine, session
+from appliance.index import ChunkIndex, open_vector_store
+from appliance.keyword_search import KeywordMirror, term
+from appliance.retrieve import match_expression, query_words
+
+WORDS = (
+    "adult maternity records retention retained retaining kept years treatment birth nurse nurses check checked "
+    "chemotherapy dose prescription given matter matters conflicts database engagement letter sent staff park "
+    "parking car laboratory building flu vaccine offered seasonal october patient patients ward night shift "
+    "handover consent form signed café naïve theatre surgeon surgery infection control hand washing gloves"
+).split()
+
+
+pytestmark = pytest.mark.usefixtures("stores")
+
+
+def open_index(home) -> ChunkIndex:
+    """The chunk index of a home (on the stores the `stores` fixture chose); each call opens its own engine
+    and Chroma client, as another process would."""
+    settings = Settings(home=home)
+    return ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings))
+
+
+@pytest.fixture
+def index(tmp_path, fresh_stores) -> ChunkIndex:
+    return open_index(tmp_path)
+
+
+@pytest.fixture
+def fts_index(index) -> ChunkIndex:
+    if index.engine.dialect.name != "sqlite":
+        pytest.skip("FTS5 is SQLite's")
+    return index
+
+
+def add(index: ChunkIndex, name: str, texts: list[str], acl: tuple[str, ...] = ("user:a",)) -> str:
+    """Index a document of the given chunk texts (random vectors: only the keyword side is under test)."""
+    document_id = hashlib.sha256(name.encode()).hexdigest()
+    document = Document(
+        id=document_id, collection="c", source=name, filename=f"{name}.md", kind="md", size=1, acl=list(acl)
+    )
+    chunks = [
+        Chunk(id=f"{document_id}:{n}", document_id=document_id, position=n, start=0, end=len(t), headings=[], text=t)
+        for n, t in enumerate(texts)
+    ]
+    vectors = np.random.default_rng(len(texts)).standard_normal((len(texts), 8)).astype(np.float32)
+    index.add(document, "\n\n".join(texts), chunks, vectors)
+    return document_id
+
+
+def fts5(index: ChunkIndex, query: str) -> dict[str, float]:
+    """chunk id -> FTS5's bm25() (lower is better) of every chunk matching any word of the query."""
+    statement = sql(f"SELECT chunk_id, bm25({FTS_TABLE}) FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH :m")  # noqa: S608
+    with session(index.engine) as db:
+        return dict(db.exec(statement, params={"m": match_expression(query_words(query))}).all())
+
+
+def corpus(rng: random.Random, documents: int, chunks: int) -> list[list[str]]:
+    weights = [1 / (n + 1) for n in range(len(WORDS))]
+    return [
+        [" ".join(rng.choices(WORDS, weights=weights, k=rng.randint(4, 60))) for _ in range(chunks)]
+        for _ in range(documents)
+    ]
+
+
+def test_ranks_as_fts5_bm25(fts_index):
+    index = fts_index
+    rng = random.Random(7)
+    for n, texts in enumerate(corpus(rng, 12, 20)):
+        add(index, f"d{n}", texts)
+    add(index, "policy", ["Adult medical records are kept for eight years after the last treatment."])
+    mirror = KeywordMirror(index)
+    queries = ["records retention", "how long are maternity records kept", "Nurses checking the dose", "flu"]
+    queries += [" ".join(rng.sample(WORDS, rng.randint(1, 6))) for _ in range(30)]
+    for query in queries:
+        expected = fts5(index, query)
+        found = mirror.search(query_words(query), None, 20)
+        assert set(found) <= set(expected)
+        # The same scores in the same order (chunks with equal scores may come in either order).
+        best = sorted(expected.values())[:20]
+        assert [expected[c] for c in found] == pytest.approx(best, rel=1e-9, abs=1e-12), query
+    # A query that is a text: its words, as `query_words` finds them.
+    assert mirror.search("Records, RETENTION!", None, 5) == mirror.search(["records", "retention"], None, 5)
+
+
+def test_stems_and_folds_as_the_porter_unicode61_tokenizer(fts_index):
+    index = fts_index
+    kept = add(index, "kept", ["Records are retained for eight years."])
+    cafe = add(index, "cafe", ["The CAFÉ on the ground floor opens at seven."])
+    other = add(index, "other", ["Retention of records: see the policy.", "Parking behind the laboratory."])
+    mirror = KeywordMirror(index)
+
+    def documents(query: str) -> set[str]:
+        return {c.split(":")[0] for c in mirror.search(query_words(query), None, 10)}
+
+    assert term("retaining") == term("retained") == term("retains") == "retain"
+    assert term("retention") == "retent"  # Porter does not join these two: neither does FTS5
+    assert documents("retaining") == {kept} == {c.split(":")[0] for c in fts5(index, "retaining")}
+    assert documents("retention") == {other}
+    assert documents("cafe") == documents("Café") == {cafe}
+    assert term("technology") == "technolog" and term("irreversibly") == "irrevers"  # as FTS5, not snowball
+    assert term("as") == "as" and term("is") == "is"  # under 3 bytes: not stemmed
+    assert documents("records") == {kept, other}
+
+
+def test_mask_applies_before_the_top_k(index):
+    secrets = [
+        add(index, f"secret{n}", [f"Adult records retention secret {n}: adult records are kept for ever."], ("user:x",))
+        for n in range(12)
+    ]
+    readable = add(index, "readable", ["Parking is free.", "Adult records are kept for eight years after treatment."])
+    mirror = KeywordMirror(index)
+    everything = mirror.search(["adult", "records", "retention"], None, 5)
+    assert {c.split(":")[0] for c in everything} <= set(secrets)  # the secrets match better
+    found = mirror.search(["adult", "records", "retention"], [readable], 5)
+    assert found == [f"{readable}:1"]
+    assert mirror.search(["adult", "records"], [readable, "not-a-document"], 5) == [f"{readable}:1"]
+    assert mirror.search(["adult", "records"], [], 5) == []  # nothing permitted: nothing found
+
+
+def test_follows_ingest_remove_reindex_and_rebuild_by_another_process(index, tmp_path):
+    mirror = KeywordMirror(index)
+    cli = open_index(tmp_path)  # another engine and Chroma client on the same home: the CLI beside the server
+
+    def found(word: str) -> set[str]:
+        return set(mirror.search([word], None, 10))
+
+    assert found("parking") == set()
+    parking = add(cli, "parking", ["Staff park behind the laboratory.", "Permits from estates."])
+    assert found("permits") == {f"{parking}:1"} and found("parked") == {f"{parking}:0"}
+    flu = add(cli, "flu", ["The flu vaccine is offered in October."])
+    assert found("vaccine") == {f"{flu}:0"} and found("permits") == {f"{parking}:1"}
+
+    cli.remove(parking)
+    assert found("permits") == set() and found("vaccine") == {f"{flu}:0"}
+    snapshot = mirror.current()
+    assert snapshot.ids == [f"{flu}:0"] and snapshot.documents == [flu]
+
+    # The same id indexed again with other chunks (new chunking settings, say): the old rows must go.
+    cli.remove(flu)
+    add(cli, "flu", ["The flu vaccine.", "Offered every October.", "To all staff."])
+    assert found("october") == {f"{flu}:1"} and found("vaccine") == {f"{flu}:0"}
+    assert len(mirror.current().ids) == 3
+
+    vocabulary = mirror.current().vocabulary
+    rebuilds = mirror.current().generation[1]
+    cli.rebuild(lambda texts: np.ones((len(texts), 8), dtype=np.float32))
+    snapshot = mirror.current()
+    assert snapshot.generation[1] == rebuilds + 1 and snapshot.vocabulary is not vocabulary  # read again
+    assert found("october") == {f"{flu}:1"} and len(snapshot.ids) == 3
+
+    # The postings after all this patching are what a fresh read gives.
+    fresh = KeywordMirror(index).current()
+    assert fresh.ids == snapshot.ids
+    for word in ("flu", "vaccine", "october", "staff", "permits"):
+        assert KeywordMirror(index).search([word], None, 10) == mirror.search([word], None, 10)
+
+
+def test_patched_postings_equal_a_fresh_read(index):
+    mirror = KeywordMirror(index)
+    rng = random.Random(3)
+    names = []
+    for n, texts in enumerate(corpus(rng, 8, 6)):
+        names.append(add(index, f"d{n}", texts))
+        if n % 3 == 2:
+            index.remove(names.pop(0))
+        mirror.current()
+    patched, fresh = mirror.current(), KeywordMirror(index).current()
+    assert sorted(patched.ids) == sorted(fresh.ids)
+
+    def postings(snapshot) -> set[tuple[str, str, int]]:
+        words = {t: w for w, t in snapshot.vocabulary.terms.items()}
+        return {
+            (words[t], snapshot.ids[row], int(count))
+            for t in range(len(snapshot.starts) - 1)
+            for row, count in zip(
+                snapshot.rows[snapshot.starts[t] : snapshot.starts[t + 1]],
+                snapshot.counts[snapshot.starts[t] : snapshot.starts[t + 1]],
+                strict=True,
+            )
+        }
+
+    assert postings(patched) == postings(fresh)
+    assert dict(zip(patched.ids, patched.lengths, strict=True)) == dict(zip(fresh.ids, fresh.lengths, strict=True))
+
+
+def test_common_words_are_left_out_while_a_rarer_one_remains(index):
+    staff = add(index, "staff", [f"Staff notice {n}." for n in range(30)])
+    parking = add(index, "parking", ["Staff parking behind the laboratory."])
+    mirror = KeywordMirror(index)
+    # 'staff' is in every chunk (31 > max(0.2 * 31, 10 * 1)): left out, 'parking' alone is searched.
+    assert mirror.search(["staff", "parking"], None, 1, max_df=0.2) == [f"{parking}:0"]
+    assert len(mirror.search(["staff", "parking"], None, 50, max_df=0.2)) == 31  # 10 x 50 chunks: kept
+    assert len(mirror.search(["staff", "parking"], None, 50)) == 31
+    assert len(mirror.search(["staff"], None, 5, max_df=0.2)) == 5  # the only word stays
+    assert mirror.search(["staff", "unknown"], None, 5, max_df=0.2)[0].startswith(staff)
+
+
+def test_empty_queries_and_an_empty_index(index):
+    mirror = KeywordMirror(index)
+    assert mirror.search(["records"], None, 5) == []  # nothing indexed yet
+    add(index, "d", ["Adult records are kept for eight years."])
+    assert mirror.search("", None, 5) == []
+    assert mirror.search("?! -- ...", None, 5) == []
+    assert mirror.search([], None, 5) == []
+    assert mirror.search(["unknown", "words"], None, 5) == []
+    assert mirror.search(["records"], None, 0) == []
+    assert len(mirror.search(["records"], None, 5)) == 1
