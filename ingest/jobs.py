@@ -26,6 +26,7 @@ from ingest.pipeline import Ingestor
 
 log = logging.getLogger(__name__)
 
+CLAIM_SCAN = 20  # queued jobs looked at per claim (the oldest whose upload this host holds is taken)
 ORPHAN_CHECK_S = 60  # on PostgreSQL, how often a worker looks for jobs left running by a process that died
 # A job's run lock: a session-level advisory lock that the running process's connection holds (released by
 # PostgreSQL itself when that process dies). Two keys: a fixed class and the job id's hash.
@@ -121,8 +122,11 @@ class JobWorker:
         connection = self.engine.connect()
         try:
             shared = connection.dialect.name == "postgresql"
-            oldest = "SELECT id FROM job WHERE state = 'queued' ORDER BY created_at, id LIMIT 1"
-            row = connection.execute(sql(oldest + (" FOR UPDATE SKIP LOCKED" if shared else ""))).first()
+            oldest = "SELECT id, upload_path FROM job WHERE state = 'queued' ORDER BY created_at, id LIMIT :n"
+            statement = sql(oldest + (" FOR UPDATE SKIP LOCKED" if shared else ""))
+            candidates = connection.execute(statement, {"n": CLAIM_SCAN}).all()
+            # Hosts that do not share their home directory each run only the uploads they received.
+            row = next((c for c in candidates if Path(c.upload_path).exists()), None)
             if row is None:
                 connection.rollback()
                 connection.close()
