@@ -12,6 +12,7 @@
 #   APPLIANCE_EXTRAS      optional dependency groups to install (default "test"; empty for a server only)
 #   APPLIANCE_EDITABLE    1 (default) installs this tree in development mode; 0 copies it into the venv
 #   APPLIANCE_BROWSER     1 (default) installs Debian's chromium for the browser tests; 0 skips it
+#   APPLIANCE_POSTGRES    1 (default) installs Debian's postgresql for the scale-out tests; 0 skips it
 #   CMAKE_ARGS_EXTRA      more llama.cpp build options, e.g. -DGGML_NATIVE=OFF for a portable build
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,16 @@ if [ "${APPLIANCE_BROWSER:-1}" = 1 ] && ! command -v chromium >/dev/null 2>&1; t
       || echo "chromium not installed: the browser tests (tests/test_web_e2e.py) will be skipped" >&2
   else
     echo "Optional, for the browser tests: sudo apt-get install chromium" >&2
+  fi
+fi
+# The scale-out tests start a private PostgreSQL server from Debian's binaries (a chroma server comes with
+# the chromadb package). Production installs point APPLIANCE_DATABASE_URL at their own PostgreSQL instead.
+if [ "${APPLIANCE_POSTGRES:-1}" = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql \
+      || echo "postgresql not installed: the PostgreSQL tests will be skipped (outside CI)" >&2
+  else
+    echo "Optional, for the PostgreSQL tests: sudo apt-get install postgresql" >&2
   fi
 fi
 "$python" -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is required"'

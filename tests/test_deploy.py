@@ -66,3 +66,29 @@ def test_containers_run_unprivileged_and_offline():
         text = (DEPLOY / "docker" / name).read_text()
         assert "USER appliance" in text and "HF_HUB_OFFLINE=1" in text
         assert "VOLUME /var/lib/appliance" in text and "APPLIANCE_HOME=/var/lib/appliance" in text
+
+
+def test_compose_names_the_shared_stores_and_keeps_them_off_the_network():
+    """Every appliance server gets the PostgreSQL and Chroma URLs of the compose file's own services, with the
+    password from .env; the stores are published nowhere and sit on an internal network."""
+    import yaml
+
+    compose = yaml.safe_load((DEPLOY / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    servers = {name: s for name, s in services.items() if name.startswith("appliance")}
+    assert len(servers) >= 2
+    for service in servers.values():
+        env = service["environment"]
+        url = env["APPLIANCE_DATABASE_URL"]
+        assert url.startswith("postgresql://appliance:${APPLIANCE_DB_PASSWORD") and url.endswith(
+            "@postgres:5432/appliance"
+        )
+        assert env["APPLIANCE_CHROMA_URL"] == "http://chroma:8000"
+        assert all(port.startswith("127.0.0.1:") for port in service["ports"])
+        assert "backend" in service["networks"]
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert len({s["volumes"][0] for s in servers.values()}) == len(servers)  # a home of its own each
+    for store in ("postgres", "chroma"):
+        assert "ports" not in services[store] and services[store]["networks"] == ["backend"]
+    assert compose["networks"]["backend"]["internal"] is True
+    assert services["chroma"]["environment"]["ANONYMIZED_TELEMETRY"] == "False"
