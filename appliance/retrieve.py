@@ -1,8 +1,17 @@
-"""Hybrid retrieval: dense (Chroma) and BM25 (SQLite FTS5) rankings fused by reciprocal rank.
+"""Hybrid retrieval: dense (vector) and BM25 (keyword) rankings fused by reciprocal rank.
 
-The caller's access is applied inside both queries — a Chroma `where` on the chunk's collection and
-ACL principals, and a join on permitted documents in SQL — so a passage the caller may not read can
-never take a place in a top-k list. An optional local cross-encoder re-ranks the fused list.
+Each search runs in one of two places, as the settings say:
+  * vector (`APPLIANCE_VECTOR_SEARCH`): `memory`, the default, an exact scan of an in-memory copy of the
+    vectors (vector_search.py); `chroma`, Chroma's own query with a `where` filter;
+  * BM25 (`APPLIANCE_KEYWORD_SEARCH`): `memory`, the default, an in-memory inverted index of the chunk texts
+    that ranks as FTS5's bm25() does (keyword_search.py), on any database; `fts`, SQLite's FTS5 table,
+    queried in SQL (SQLite only: on another database the setting stops the start).
+
+The caller's access is applied inside every search, before its top-k is taken — the in-memory searches mask
+the documents the caller may read (`permitted_documents`, read once per question for both), Chroma filters
+on the chunk's collection and ACL principals, FTS5 joins the permitted documents in SQL — so a passage the
+caller may not read can never take a place in a top-k list. An optional local cross-encoder re-ranks the
+fused list.
 """
 
 from __future__ import annotations
@@ -20,8 +29,9 @@ from sqlmodel import select
 from appliance.config import RetrievalSettings
 from appliance.db import FTS_TABLE, Chunk, Document, acl_names_any, session
 from appliance.embeddings import SentenceEmbedder
-from appliance.errors import BadRequest, NotFound
+from appliance.errors import ApplianceError, BadRequest, NotFound
 from appliance.index import ChunkIndex
+from appliance.keyword_search import KeywordMirror
 from appliance.rbac import Access
 from appliance.vector_search import VectorMirror
 
@@ -30,6 +40,7 @@ log = logging.getLogger(__name__)
 MAX_QUERY_CHARS = 4000  # longer questions are refused: they are not questions, and they cost every search
 MAX_QUERY_TERMS = 64
 _WORD = re.compile(r"\w+", re.UNICODE)
+_UNREAD = object()  # a search given no `permitted` documents reads them itself
 
 
 @dataclass
@@ -135,7 +146,13 @@ class Retriever:
         self.index = index
         self.embedder = embedder
         self.settings = settings
+        if settings.keyword_search == "fts" and index.engine.dialect.name != "sqlite":
+            raise ApplianceError(
+                f"APPLIANCE_KEYWORD_SEARCH=fts needs SQLite's FTS5 table; the database is "
+                f"{index.engine.dialect.name}: use 'memory' (the default)"
+            )
         self.mirror = VectorMirror(index)
+        self.keywords = KeywordMirror(index)
         self._counted = (-1, 0)  # (index generation, number of chunks) for keyword_max_df
         self._reranker = None
         self._reranker_lock = threading.Lock()
@@ -190,19 +207,30 @@ class Retriever:
         scope = self.scope(access, collections)
         if (scope is not None and not scope) or (not access.everything and not access.principals):
             return Ranking([], [], {})
+        in_memory = "memory" in (self.settings.vector_search, self.settings.keyword_search)
+        permitted = self.permitted_documents(access, scope) if in_memory else _UNREAD
         vector = self.embedder.encode([query]).vectors[0]
-        dense = self.dense_search(vector, access, scope, dense_candidates or self.settings.dense_candidates)
-        keyword = self.keyword_search(query, access, scope, keyword_candidates or self.settings.keyword_candidates)
+        dense = self.dense_search(
+            vector, access, scope, dense_candidates or self.settings.dense_candidates, permitted=permitted
+        )
+        keyword = self.keyword_search(
+            query, access, scope, keyword_candidates or self.settings.keyword_candidates, permitted=permitted
+        )
         fused = fuse(
             [([c for c, _ in dense], self.settings.dense_weight), (keyword, self.settings.keyword_weight)],
             self.settings.rrf_k,
         )
         return Ranking(dense, keyword, fused)
 
-    def dense_search(self, vector, access: Access, scope: list[str] | None, limit: int) -> list[tuple[str, float]]:
-        """(chunk id, cosine similarity), best first, among the chunks the caller may read."""
+    def dense_search(
+        self, vector, access: Access, scope: list[str] | None, limit: int, *, permitted=_UNREAD
+    ) -> list[tuple[str, float]]:
+        """(chunk id, cosine similarity), best first, among the chunks the caller may read. `permitted`: what
+        `permitted_documents` gives for this access and scope, when the caller has read it already."""
         if self.settings.vector_search == "memory":
-            return self.mirror.search(vector, self.permitted_documents(access, scope), limit)
+            if permitted is _UNREAD:
+                permitted = self.permitted_documents(access, scope)
+            return self.mirror.search(vector, permitted, limit)
         where = vector_filter(access, scope)
         result = self.index.vectors.query(
             query_embeddings=[vector.tolist()], n_results=limit, where=where, include=["distances"]
@@ -219,10 +247,15 @@ class Retriever:
         with session(self.index.engine) as db:
             return [row[0] for row in db.exec(statement, params=params)]
 
-    def keyword_search(self, query: str, access: Access, scope: list[str] | None, limit: int) -> list[str]:
-        """Chunk ids by BM25, best first, among the chunks the caller may read (SQLite FTS5)."""
-        if self.index.engine.dialect.name != "sqlite":
-            return []
+    def keyword_search(
+        self, query: str, access: Access, scope: list[str] | None, limit: int, *, permitted=_UNREAD
+    ) -> list[str]:
+        """Chunk ids by BM25, best first, among the chunks the caller may read (`permitted` as for
+        `dense_search`). Near-universal query words are left out (`_selective_words`)."""
+        if self.settings.keyword_search == "memory":
+            if permitted is _UNREAD:
+                permitted = self.permitted_documents(access, scope)
+            return self.keywords.search(query_words(query), permitted, limit, self.settings.keyword_max_df)
         with session(self.index.engine) as db:
             words = self._selective_words(db, query_words(query), limit)
             if not words:
@@ -239,7 +272,8 @@ class Retriever:
         """The query words without the near-universal ones: those in more than `keyword_max_df` of all chunks
         and in more than ten times `limit` chunks, as long as a rarer word remains. BM25 gives such words
         almost no weight, yet every chunk that holds one must be ranked, which is most of the cost of the
-        query on a large index; on a small one nothing is left out."""
+        query on a large index; on a small one nothing is left out. (FTS5 only: the in-memory index applies
+        the same rule itself.)"""
         if self.settings.keyword_max_df >= 1 or len(words) < 2:
             return words
         ceiling = max(self.settings.keyword_max_df * self._chunk_count(db), 10 * limit)

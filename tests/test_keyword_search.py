@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from sqlalchemy import text as sql
 
-from appliance.config import Settings
+from appliance.config import RetrievalSettings, Settings
 from appliance.db import FTS_TABLE, Chunk, Document, create_db_engine, session
+from appliance.errors import ApplianceError
 from appliance.index import ChunkIndex, open_vector_store
 from appliance.keyword_search import KeywordMirror, term
-from appliance.retrieve import match_expression, query_words
+from appliance.rbac import OPERATOR, Access
+from appliance.retrieve import Retriever, match_expression, query_words
 
 WORDS = (
     "adult maternity records retention retained retaining kept years treatment birth nurse nurses check checked "
@@ -130,6 +132,31 @@ def test_mask_applies_before_the_top_k(index):
     assert mirror.search(["adult", "records"], [], 5) == []  # nothing permitted: nothing found
 
 
+def test_retriever_uses_the_mirror_with_the_same_answers_as_fts(fts_index):
+    index = fts_index
+    for n in range(6):  # lengths differ: no two chunks score the same (FTS5 orders ties as it finds them)
+        add(index, f"secret{n}", [f"Night shift handover notes, ward {n}." + " More." * (n + 1)], ("user:x",))
+    ward = add(
+        index,
+        "ward",
+        ["The night shift handover always happens at 8pm in the evening for all teams.", "Hand washing."],
+        ("user:a",),
+    )
+    memory = Retriever(index, None, RetrievalSettings(keyword_search="memory"))
+    fts = Retriever(index, None, RetrievalSettings(keyword_search="fts"))
+    reader = Access(
+        everything=False,
+        collections=frozenset({"c"}),
+        principals=frozenset({"user:a"}),
+        walled=frozenset(),
+        editable=frozenset(),
+    )
+    for access in (reader, OPERATOR):
+        for query in ("night shift handover", "hand washing", "ward 3", "nothing matches"):
+            assert memory.keyword_search(query, access, None, 3) == fts.keyword_search(query, access, None, 3)
+    assert {c.split(":")[0] for c in memory.keyword_search("handover", reader, None, 10)} == {ward}
+
+
 def test_follows_ingest_remove_reindex_and_rebuild_by_another_process(index, tmp_path):
     mirror = KeywordMirror(index)
     cli = open_index(tmp_path)  # another engine and Chroma client on the same home: the CLI beside the server
@@ -218,3 +245,14 @@ def test_empty_queries_and_an_empty_index(index):
     assert mirror.search(["unknown", "words"], None, 5) == []
     assert mirror.search(["records"], None, 0) == []
     assert len(mirror.search(["records"], None, 5)) == 1
+
+
+def test_fts_is_refused_at_start_on_a_database_without_fts5(index):
+    if index.engine.dialect.name == "sqlite":
+        assert (
+            Retriever(index, None, RetrievalSettings(keyword_search="fts")).keyword_search("x", OPERATOR, None, 5) == []
+        )
+        return
+    with pytest.raises(ApplianceError, match="APPLIANCE_KEYWORD_SEARCH=fts needs SQLite"):
+        Retriever(index, None, RetrievalSettings(keyword_search="fts"))
+    assert Retriever(index, None, RetrievalSettings()).keyword_search("x", OPERATOR, None, 5) == []  # memory works
