@@ -1,5 +1,6 @@
 """`appliance ingest` end to end, offline: every format, per-file failures, idempotence, replacement
-of a changed file, deletion without a trace, and `appliance index check`."""
+of a changed file, deletion without a trace, and `appliance index check`; on the embedded stores and on
+PostgreSQL + a Chroma server."""
 
 import json
 from pathlib import Path
@@ -10,8 +11,11 @@ from tests.conftest import HERE, run_cli
 from tests.documents import write_all, write_pdf
 
 
+pytestmark = pytest.mark.usefixtures("stores")
+
+
 @pytest.fixture(scope="module")
-def library(tmp_path_factory):
+def library(tmp_path_factory, stores):
     root = tmp_path_factory.mktemp("library")
     folder = root / "hospital"
     documents = write_all(folder)
@@ -96,7 +100,7 @@ def test_bad_acl_and_missing_path(library):
     assert json.loads(missing.stdout)["documents"][0]["reason"] == "not a regular file"
 
 
-def test_email_attachments_become_documents_of_their_own(tmp_path):
+def test_email_attachments_become_documents_of_their_own(tmp_path, fresh_stores):
     from tests.documents import write_docx, write_eml
 
     home = tmp_path / "home"

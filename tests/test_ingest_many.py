@@ -17,6 +17,9 @@ from tests.conftest import local_ingestor
 from tests.documents import write_all, write_docx, write_eml, write_pdf
 
 
+pytestmark = pytest.mark.usefixtures("fresh_stores")
+
+
 @pytest.fixture(scope="module")
 def embedder():
     return SentenceEmbedder(Settings().embeddings)
@@ -37,8 +40,11 @@ def files(tmp_path_factory) -> list[Path]:
     return [documents[n] for n in names[:4]] + middle + [documents[n] for n in names[4:]] + tail
 
 
-def _ingestor(home: Path, embedder, workers: int) -> Ingestor:
-    return local_ingestor(home, embedder, ingest=IngestSettings(parse_workers=workers))
+def _ingestor(home: Path, embedder, workers: int, embedded: bool = False) -> Ingestor:
+    """`embedded`: SQLite and Chroma in the home even while the module runs on the server stores (a second,
+    independent index to compare with)."""
+    stores = {"database_url": "", "chroma_url": ""} if embedded else {}
+    return local_ingestor(home, embedder, ingest=IngestSettings(parse_workers=workers), **stores)
 
 
 def _stored(ingestor: Ingestor) -> dict[str, tuple]:
@@ -59,7 +65,7 @@ def _stored(ingestor: Ingestor) -> dict[str, tuple]:
 
 
 def test_many_gives_the_same_documents_and_chunks_as_one_at_a_time(tmp_path, files, embedder):
-    serial = _ingestor(tmp_path / "serial", embedder, workers=1)
+    serial = _ingestor(tmp_path / "serial", embedder, workers=1, embedded=True)
     many = _ingestor(tmp_path / "many", embedder, workers=2)
     stages: list[tuple[str, str]] = []
     many.on_stage = lambda stage, subject: stages.append((stage, subject))
