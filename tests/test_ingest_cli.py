@@ -10,7 +10,6 @@ import pytest
 from tests.conftest import HERE, run_cli
 from tests.documents import write_all, write_pdf
 
-
 pytestmark = pytest.mark.usefixtures("stores")
 
 

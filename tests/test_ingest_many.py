@@ -16,7 +16,6 @@ from ingest.sandbox import ParserPool
 from tests.conftest import local_ingestor
 from tests.documents import write_all, write_docx, write_eml, write_pdf
 
-
 pytestmark = pytest.mark.usefixtures("fresh_stores")
 
 
