@@ -188,3 +188,33 @@ def test_a_running_job_is_taken_back_only_when_its_process_died(tmp_path, shared
         holder.wait(30)
     other.recover()  # its process is gone (PostgreSQL released the run lock): back in the queue
     assert _states(shared)[name] == "queued"
+
+
+AUDIT_WRITER = (
+    "import sys; from appliance import audit; from appliance.db import create_db_engine\n"
+    "engine = create_db_engine(sys.argv[1])\n"
+    "for n in range(25): audit.record(engine, sys.argv[2], 'search', actor_id=n, target='wards')\n"
+)
+
+
+def test_audit_log_on_postgres_is_chained_under_concurrent_writers_and_append_only(tmp_path, shared):
+    """Three server processes write audit records at once: the chain stays whole (the table lock orders
+    them); UPDATE, DELETE and TRUNCATE are refused by the database itself."""
+    import psycopg
+
+    from appliance import audit
+    from appliance.db import create_db_engine
+
+    url = shared["APPLIANCE_DATABASE_URL"]
+    create_db_engine(url)  # migrated once before the writers start
+    writers = [
+        subprocess.Popen([sys.executable, "-c", AUDIT_WRITER, url, f"server{n}"], env=cli_env(tmp_path, **shared))
+        for n in range(3)
+    ]
+    assert [writer.wait(120) for writer in writers] == [0, 0, 0]
+    engine = create_db_engine(url)
+    assert audit.verify(engine) == (True, None, None)
+    assert audit.search(engine)[1] == 75
+    for statement in ("UPDATE audit_record SET actor = 'x'", "DELETE FROM audit_record", "TRUNCATE audit_record"):
+        with psycopg.connect(url) as connection, pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            connection.execute(statement)
