@@ -22,7 +22,7 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sqlalchemy import bindparam
+from sqlalchemy import String, bindparam
 from sqlalchemy import text as sql
 from sqlmodel import select
 
@@ -359,15 +359,15 @@ def _permission_sql(access: Access, scope: list[str] | None, dialect: str = "sql
     if scope is not None:
         conditions.append("d.collection IN :collections")
         params["collections"] = scope
-        binds.append(bindparam("collections", expanding=True))
+        binds.append(bindparam("collections", expanding=True, type_=String))
     if not access.everything:
         conditions.append(acl_names_any(dialect, "d.acl", "principals"))
         params["principals"] = sorted(access.principals)
-        binds.append(bindparam("principals", expanding=True))
+        binds.append(bindparam("principals", expanding=True, type_=String))
         if access.walled:
             conditions.append("d.collection NOT IN :walled")
             params["walled"] = sorted(access.walled)
-            binds.append(bindparam("walled", expanding=True))
+            binds.append(bindparam("walled", expanding=True, type_=String))
     return conditions, params, binds
 
 
