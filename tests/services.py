@@ -44,11 +44,36 @@ def _as_postgres_user(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
+def _wait_ready(process: subprocess.Popen, log: Path, name: str, ready) -> None:
+    """Wait up to a minute for `ready()`; a server that exits or never gets ready is an error, with its log."""
+    deadline = time.time() + 60
+    while not ready():
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited: {log.read_text()}")
+        if time.time() > deadline:
+            process.kill()
+            raise RuntimeError(f"{name} did not get ready in time: {log.read_text()}")
+        time.sleep(0.2)
+
+
 @dataclass
-class Postgres:
-    url: str  # postgresql://... of the superuser, on its default database
+class Service:
+    url: str
     process: subprocess.Popen
     log: Path
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@dataclass
+class Postgres(Service):
+    """`url` is the superuser's, on its default database."""
+
     directory: Path
 
     def new_database(self) -> str:
@@ -61,11 +86,7 @@ class Postgres:
         return self.url.rsplit("/", 1)[0] + f"/{name}"
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        super().stop()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -108,36 +129,22 @@ def start_postgres() -> Postgres:
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     import psycopg
 
-    deadline = time.time() + 60
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"PostgreSQL exited: {log.read_text()}")
+    def accepts_connections() -> bool:
         try:
             psycopg.connect(url, connect_timeout=2).close()
-            return Postgres(url, process, log, directory)
+            return True
         except psycopg.OperationalError:
-            if time.time() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.2)
+            return False
+
+    _wait_ready(process, log, "PostgreSQL", accepts_connections)
+    return Postgres(url, process, log, directory)
 
 
 @dataclass
-class Chroma:
-    url: str
-    process: subprocess.Popen
-    log: Path
-
+class Chroma(Service):
     def new_database(self) -> str:
         """A new Chroma database name on this server (the appliance creates it on first use)."""
         return f"t_{uuid.uuid4().hex[:16]}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 def start_chroma(directory: Path) -> Chroma:
@@ -155,16 +162,12 @@ def start_chroma(directory: Path) -> Chroma:
         env=env,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"chroma run exited: {log.read_text()}")
+
+    def answers() -> bool:
         try:
-            if httpx.get(f"{url}/api/v2/heartbeat", timeout=2).status_code == 200:
-                return Chroma(url, process, log)
+            return httpx.get(f"{url}/api/v2/heartbeat", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            process.kill()
-            raise RuntimeError("chroma run did not answer in time")
-        time.sleep(0.2)
+            return False
+
+    _wait_ready(process, log, "chroma run", answers)
+    return Chroma(url, process, log)
