@@ -10,8 +10,10 @@ lower-cased, Latin diacritics removed, then the Porter stemmer (tokens under 3 o
 they are). Scores are FTS5's bm25(): k1 = 1.2, b = 0.75, IDF log((N - n + 0.5) / (n + 0.5)) floored at 1e-6,
 the document length the chunk's number of tokens. A query adds up, per query term, the scores of that term's
 postings, masks the chunks of documents the caller may not read *before* the top-k is taken (a passage the
-caller may not read never takes a place), and returns the best chunk ids. The FTS5 table stays for
-`APPLIANCE_KEYWORD_SEARCH=fts`; this index costs about 3 s to build and 150 MB per 100k chunks.
+caller may not read never takes a place), and returns the best chunk ids: about 2 ms at 100k chunks, where
+FTS5 joined to the permitted documents takes 30-70 ms. Reading 100k chunks takes about 5 s; the index holds
+about 60 MB (postings: 6 bytes each; chunk ids; the vocabulary) and needs about 190 MB while it is built
+(docs/benchmarks.md). The FTS5 table stays for `APPLIANCE_KEYWORD_SEARCH=fts`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ MIN_IDF = 1e-6  # FTS5 floors the IDF of a term found in more than half of all r
 STEM_BYTES = (3, 64)  # FTS5's porter tokenizer stems tokens of 3 to 64 bytes only
 MAX_COUNT = np.iinfo(np.uint16).max  # term counts are kept as uint16 (BM25 is flat long before this)
 READ_DOCUMENTS = 500  # documents whose chunks are read per query when loading or patching the index
+TOKENISE_CHUNKS = 5000  # chunks tokenised into one block of postings (bounds the memory a block takes)
+PLACE_POSTINGS = 1 << 20  # postings put in their place at a time when grouping blocks by term
 _TOKEN = re.compile(r"[^\W_]+")  # letters and digits (unicode61: categories L* and N*; '_' separates)
 
 _stemmer = snowballstemmer.stemmer("porter")
@@ -183,15 +187,6 @@ def _empty(generation: tuple[int, int], vocabulary: Vocabulary) -> _Snapshot:
 EMPTY = _empty((-1, -1), Vocabulary())
 
 
-@dataclass
-class _Postings:
-    """Postings under construction: (term, row, count) triples, in blocks."""
-
-    terms: list[np.ndarray]
-    rows: list[np.ndarray]
-    counts: list[np.ndarray]
-
-
 class KeywordMirror:
     def __init__(self, index):
         self.index = index
@@ -314,33 +309,26 @@ class KeywordMirror:
         lookup = {d: n for n, d in enumerate(documents)}
         row_document, lengths = [base.row_document], [base.lengths]
         old_terms = np.repeat(np.arange(len(base.starts) - 1, dtype=np.int32), np.diff(base.starts))
-        postings = _Postings([old_terms], [base.rows], [base.counts])
+        blocks = [_Block(old_terms, base.rows, base.counts)]
         statement = sql(
             "SELECT id, document_id, text FROM chunk WHERE document_id IN :documents ORDER BY document_id, position"
         ).bindparams(bindparam("documents", expanding=True))
         with session(self.index.engine) as db:
             for begin in range(0, len(new), READ_DOCUMENTS):
                 result = db.exec(statement, params={"documents": new[begin : begin + READ_DOCUMENTS]}).all()
-                if not result:
-                    continue
-                first_row = len(ids)
-                block_documents, block_terms = [], []
-                for chunk_id, document_id, text in result:
-                    if document_id not in lookup:
-                        lookup[document_id] = len(documents)
-                        documents.append(document_id)
-                    ids.append(chunk_id)
-                    block_documents.append(lookup[document_id])
-                    block_terms.append(vocabulary.ids(text))
-                row_document.append(np.array(block_documents, dtype=np.int32))
-                block_lengths = np.array([len(t) for t in block_terms], dtype=np.int32)
-                lengths.append(block_lengths)
-                _add_block(postings, block_terms, block_lengths, first_row)
-        # Group the postings by term (a stable sort: within a term, rows stay in the order they were read).
-        terms = np.concatenate(postings.terms)
-        order = np.argsort(terms, kind="stable")
-        starts = np.zeros(len(vocabulary.terms) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(terms, minlength=len(vocabulary.terms)), out=starts[1:])
+                for first in range(0, len(result), TOKENISE_CHUNKS):
+                    first_row, block_documents, block_terms = len(ids), [], []
+                    for chunk_id, document_id, text in result[first : first + TOKENISE_CHUNKS]:
+                        if document_id not in lookup:
+                            lookup[document_id] = len(documents)
+                            documents.append(document_id)
+                        ids.append(chunk_id)
+                        block_documents.append(lookup[document_id])
+                        block_terms.append(vocabulary.ids(text))
+                    blocks.append(_Block.of(block_terms, first_row))
+                    row_document.append(np.array(block_documents, dtype=np.int32))
+                    lengths.append(np.array([len(t) for t in block_terms], dtype=np.int32))
+        starts, rows, counts = _grouped(blocks, len(vocabulary.terms))
         return _Snapshot(
             base.generation,
             vocabulary,
@@ -349,16 +337,49 @@ class KeywordMirror:
             documents,
             np.concatenate(lengths),
             starts,
-            np.concatenate(postings.rows)[order],
-            np.concatenate(postings.counts)[order],
+            rows,
+            counts,
         )
 
 
-def _add_block(postings: _Postings, block_terms: list[list[int]], lengths: np.ndarray, first_row: int) -> None:
-    """Add the postings of consecutive rows (their term ids, from `first_row` on): one per (term, row) pair."""
-    terms = np.fromiter((t for row in block_terms for t in row), dtype=np.int64, count=int(lengths.sum()))
-    rows = np.repeat(np.arange(len(block_terms), dtype=np.int64), lengths)
-    pairs, counts = np.unique(terms * len(block_terms) + rows, return_counts=True)
-    postings.terms.append((pairs // len(block_terms)).astype(np.int32))
-    postings.rows.append((pairs % len(block_terms) + first_row).astype(np.int32))
-    postings.counts.append(np.minimum(counts, MAX_COUNT).astype(np.uint16))
+@dataclass
+class _Block:
+    """Postings of consecutive rows, sorted by term: one per (term, row) pair."""
+
+    terms: np.ndarray  # int32
+    rows: np.ndarray  # int32
+    counts: np.ndarray  # uint16
+
+    @staticmethod
+    def of(row_terms: list[list[int]], first_row: int) -> _Block:
+        """The postings of rows `first_row`, `first_row` + 1, ... holding these term ids."""
+        lengths = np.array([len(t) for t in row_terms], dtype=np.int64)
+        terms = np.fromiter((t for row in row_terms for t in row), dtype=np.int64, count=int(lengths.sum()))
+        rows = np.repeat(np.arange(len(row_terms), dtype=np.int64), lengths)
+        pairs, counts = np.unique(terms * len(row_terms) + rows, return_counts=True)  # sorted by term, then row
+        return _Block(
+            (pairs // len(row_terms)).astype(np.int32),
+            (pairs % len(row_terms) + first_row).astype(np.int32),
+            np.minimum(counts, MAX_COUNT).astype(np.uint16),
+        )
+
+
+def _grouped(blocks: list[_Block], term_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The postings of all blocks grouped by term: (starts, rows, counts) as `_Snapshot` holds them. Within a
+    term, postings follow in block order. A counting sort: each posting is put in its place, a slice at a time
+    (no argsort of all postings, whose index array alone would be 8 bytes a posting)."""
+    sizes = [np.bincount(block.terms, minlength=term_count) for block in blocks]
+    starts = np.zeros(term_count + 1, dtype=np.int64)
+    np.cumsum(np.sum(sizes, axis=0, dtype=np.int64), out=starts[1:])
+    rows = np.empty(starts[-1], dtype=np.int32)
+    counts = np.empty(starts[-1], dtype=np.uint16)
+    filled = starts[:-1].copy()  # where the next posting of each term goes
+    for block, size in zip(blocks, sizes, strict=True):
+        offset = filled - (np.cumsum(size) - size)  # posting i of the block, of term t, goes to offset[t] + i
+        for begin in range(0, len(block.terms), PLACE_POSTINGS):
+            end = min(begin + PLACE_POSTINGS, len(block.terms))
+            place = offset[block.terms[begin:end]] + np.arange(begin, end)
+            rows[place] = block.rows[begin:end]
+            counts[place] = block.counts[begin:end]
+        filled += size
+    return starts, rows, counts

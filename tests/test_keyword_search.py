@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text as sql
 
+from appliance import keyword_search
 from appliance.config import RetrievalSettings, Settings
 from appliance.db import FTS_TABLE, Chunk, Document, create_db_engine, session
 from appliance.errors import ApplianceError
@@ -195,7 +196,11 @@ def test_follows_ingest_remove_reindex_and_rebuild_by_another_process(index, tmp
         assert KeywordMirror(index).search([word], None, 10) == mirror.search([word], None, 10)
 
 
-def test_patched_postings_equal_a_fresh_read(index):
+def test_patched_postings_equal_a_fresh_read(index, monkeypatch):
+    # Small reads, blocks and placement slices, so that every loop takes several turns.
+    monkeypatch.setattr(keyword_search, "READ_DOCUMENTS", 3)
+    monkeypatch.setattr(keyword_search, "TOKENISE_CHUNKS", 4)
+    monkeypatch.setattr(keyword_search, "PLACE_POSTINGS", 7)
     mirror = KeywordMirror(index)
     rng = random.Random(3)
     names = []
@@ -204,7 +209,9 @@ def test_patched_postings_equal_a_fresh_read(index):
         if n % 3 == 2:
             index.remove(names.pop(0))
         mirror.current()
-    patched, fresh = mirror.current(), KeywordMirror(index).current()
+    patched = mirror.current()
+    monkeypatch.undo()
+    fresh = KeywordMirror(index).current()
     assert sorted(patched.ids) == sorted(fresh.ids)
 
     def postings(snapshot) -> set[tuple[str, str, int]]:
