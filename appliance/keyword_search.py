@@ -6,15 +6,16 @@ sees a new generation first patches the index (documents removed or changed are 
 read and tokenised), and a new `rebuilds` count reads everything again.
 
 Text is tokenised as SQLite's FTS5 `porter unicode61` tokenizer does it: runs of letters and digits,
-lower-cased, Latin diacritics removed, then the Porter stemmer (tokens under 3 or over 64 bytes are left as
-they are). Scores are FTS5's bm25(): k1 = 1.2, b = 0.75, IDF log((N - n + 0.5) / (n + 0.5)) floored at 1e-6,
-the document length the chunk's number of tokens; chunks with equal scores come in the order they were indexed,
-as FTS5's rowids order them. A query adds up, per query term, the scores of that term's
-postings, masks the chunks of documents the caller may not read *before* the top-k is taken (a passage the
-caller may not read never takes a place), and returns the best chunk ids: about 2 ms at 100k chunks, where
-FTS5 joined to the permitted documents takes 30-70 ms. Reading 100k chunks takes about 5 s; the index holds
-about 60 MB (postings: 6 bytes each; chunk ids; the vocabulary) and needs about 190 MB while it is built
-(docs/benchmarks.md). The FTS5 table stays for `APPLIANCE_KEYWORD_SEARCH=fts`.
+lower-cased, diacritics removed, then the Porter stemmer (tokens under 3 or over 64 bytes are left as they
+are). Diacritics go by NFKD, which also folds what FTS5 keeps apart: superscripts ('Ca²' is 'ca2') and
+ligatures ('ﬁ' is 'fi'). Scores are FTS5's bm25(): k1 = 1.2, b = 0.75, IDF log((N - n + 0.5) / (n + 0.5))
+floored at 1e-6, the document length the chunk's number of tokens; chunks with equal scores come in the
+order they were indexed, as FTS5's rowids order them. A query adds up, per query term, the scores of that
+term's postings, masks the chunks of documents the caller may not read *before* the top-k is taken (a
+passage the caller may not read never takes a place), and returns the best chunk ids: about 2 ms at 100k
+chunks, where FTS5 joined to the permitted documents takes 30-70 ms. Reading 100k chunks takes about 5 s;
+the index holds about 60 MB (postings: 6 bytes each; chunk ids; the vocabulary) and needs about 190 MB
+while it is built (docs/benchmarks.md). The FTS5 table stays for `APPLIANCE_KEYWORD_SEARCH=fts`.
 """
 
 from __future__ import annotations
