@@ -99,20 +99,22 @@ def find_verbatim(document_text: str, quote: str, start: int = 0, end: int | Non
 
 def best_sentence(hit: Hit, claim: str) -> tuple[str, int, int] | None:
     """The passage sentence sharing the most content words with the claim, with its document offsets;
-    None when the passage has no sentence of its own (a bare heading).
+    None when the passage has no sentence of three content words or more.
 
     Headings repeated at the top of a passage and fragments ("3.") are passed over: they match a
-    question's words well and say nothing.
+    question's words well and say nothing. A passage that is nothing but its own heading (a slide's
+    bullet, which the slide parser makes a heading) is quoted as it stands.
     """
     claim_words = content_words(claim)
     headings = {h.strip().lower() for h in hit.section.split(" > ")} if hit.section else set()
-    best, best_score = None, (-1, 0)
+    best, best_score = None, (-1, -1, 0)
     for match in _SENTENCE.finditer(hit.text):
         sentence = match.group(0).strip()
         words = content_words(sentence)
-        if len(words) < 3 or sentence.lower().rstrip(".:") in headings:
+        if len(words) < 3:
             continue
-        score = (len(claim_words & words), -abs(len(sentence) - 160))  # then prefer a readable length
+        heading = sentence.lower().rstrip(".:") in headings
+        score = (not heading, len(claim_words & words), -abs(len(sentence) - 160))  # then a readable length
         if score > best_score:
             best, best_score = match, score
     if best is None:

@@ -1,9 +1,10 @@
 """Grounded answers: retrieve what the caller may read, prompt the model with numbered passages
 delimited as untrusted data, stream its answer, then keep only citations that verify.
 
-With no relevant passage the model is not asked at all and the reply says so; with no generation
-model installed the answer is extractive (the best passages, cited). The system prompt comes first
-and never changes, so the runner's prompt cache keeps it processed between questions.
+When no retrieved passage answers the question (answerability.py: none is similar enough, or none holds
+most of what the question asks about) the model is not asked at all and the reply says so plainly; with no
+generation model installed the answer is extractive (the passages that answer it, quoted and cited). The
+system prompt comes first and never changes, so the runner's prompt cache keeps it processed between questions.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 from sqlmodel import select
 
-from appliance.citations import Citation, Flag, best_sentence, content_words, sources_block, verify
+from appliance.answerability import question_terms, support
+from appliance.citations import Citation, Flag, best_sentence, sources_block, verify
 from appliance.config import RetrievalSettings
 from appliance.db import DocumentText, session
 from appliance.errors import ApplianceError, BadRequest
@@ -52,6 +54,9 @@ REWRITE_PROMPT = """Rewrite the user's last question as one standalone question 
 without the conversation. Reply with the question only."""
 
 EXTRACTIVE_PASSAGES = 3
+# TODO(settings): RetrievalSettings.min_coverage and .close_similarity; read with getattr until they are there.
+MIN_COVERAGE = 0.5
+CLOSE_SIMILARITY = 0.65
 _DELIMITER = re.compile(r"<{2,}|>{2,}")
 
 
@@ -170,15 +175,15 @@ class Answerer:
         if history:
             searched = await self.standalone_question(question, history, record, access.requester)
         hits = await asyncio.to_thread(self.retriever.search, searched, access, collections, top_k)
-        relevant = [h for h in hits if h.similarity is not None and h.similarity >= self.settings.min_similarity]
         retrieved = [h.chunk_id for h in hits]
-        if not relevant:
+        supporting = await asyncio.to_thread(self.supporting, searched, hits, access, collections)
+        if not supporting:
             yield Token(NOT_FOUND)
             yield AnswerDone(NOT_FOUND, [], [], False, "not_found", None, retrieved, searched)
             return
         texts = await asyncio.to_thread(self._document_texts, hits)
         if record is None:
-            async for event in self._extractive(hits, texts, searched, retrieved):
+            async for event in self._extractive(supporting, texts, searched, retrieved):
                 yield event
             return
         generated = self._generated(
@@ -187,25 +192,28 @@ class Answerer:
         async for event in generated:
             yield event
 
+    def supporting(self, question: str, hits: list[Hit], access: Access, collections: list[str] | None) -> list[Hit]:
+        """The retrieved passages that answer the question, in rank order; none when no passage is similar
+        enough (`min_similarity`) or none holds most of what the question asks about (answerability.py)."""
+        if not any(h.similarity is not None and h.similarity >= self.settings.min_similarity for h in hits):
+            return []
+        min_coverage = getattr(self.settings, "min_coverage", MIN_COVERAGE)
+        close = getattr(self.settings, "close_similarity", CLOSE_SIMILARITY)
+        return support(self.retriever, question, hits, access, collections, min_coverage, close).hits
+
     async def _extractive(self, hits: list[Hit], texts: dict[str, str], searched: str, retrieved: list[str]):
+        """The best sentence of each passage that answers the question (at most three), quoted and cited."""
         citations: list[Citation] = []
         lines = [NO_MODEL_NOTE, ""]
-        # Words of the question that most passages share (an organisation's own name, say) do not make
-        # a passage relevant; a passage must carry at least one of the question's more specific words.
-        passage_words = [content_words(h.text) for h in hits]
-        question_words = {
-            w for w in content_words(searched) if sum(w in words for words in passage_words) <= len(hits) // 2
-        }
+        asked = set(question_terms(searched))
         for hit in hits:
             if len(citations) == EXTRACTIVE_PASSAGES:
                 break
-            if hit.similarity is None or hit.similarity < self.settings.min_similarity:
-                continue
-            if not question_words & content_words(hit.text):
-                continue
             found = best_sentence(hit, searched)
             if found is None or texts.get(hit.document_id, "")[found[1] : found[2]] != found[0]:
                 continue  # a bare heading says nothing; a span that does not match is never shown
+            if not question_terms(found[0]).keys() - asked:
+                continue  # a sentence made only of the question's own words (a title) answers nothing
             quote, start, end = found
             number = len(citations) + 1
             citations.append(
@@ -214,7 +222,8 @@ class Answerer:
             lines.append(f'[{number}] "{quote}"')
         answer = "\n".join(lines) if citations else NOT_FOUND
         yield Token(answer)
-        yield AnswerDone(answer, citations, [], bool(citations), "extractive", None, retrieved, searched)
+        mode = "extractive" if citations else "not_found"
+        yield AnswerDone(answer, citations, [], bool(citations), mode, None, retrieved, searched)
 
     async def _generated(
         self,

@@ -53,6 +53,18 @@ ABSENT_TERMS = {
     "How many operating theatres does St. Brigid's General Hospital have?": ["operating theatres", "theatre suite"],
     "What is Harrow & Vale LLP's VAT registration number?": ["VAT registration", "VAT number"],
     "Which partner leads the employment law team at Harrow & Vale LLP?": ["employment law", "employment team"],
+    "Who is the chief executive of St. Brigid's General Hospital?": ["chief executive"],
+    "How many days of annual leave do nurses at St. Brigid's General Hospital get?": ["annual leave"],
+    "Which ward at St. Brigid's treats patients with burns?": ["burns"],
+    "What time does the hospital pharmacy close on weekdays?": ["weekday", "opening hours"],
+    "How are patients' valuables kept safe while they stay in hospital?": ["valuables"],
+    "Where can staff get a flu vaccination at St. Brigid's General Hospital?": ["vaccin", "immunis"],
+    "Who is the managing partner of Harrow & Vale LLP?": ["managing partner", "senior partner"],
+    "What is Harrow & Vale's hourly rate for a consultant?": ["consultants", "consultant rate"],
+    "How many days of annual leave do associates at Harrow & Vale get?": ["annual leave"],
+    "What is the limit of Harrow & Vale's professional indemnity insurance?": ["indemnity"],
+    "What is Harrow & Vale's policy on working from home?": ["working from home", "remote working", "hybrid"],
+    "Which bank holds Harrow & Vale's client account?": ["sort code", "account number"],
 }
 
 # PDF source text per page, recorded while writing, for the question check.

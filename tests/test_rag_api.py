@@ -161,6 +161,20 @@ def test_generated_answer_streams_then_reports_citations_and_grounding(world):
     assert not retrieved_documents & lawfirm  # the injection document cannot pull in other collections
 
 
+def test_an_unanswerable_question_is_refused_without_asking_the_model(world):
+    """The hospital's documents name the hospital but say nothing about operating theatres: the refusal comes
+    straight back, never from the model (which, being random, could not be trusted to say so)."""
+    question = "How many operating theatres does St. Brigid's General Hospital have?"
+    status, lines = _ask(world, world.alice, question=question, collections=["hospital"])
+    assert status == 200 and lines[-1]["retrieved"]  # passages were found; none answers
+    assert (lines[-1]["mode"], lines[-1]["model"], lines[-1]["grounded"]) == ("not_found", None, False)
+    assert lines[-1]["answer"] == NOT_FOUND and lines[-1]["citations"] == []
+    with world.server.http(world.alice) as http:
+        chat = {"model": "rag/hospital", "messages": [{"role": "user", "content": question}], "stream": False}
+        reply = http.post("/api/chat", json=chat).json()
+    assert reply["message"]["content"] == NOT_FOUND and reply["grounded"] is False and "eval_count" not in reply
+
+
 def test_the_system_prompt_stays_in_the_runner_cache_between_questions(world, tiny_long_gguf):
     base = {"collections": ["hospital"], "options": {"num_predict": 4, "seed": 1}}
     _ask(world, world.alice, question="What does visitor parking cost?", **base)
