@@ -83,6 +83,15 @@ def test_markers_and_whitespace():
     assert best_sentence(_hit("t", "Heading only", "Heading only", "Heading only"), "heading") is None
 
 
+def test_a_passage_that_is_only_its_heading_is_quoted_and_headings_come_last():
+    bullet = "Monday 09:30: IT induction in Training Room 3, Level 4"  # a slide's bullet, made a heading
+    hit = _hit("slides", bullet, f"Your first week\n\n{bullet}", f"Your first week > {bullet}")
+    assert best_sentence(hit, "Where is the IT induction held?")[0] == bullet
+    text = "Maternity records retention\n\nObstetric records are kept for twenty-five years."
+    titled = _hit("titled", text, text, "Maternity records retention")
+    assert best_sentence(titled, "maternity records retention")[0].startswith("Obstetric")  # not the heading
+
+
 def test_sources_block_names_document_section_and_quote():
     citations, _ = verify("Shredding is used [1].", HITS, TEXTS)
     block = sources_block(citations)
