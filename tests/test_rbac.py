@@ -280,7 +280,7 @@ def test_document_acl_and_role_changes_from_the_cli(fresh_home, tmp_path):
     run_cli(fresh_home, "documents", "acl", document["id"][:12], "--acl", "user:bob")
     assert found("alice") == set() and found("bob") == {document["id"]}
     engine = create_db_engine(f"sqlite:///{fresh_home / 'appliance.db'}")
-    keyword = Retriever(ChunkIndex(engine, open_vector_store(fresh_home / "chroma")), None, Settings().retrieval)
+    keyword = Retriever(ChunkIndex(engine, open_vector_store(Settings(home=fresh_home))), None, Settings().retrieval)
     for user, expected in (("alice", 0), ("bob", 1)):
         access = rbac.access_for_user(engine, user)
         assert len({c.split(":")[0] for c in keyword.keyword_search("handover", access, None, 10)}) == expected
