@@ -124,7 +124,7 @@ class RetrievalSettings(BaseSettings):
         100, ge=1, le=1000, description="Candidates taken from the vector search before fusion."
     )
     keyword_candidates: int = Field(
-        100, ge=1, le=1000, description="Candidates taken from the BM25 (FTS5) search before fusion."
+        100, ge=1, le=1000, description="Candidates taken from the BM25 search before fusion."
     )
     rrf_k: int = Field(20, ge=1, le=1000, description="Reciprocal-rank-fusion constant k (score = sum 1/(k + rank)).")
     dense_weight: float = Field(0.75, ge=0, le=10, description="Weight of the vector ranking in the fusion.")
@@ -142,7 +142,8 @@ class RetrievalSettings(BaseSettings):
         "memory",
         description=(
             "Where the access-filtered BM25 search runs: 'memory', an in-memory inverted index of the chunks "
-            "(any database); 'fts', SQLite's FTS5 table (SQLite only)."
+            "that ranks as FTS5 does (any database; ~60 MB per 100k chunks); 'fts', SQLite's FTS5 table (SQLite "
+            "only: refused at start on another database)."
         ),
     )
     vector_search: Literal["memory", "chroma"] = Field(

@@ -7,15 +7,18 @@ a Zipf-distributed vocabulary, random unit vectors (384 dimensions, as MiniLM's)
 through `ChunkIndex.add` in documents of 50 chunks spread over 8 collections with mixed ACLs
 (collection readers, a group, single users). The caller is a reader with a group grant on three
 collections, membership of two groups, and a wall on a fourth. Queries (3-8 vocabulary words) are
-embedded with the real bundled MiniLM. Per query, in one alternating loop:
+embedded with the real bundled MiniLM. First the in-memory copies are read (vectors, then the BM25 index:
+seconds taken and resident memory added, measured). Then per query, in one alternating loop:
   * access:   `rbac.access_for` (runs on every request);
-  * search:   `Retriever.search(top_k=6)` with that access and the default settings (query embedding + the
-    access-masked exact vector scan + BM25 joined to the permitted documents, near-universal words left out +
-    fusion);
+  * search:   `Retriever.search(top_k=6)` with that access and the default settings (the permitted documents
+    read once + query embedding + the access-masked exact vector scan + the access-masked in-memory BM25,
+    near-universal words left out + fusion + reading the hits);
+  * search_fts: the same with `APPLIANCE_KEYWORD_SEARCH=fts` (BM25 from FTS5 joined to the permitted documents);
   * baseline: the same query embedding + a plain Chroma query (no filter) + a plain FTS5 MATCH of every query
     word (no ACL join), the same candidate counts;
-  * the filtered searches on their own (dense: the default exact scan of the in-memory copy, and Chroma's
-    own `where` query as `APPLIANCE_VECTOR_SEARCH=chroma` runs it; keyword) and the embedding on its own.
+  * the parts on their own: `permitted_documents`; the embedding; the vector search (the default exact scan
+    of the in-memory copy, and Chroma's own `where` query as `APPLIANCE_VECTOR_SEARCH=chroma` runs it); BM25
+    from the in-memory index (given the permitted documents, as `search` gives them) and from FTS5.
 Prints p50/p95 (ms) and writes bench/out/retrieval.json. Record results in docs/benchmarks.md.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -49,6 +54,18 @@ from ingest.pipeline import chunk_rows  # noqa: E402
 CHUNKS_PER_DOCUMENT = 50
 COLLECTIONS = [f"c{n}" for n in range(8)]
 DIMENSIONS = 384
+NAMES = (
+    "access",
+    "permitted",
+    "embed",
+    "dense_memory",
+    "dense_chroma",
+    "keyword_memory",
+    "keyword_fts",
+    "search",
+    "search_fts",
+    "baseline",
+)
 SYLLABLES = ["ka", "lo", "mi", "re", "su", "ta", "ne", "vo", "pi", "da", "go", "chi", "ran", "tel", "mor", "sin"]
 
 
@@ -161,42 +178,56 @@ def measure(size: int, queries: int, out: Path, seed: int) -> dict:
         in_chroma = Retriever(
             index, retriever.embedder, settings.retrieval.model_copy(update={"vector_search": "chroma"})
         )
+        in_fts = Retriever(index, retriever.embedder, settings.retrieval.model_copy(update={"keyword_search": "fts"}))
+        loads = {
+            "vector_copy": read_copy(lambda: retriever.mirror.current()),
+            "keyword_index": read_copy(lambda: retriever.keywords.current()),
+        }
+        snapshot = retriever.keywords.current()
+        loads["keyword_index"].update(
+            arrays_mb=round(snapshot.nbytes / 1e6, 1),
+            terms=len(snapshot.vocabulary.terms),
+            postings=len(snapshot.rows),
+        )
+        print(f"{size} chunks: copies read {loads}", flush=True)
         questions = [" ".join(sample(rng.randint(3, 8))) for _ in range(queries + 10)]
         access = access_for(index.engine, principal)
         for question in questions[:10]:  # warm-up: model load, caches
             retriever.search(question, access)
+            in_fts.search(question, access)
             baseline(retriever, question, settings.retrieval)
-        rows: dict[str, list[float]] = {
-            k: []
-            for k in ("access", "search", "baseline", "embed", "dense_filtered", "dense_chroma", "keyword_filtered")
-        }
+        rows: dict[str, list[float]] = {k: [] for k in NAMES}
         scope = sorted(access.collections - access.walled)
         results = 0
+        dense, keyword = settings.retrieval.dense_candidates, settings.retrieval.keyword_candidates
+        load_before = os.getloadavg()
         for question in questions[10:]:
             rows["access"].append(timed(lambda: access_for(index.engine, principal)))
             started = time.perf_counter()
             results += len(retriever.search(question, access))
             rows["search"].append((time.perf_counter() - started) * 1000)
+            rows["search_fts"].append(timed(lambda q=question: in_fts.search(q, access)))
             rows["baseline"].append(timed(lambda q=question: baseline(retriever, q, settings.retrieval)))
+            permitted = retriever.permitted_documents(access, scope)
+            rows["permitted"].append(timed(lambda: retriever.permitted_documents(access, scope)))
             vector = retriever.embedder.encode([question]).vectors[0]
             rows["embed"].append(timed(lambda q=question: retriever.embedder.encode([q])))
-            rows["dense_filtered"].append(
-                timed(lambda v=vector: retriever.dense_search(v, access, scope, settings.retrieval.dense_candidates))
+            rows["dense_memory"].append(
+                timed(lambda v=vector, p=permitted: retriever.dense_search(v, access, scope, dense, permitted=p))
             )
-            rows["dense_chroma"].append(
-                timed(lambda v=vector: in_chroma.dense_search(v, access, scope, settings.retrieval.dense_candidates))
+            rows["dense_chroma"].append(timed(lambda v=vector: in_chroma.dense_search(v, access, scope, dense)))
+            rows["keyword_memory"].append(
+                timed(lambda q=question, p=permitted: retriever.keyword_search(q, access, scope, keyword, permitted=p))
             )
-            rows["keyword_filtered"].append(
-                timed(
-                    lambda q=question: retriever.keyword_search(q, access, scope, settings.retrieval.keyword_candidates)
-                )
-            )
+            rows["keyword_fts"].append(timed(lambda q=question: in_fts.keyword_search(q, access, scope, keyword)))
         readable = sum(1 for n in range(size // CHUNKS_PER_DOCUMENT) if _readable(n, access))
         return {
             "chunks": size,
             "documents": size // CHUNKS_PER_DOCUMENT,
             "readable_documents": readable,
             "build_s": round(build_s, 1),
+            "loads": loads,
+            "load_average": {"before_queries": _rounded(load_before), "after_queries": _rounded(os.getloadavg())},
             "queries": queries,
             "mean_hits": results / queries,
             **{
@@ -204,6 +235,22 @@ def measure(size: int, queries: int, out: Path, seed: int) -> dict:
                 for name, values in rows.items()
             },
         }
+
+
+def read_copy(read) -> dict:
+    """Seconds an in-memory copy takes to read, and the resident memory it adds (MB)."""
+    process = psutil.Process()
+    before = process.memory_info().rss
+    started = time.perf_counter()
+    read()
+    return {
+        "seconds": round(time.perf_counter() - started, 2),
+        "rss_mb": round((process.memory_info().rss - before) / 1e6),
+    }
+
+
+def _rounded(values) -> list[float]:
+    return [round(v, 2) for v in values]
 
 
 def _readable(number: int, access) -> bool:
@@ -220,13 +267,15 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = [measure(size, args.queries, args.out, args.seed) for size in args.sizes]
-    names = ("access", "embed", "dense_filtered", "dense_chroma", "keyword_filtered", "search", "baseline")
-    print(f"\n{'chunks':>8} {'readable docs':>14} " + " ".join(f"{n:>22}" for n in names))
-    print(f"{'':>8} {'':>14} " + " ".join(f"{'p50 / p95 ms':>22}" for _ in names))
+    print(f"\n{'chunks':>8} {'readable docs':>14} " + " ".join(f"{n:>22}" for n in NAMES))
+    print(f"{'':>8} {'':>14} " + " ".join(f"{'p50 / p95 ms':>22}" for _ in NAMES))
     for row in results:
-        cells = " ".join(f"{row[n]['p50_ms']:>10.2f} / {row[n]['p95_ms']:<9.2f}" for n in names)
+        cells = " ".join(f"{row[n]['p50_ms']:>10.2f} / {row[n]['p95_ms']:<9.2f}" for n in NAMES)
         print(f"{row['chunks']:>8} {row['readable_documents']:>6}/{row['documents']:<7} {cells}")
-    report = {"machine": {"python": platform.python_version(), "platform": platform.platform()}, "results": results}
+    for row in results:
+        print(f"{row['chunks']:>8} copies read: {row['loads']}; load average (1, 5, 15 min): {row['load_average']}")
+    machine = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    report = {"machine": machine, "results": results}
     (args.out / "retrieval.json").write_text(json.dumps(report, indent=2))
     return 0
 
