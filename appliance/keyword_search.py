@@ -35,7 +35,8 @@ from sqlalchemy import String, bindparam
 from sqlalchemy import text as sql
 from sqlmodel import select
 
-from appliance.db import Document, IndexState, session
+from appliance.db import Document, session
+from appliance.vector_search import IndexCopy, readable_rows
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +190,9 @@ def _empty(generation: tuple[int, int], vocabulary: Vocabulary) -> _Snapshot:
 EMPTY = _empty((-1, -1), Vocabulary())
 
 
-class KeywordMirror:
+class KeywordMirror(IndexCopy):
     def __init__(self, index):
-        self.index = index
-        self._snapshot = EMPTY
-        self._lock = threading.Lock()
+        super().__init__(index, EMPTY)
 
     def search(
         self, query: str | Sequence[str], documents: list[str] | None, limit: int, max_df: float = 1.0
@@ -226,31 +225,13 @@ class KeywordMirror:
         scores = np.bincount(np.concatenate(rows), weights=np.concatenate(weights), minlength=total)
         matched = np.flatnonzero(scores)
         if documents is not None:
-            lookup = snapshot.document_index
-            allowed = np.zeros(len(snapshot.documents), dtype=bool)
-            allowed[[lookup[d] for d in documents if d in lookup]] = True
-            matched = matched[allowed[snapshot.row_document[matched]]]
+            matched = matched[readable_rows(snapshot, documents)[matched]]
         best = scores[matched]
         if len(matched) > limit:  # everything scoring at least the limit-th best, then exact order
             keep = best >= np.partition(best, len(best) - limit)[len(best) - limit]
             matched, best = matched[keep], best[keep]
         order = np.lexsort((matched, -best))[:limit]  # ties: the row read first (indexed first)
         return [snapshot.ids[row] for row in matched[order]]
-
-    def current(self) -> _Snapshot:
-        """The index, patched first if the chunk index changed since it was taken."""
-        generation = self._generation()
-        if generation == self._snapshot.generation:
-            return self._snapshot
-        with self._lock:
-            if generation != self._snapshot.generation:
-                self._snapshot = self._patched(self._snapshot, generation)
-            return self._snapshot
-
-    def _generation(self) -> tuple[int, int]:
-        with session(self.index.engine) as db:
-            state = db.get(IndexState, 1)
-        return (state.generation, state.rebuilds) if state else (0, 0)
 
     def _patched(self, old: _Snapshot, generation: tuple[int, int]) -> _Snapshot:
         with session(self.index.engine) as db:

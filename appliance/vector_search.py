@@ -52,31 +52,25 @@ class _Snapshot:
 EMPTY = _Snapshot((-1, -1), [], np.zeros(0, dtype=np.int32), [], np.zeros((0, 0), dtype=np.float32))
 
 
-class VectorMirror:
-    def __init__(self, index):
+def readable_rows(snapshot, documents: list[str]) -> np.ndarray:
+    """One bool per row of a copy's snapshot (this module's or keyword_search's): whether its document is among
+    `documents`."""
+    lookup = snapshot.document_index
+    allowed = np.zeros(len(snapshot.documents), dtype=bool)
+    allowed[[lookup[d] for d in documents if d in lookup]] = True
+    return allowed[snapshot.row_document]
+
+
+class IndexCopy:
+    """An in-memory copy of the chunk index that follows `IndexState`: `current()` patches it first (the
+    subclass's `_patched`) when another write, from this process or another, changed the index."""
+
+    def __init__(self, index, empty):
         self.index = index
-        self._snapshot = EMPTY
+        self._snapshot = empty
         self._lock = threading.Lock()
 
-    def search(self, vector: np.ndarray, documents: list[str] | None, limit: int) -> list[tuple[str, float]]:
-        """(chunk id, cosine similarity), best first, among the chunks of `documents` (None: all)."""
-        snapshot = self.current()
-        if not snapshot.ids or limit <= 0:
-            return []
-        query = np.asarray(vector, dtype=np.float32)
-        query = query / (np.linalg.norm(query) or 1.0)
-        scores = snapshot.vectors @ query
-        if documents is not None:
-            lookup = snapshot.document_index
-            allowed = np.zeros(len(snapshot.documents), dtype=bool)
-            allowed[[lookup[d] for d in documents if d in lookup]] = True
-            scores[~allowed[snapshot.row_document]] = -np.inf
-        count = min(limit, len(scores))
-        top = np.argpartition(-scores, count - 1)[:count]
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return [(snapshot.ids[row], float(scores[row])) for row in top if np.isfinite(scores[row])]
-
-    def current(self) -> _Snapshot:
+    def current(self):
         """The copy, patched first if the index changed since it was taken."""
         generation = self._generation()
         if generation == self._snapshot.generation:
@@ -90,6 +84,29 @@ class VectorMirror:
         with session(self.index.engine) as db:
             state = db.get(IndexState, 1)
         return (state.generation, state.rebuilds) if state else (0, 0)
+
+    def _patched(self, old, generation: tuple[int, int]):
+        raise NotImplementedError
+
+
+class VectorMirror(IndexCopy):
+    def __init__(self, index):
+        super().__init__(index, EMPTY)
+
+    def search(self, vector: np.ndarray, documents: list[str] | None, limit: int) -> list[tuple[str, float]]:
+        """(chunk id, cosine similarity), best first, among the chunks of `documents` (None: all)."""
+        snapshot = self.current()
+        if not snapshot.ids or limit <= 0:
+            return []
+        query = np.asarray(vector, dtype=np.float32)
+        query = query / (np.linalg.norm(query) or 1.0)
+        scores = snapshot.vectors @ query
+        if documents is not None:
+            scores[~readable_rows(snapshot, documents)] = -np.inf
+        count = min(limit, len(scores))
+        top = np.argpartition(-scores, count - 1)[:count]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [(snapshot.ids[row], float(scores[row])) for row in top if np.isfinite(scores[row])]
 
     def _patched(self, old: _Snapshot, generation: tuple[int, int]) -> _Snapshot:
         with session(self.index.engine) as db:
