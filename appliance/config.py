@@ -159,6 +159,24 @@ class RetrievalSettings(BaseSettings):
         le=1,
         description="Least cosine similarity of the best passage for a question to count as answerable.",
     )
+    min_coverage: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description=(
+            "Share of a question's rarity-weighted terms a retrieved passage (its text, headings and title) must "
+            "hold for the question to count as answerable; 0 turns the check off."
+        ),
+    )
+    close_similarity: float = Field(
+        0.65,
+        ge=-1,
+        le=1,
+        description=(
+            "Cosine similarity at which a passage holding fewer of the question's terms still answers it, when it "
+            "holds one of the question's distinctive terms; 1 turns this way off."
+        ),
+    )
     reranker_model_path: str = Field(
         "", description="Directory of a local cross-encoder model to re-rank fused passages; empty: no re-ranking."
     )

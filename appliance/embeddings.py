@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +30,10 @@ from appliance.config import EmbeddingSettings
 from appliance.errors import BadRequest
 
 DEFAULT_EMBEDDING_MODEL = "all-minilm"
+# A pass of at most this many (padded) tokens - a question, or a few asked at once - runs on one torch thread:
+# two threads gain ~5 ms on an idle 2-core machine, but when another process holds a core each pass waits for
+# the descheduled thread, and a question's p95 embedding went from ~25 ms (one thread) to ~140-350 ms.
+SMALL_PASS_TOKENS = 512
 
 
 @dataclass
@@ -157,7 +162,9 @@ class SentenceEmbedder:
                 batch = order[begin : begin + batch_size]
                 features = model.preprocess([texts[i] for i in batch])  # truncates to max_seq_length
                 tokens[batch] = features["attention_mask"].sum(dim=1).numpy()
-                output = model.forward(dict(features))["sentence_embedding"]
+                small = features["attention_mask"].numel() <= SMALL_PASS_TOKENS
+                with _one_torch_thread() if small else nullcontext():
+                    output = model.forward(dict(features))["sentence_embedding"]
                 vectors[batch] = torch.nn.functional.normalize(output, p=2, dim=1).numpy()
                 self.forward_passes += 1
         return vectors, tokens
@@ -226,6 +233,19 @@ class SentenceEmbedder:
                     f"input {index} is {len(ids)} tokens long, more than the model's context "
                     f"length ({limit} tokens); set truncate to true to cut it"
                 )
+
+
+@contextmanager
+def _one_torch_thread():
+    """Run the torch work inside on one thread of the calling thread's pool, then give the pool its size back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:

@@ -54,9 +54,6 @@ REWRITE_PROMPT = """Rewrite the user's last question as one standalone question 
 without the conversation. Reply with the question only."""
 
 EXTRACTIVE_PASSAGES = 3
-# TODO(settings): RetrievalSettings.min_coverage and .close_similarity; read with getattr until they are there.
-MIN_COVERAGE = 0.5
-CLOSE_SIMILARITY = 0.65
 _DELIMITER = re.compile(r"<{2,}|>{2,}")
 
 
@@ -197,9 +194,10 @@ class Answerer:
         enough (`min_similarity`) or none holds most of what the question asks about (answerability.py)."""
         if not any(h.similarity is not None and h.similarity >= self.settings.min_similarity for h in hits):
             return []
-        min_coverage = getattr(self.settings, "min_coverage", MIN_COVERAGE)
-        close = getattr(self.settings, "close_similarity", CLOSE_SIMILARITY)
-        return support(self.retriever, question, hits, access, collections, min_coverage, close).hits
+        settings = self.settings
+        return support(
+            self.retriever, question, hits, access, collections, settings.min_coverage, settings.close_similarity
+        ).hits
 
     async def _extractive(self, hits: list[Hit], texts: dict[str, str], searched: str, retrieved: list[str]):
         """The best sentence of each passage that answers the question (at most three), quoted and cited."""

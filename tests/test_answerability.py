@@ -4,6 +4,7 @@ model installed. Unanswerable questions get the plain refusal, answerable ones a
 expected document."""
 
 import asyncio
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +33,14 @@ ATTACHMENTS = {"custodian-list.docx": "email-thread-2-custodian-list.eml"}
 MISSES = {
     "Which bank holds Harrow & Vale's client account?": "a passage names client account ledgers and bank "
     "statements: every word of the question is there, only the meaning is not",
-    "Who is the managing partner of Harrow & Vale LLP?": "each of its words is common in the law firm's "
-    "documents (manager, partner), so none weighs much; that 'managing partner' is one term is not seen",
     "When does Harrow & Vale's financial year end?": "retrieval: in the law firm's collection alone the "
     "answering passage is not among the six retrieved (short 'Harrow & Vale LLP' heading passages outrank it)",
 }
+if shutil.which("tesseract") is None:  # the scanned PDF is not indexed, and the rarity weights shift with it
+    MISSES["Who is the managing partner of Harrow & Vale LLP?"] = (
+        "each of its words is common in the law firm's documents (manager, partner), so none weighs much; "
+        "that 'managing partner' is one term is not seen"
+    )
 
 
 def collection_of(question: dict) -> str:
