@@ -18,12 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance.models.synthetic_gguf import TINY, Shape, write_gguf
+from appliance.models.synthetic_gguf import TINY, TINY_LONG, write_gguf
 
 HERE = Path(__file__).parent
 APPLIANCE = str(Path(sys.executable).with_name("appliance"))
-# A tiny model with a long context, so a generation runs long enough to be interrupted.
-TINY_LONG = Shape(n_vocab=320, n_embd=64, n_layer=2, n_ff=128, n_head=4, n_head_kv=2, n_ctx=16384)
 
 
 def network_namespace_command() -> list[str] | None:

@@ -62,6 +62,8 @@ class Shape:
 
 
 TINY = Shape(n_vocab=320, n_embd=64, n_layer=2, n_ff=128, n_head=4, n_head_kv=2, n_ctx=512)
+# The same with a context long enough for a question and its passages (and for a long generation).
+TINY_LONG = Shape(n_vocab=320, n_embd=64, n_layer=2, n_ff=128, n_head=4, n_head_kv=2, n_ctx=16384)
 # Rows a multiple of 256, so k-quants (q4_K_M) apply to every matrix.
 TINY_QUANTIZABLE = Shape(n_vocab=320, n_embd=256, n_layer=2, n_ff=512, n_head=4, n_head_kv=2, n_ctx=512)
 BENCH_0_7B = Shape(n_vocab=32000, n_embd=1536, n_layer=20, n_ff=4096, n_head=12, n_head_kv=4, n_ctx=4096)
