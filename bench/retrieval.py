@@ -19,6 +19,8 @@ seconds taken and resident memory added, measured). Then per query, in one alter
   * the parts on their own: `permitted_documents`; the embedding; the vector search (the default exact scan
     of the in-memory copy, and Chroma's own `where` query as `APPLIANCE_VECTOR_SEARCH=chroma` runs it); BM25
     from the in-memory index (given the permitted documents, as `search` gives them) and from FTS5.
+Then `--writes` documents are added one at a time, and as many removed, each write followed by bringing
+both in-memory copies up to date, as the first query after it does (ms: p50, max).
 Prints p50/p95 (ms) and writes bench/out/retrieval.json. Record results in docs/benchmarks.md.
 """
 
@@ -41,6 +43,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from appliance import keyword_search  # noqa: E402
 from appliance.config import Settings  # noqa: E402
 from appliance.db import FTS_TABLE, Document, create_db_engine  # noqa: E402
 from appliance.embeddings import SentenceEmbedder  # noqa: E402
@@ -101,27 +104,56 @@ def build(home: Path, size: int, sample, rng: np.random.Generator) -> tuple[Chun
     index = ChunkIndex(engine, open_vector_store(settings))
     started = time.perf_counter()
     for number in range(size // CHUNKS_PER_DOCUMENT):
-        collection = COLLECTIONS[number % len(COLLECTIONS)]
-        texts = [" ".join(sample(int(rng.integers(60, 160)))) for _ in range(CHUNKS_PER_DOCUMENT)]
-        full, pieces, position = "", [], 0
-        for i, text in enumerate(texts):
-            pieces.append(Piece(i, text, position, position + len(text), None, [f"Section {i}"]))
-            full += text + "\n\n"
-            position += len(text) + 2
-        document_id = f"{number:064x}"
-        document = Document(
-            id=document_id,
-            collection=collection,
-            source=f"synthetic-{number}",
-            filename=f"synthetic-{number}.txt",
-            kind="txt",
-            size=len(full),
-            acl=acl_for(number, collection),
-        )
-        vectors = rng.standard_normal((CHUNKS_PER_DOCUMENT, DIMENSIONS)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        index.add(document, full, chunk_rows(document_id, pieces), vectors)
+        add_document(index, number, sample, rng)
     return index, time.perf_counter() - started
+
+
+def add_document(index: ChunkIndex, number: int, sample, rng: np.random.Generator) -> str:
+    """Index synthetic document `number` (CHUNKS_PER_DOCUMENT chunks, random unit vectors); its id."""
+    collection = COLLECTIONS[number % len(COLLECTIONS)]
+    texts = [" ".join(sample(int(rng.integers(60, 160)))) for _ in range(CHUNKS_PER_DOCUMENT)]
+    full, pieces, position = "", [], 0
+    for i, text in enumerate(texts):
+        pieces.append(Piece(i, text, position, position + len(text), None, [f"Section {i}"]))
+        full += text + "\n\n"
+        position += len(text) + 2
+    document_id = f"{number:064x}"
+    document = Document(
+        id=document_id,
+        collection=collection,
+        source=f"synthetic-{number}",
+        filename=f"synthetic-{number}.txt",
+        kind="txt",
+        size=len(full),
+        acl=acl_for(number, collection),
+    )
+    vectors = rng.standard_normal((CHUNKS_PER_DOCUMENT, DIMENSIONS)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index.add(document, full, chunk_rows(document_id, pieces), vectors)
+    return document_id
+
+
+def measure_patches(index: ChunkIndex, retriever: Retriever, size: int, sample, rng, writes: int) -> dict:
+    """What the first query after a write pays to bring the copies up to date: `writes` documents added one at
+    a time, then `writes` removed, each followed by reading both copies (ms: p50 / max). Twice: as configured,
+    and with every write folded into the keyword index's main postings at once (the baseline: how it was
+    before recent postings and dead rows)."""
+    times: dict[str, list[float]] = {}
+    first = size // CHUNKS_PER_DOCUMENT
+    shares = (keyword_search.RECENT_SHARE, keyword_search.DEAD_SHARE)
+    for label, (recent, dead) in (("", shares), ("folded_", (0.0, 0.0))):
+        keyword_search.RECENT_SHARE, keyword_search.DEAD_SHARE = recent, dead
+        for number in range(first, first + writes):
+            add_document(index, number, sample, rng)
+            times.setdefault(f"{label}add_keyword", []).append(timed(retriever.keywords.current))
+            times.setdefault(f"{label}add_vector", []).append(timed(retriever.mirror.current))
+        for number in range(first - writes, first):
+            index.remove(f"{number:064x}")
+            times.setdefault(f"{label}remove_keyword", []).append(timed(retriever.keywords.current))
+            times.setdefault(f"{label}remove_vector", []).append(timed(retriever.mirror.current))
+        first += writes
+    keyword_search.RECENT_SHARE, keyword_search.DEAD_SHARE = shares
+    return {name: [round(statistics.median(v), 1), round(max(v), 1)] for name, v in times.items()}
 
 
 def make_user(engine) -> Principal:
@@ -165,7 +197,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def measure(size: int, queries: int, out: Path, seed: int) -> dict:
+def measure(size: int, queries: int, out: Path, seed: int, writes: int) -> dict:
     rng = random.Random(seed)
     sample = sampler(vocabulary(5000, rng), rng)
     with tempfile.TemporaryDirectory(prefix="appliance-bench-retrieval-") as scratch:
@@ -187,7 +219,7 @@ def measure(size: int, queries: int, out: Path, seed: int) -> dict:
         loads["keyword_index"].update(
             arrays_mb=round(snapshot.nbytes / 1e6, 1),
             terms=len(snapshot.vocabulary.terms),
-            postings=len(snapshot.rows),
+            postings=len(snapshot.main.rows) + len(snapshot.recent.rows),
         )
         print(f"{size} chunks: copies read {loads}", flush=True)
         questions = [" ".join(sample(rng.randint(3, 8))) for _ in range(queries + 10)]
@@ -220,6 +252,7 @@ def measure(size: int, queries: int, out: Path, seed: int) -> dict:
                 timed(lambda q=question, p=permitted: retriever.keyword_search(q, access, scope, keyword, permitted=p))
             )
             rows["keyword_fts"].append(timed(lambda q=question: in_fts.keyword_search(q, access, scope, keyword)))
+        patches = measure_patches(index, retriever, size, sample, np.random.default_rng(seed + 1), writes)
         readable = sum(1 for n in range(size // CHUNKS_PER_DOCUMENT) if _readable(n, access))
         return {
             "chunks": size,
@@ -230,6 +263,7 @@ def measure(size: int, queries: int, out: Path, seed: int) -> dict:
             "load_average": {"before_queries": _rounded(load_before), "after_queries": _rounded(os.getloadavg())},
             "queries": queries,
             "mean_hits": results / queries,
+            "patches_ms_p50_max": patches,
             **{
                 name: {"p50_ms": round(statistics.median(values), 2), "p95_ms": round(percentile(values, 0.95), 2)}
                 for name, values in rows.items()
@@ -263,10 +297,11 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--writes", type=int, default=40, help="documents added, then removed, one at a time")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [measure(size, args.queries, args.out, args.seed) for size in args.sizes]
+    results = [measure(size, args.queries, args.out, args.seed, args.writes) for size in args.sizes]
     print(f"\n{'chunks':>8} {'readable docs':>14} " + " ".join(f"{n:>22}" for n in NAMES))
     print(f"{'':>8} {'':>14} " + " ".join(f"{'p50 / p95 ms':>22}" for _ in NAMES))
     for row in results:
@@ -274,6 +309,8 @@ def main() -> int:
         print(f"{row['chunks']:>8} {row['readable_documents']:>6}/{row['documents']:<7} {cells}")
     for row in results:
         print(f"{row['chunks']:>8} copies read: {row['loads']}; load average (1, 5, 15 min): {row['load_average']}")
+        print(f"{row['chunks']:>8} first query after one write, copies brought up to date (ms p50, max): ", end="")
+        print(row["patches_ms_p50_max"])
     machine = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
     report = {"machine": machine, "results": results}
     (args.out / "retrieval.json").write_text(json.dumps(report, indent=2))
