@@ -32,24 +32,46 @@ from appliance.db import Document, IndexState, session
 log = logging.getLogger(__name__)
 
 READ_DOCUMENTS = 500  # documents whose vectors are read per query when loading or patching the copy
+# Documents added between two queries go into the recent vectors, and a removed one's rows are marked dead,
+# until the recent rows pass this share of the main rows or the dead rows this share of all rows: then every
+# live vector is copied into one main matrix again (at 100k chunks ~0.15 s, up to ~1 s when memory is tight).
+RECENT_SHARE = 0.05
+DEAD_SHARE = 0.1
 
 
 @dataclass(frozen=True)
 class _Snapshot:
-    """One consistent state of the copy: row i is chunk ids[i] of document documents[row_document[i]]."""
+    """One consistent state of the copy: row i is chunk ids[i] of document documents[row_document[i]], counted
+    only while alive[i]. The vectors of rows below `main_rows` are in `vectors`; those of rows added since in
+    `recent`, so that a document added does not copy the whole matrix and a document removed only marks its
+    rows dead; both are folded into `vectors` once they grow past a share of it (`RECENT_SHARE`, `DEAD_SHARE`)."""
 
     generation: tuple[int, int]  # (generation, rebuilds) of IndexState when taken
     ids: list[str]
     row_document: np.ndarray  # int32, one per row
     documents: list[str]  # document ids, by index
-    vectors: np.ndarray  # float32 (rows, dimensions), unit length
+    vectors: np.ndarray  # float32 (main_rows, dimensions), unit length
+    recent: np.ndarray  # float32 (rows - main_rows, dimensions), unit length
+    alive: np.ndarray  # bool, one per row
 
     @cached_property
     def document_index(self) -> dict[str, int]:
         return {document_id: n for n, document_id in enumerate(self.documents)}
 
+    @cached_property
+    def live(self) -> int:
+        return int(self.alive.sum())
 
-EMPTY = _Snapshot((-1, -1), [], np.zeros(0, dtype=np.int32), [], np.zeros((0, 0), dtype=np.float32))
+    def live_ids(self) -> list[str]:
+        return [chunk_id for chunk_id, alive in zip(self.ids, self.alive, strict=True) if alive]
+
+    def all_vectors(self) -> np.ndarray:
+        """Every row's vector, main and recent (a copy when there are recent rows)."""
+        return np.vstack((self.vectors, self.recent)) if len(self.recent) else self.vectors
+
+
+_NONE = np.zeros((0, 0), dtype=np.float32)
+EMPTY = _Snapshot((-1, -1), [], np.zeros(0, dtype=np.int32), [], _NONE, _NONE, np.zeros(0, dtype=bool))
 
 
 def readable_rows(snapshot, documents: list[str]) -> np.ndarray:
@@ -96,11 +118,15 @@ class VectorMirror(IndexCopy):
     def search(self, vector: np.ndarray, documents: list[str] | None, limit: int) -> list[tuple[str, float]]:
         """(chunk id, cosine similarity), best first, among the chunks of `documents` (None: all)."""
         snapshot = self.current()
-        if not snapshot.ids or limit <= 0:
+        if not snapshot.live or limit <= 0:
             return []
         query = np.asarray(vector, dtype=np.float32)
         query = query / (np.linalg.norm(query) or 1.0)
         scores = snapshot.vectors @ query
+        if len(snapshot.recent):
+            scores = np.concatenate((scores, snapshot.recent @ query))
+        if snapshot.live < len(snapshot.ids):
+            scores[~snapshot.alive] = -np.inf
         if documents is not None:
             scores[~readable_rows(snapshot, documents)] = -np.inf
         count = min(limit, len(scores))
@@ -112,34 +138,75 @@ class VectorMirror(IndexCopy):
         with session(self.index.engine) as db:
             counts = dict(db.exec(select(Document.id, Document.chunk_count).where(Document.status == "indexed")).all())
         indexed = set(counts)
-        if not old.ids or generation[1] != old.generation[1]:
+        if not old.live or generation[1] != old.generation[1]:
             snapshot = self._read(generation, [], [], [], [], sorted(indexed))
             log.info("vector copy loaded: %d chunks of %d documents", len(snapshot.ids), len(snapshot.documents))
             return snapshot
         # A document removed and indexed again between two queries keeps its id (the hash of its bytes) but may
         # have other chunks now: one whose number of chunks changed is read again.
-        held = np.bincount(old.row_document, minlength=len(old.documents))
-        changed = {d for n, d in enumerate(old.documents) if d in counts and counts[d] != held[n]}
-        gone = (set(old.documents) - indexed) | changed
-        new = sorted((indexed - set(old.documents)) | changed)
-        # Surviving documents are renumbered so that a removed document leaves no entry behind (it may come back).
-        documents = [d for d in old.documents if d not in gone]
-        lookup = {d: n for n, d in enumerate(documents)}
-        renumber = np.array([lookup.get(d, -1) for d in old.documents], dtype=np.int32)
-        row_document = renumber[old.row_document]
-        keep = row_document >= 0
-        ids = [chunk_id for chunk_id, kept in zip(old.ids, keep, strict=True) if kept]
-        snapshot = self._read(generation, documents, ids, [row_document[keep]], [old.vectors[keep]], new)
-        log.info("vector copy patched: -%d +%d documents, %d chunks", len(gone), len(new), len(snapshot.ids))
+        held = np.bincount(old.row_document[old.alive], minlength=len(old.documents))
+        present = {d for n, d in enumerate(old.documents) if held[n]}
+        changed = {d for n, d in enumerate(old.documents) if d in counts and held[n] and counts[d] != held[n]}
+        gone = (present - indexed) | changed
+        new = sorted((indexed - present) | changed)
+        if not gone and not new:
+            return replace(old, generation=generation)
+        alive = old.alive & ~np.isin(old.row_document, [old.document_index[d] for d in gone])
+        recent = len(old.recent) + sum(counts[d] for d in new)
+        if recent > RECENT_SHARE * len(old.vectors) or len(alive) - alive.sum() > DEAD_SHARE * len(alive):
+            # Fold in: survivors renumbered, and a document left with no row leaves no entry behind (it may
+            # come back).
+            kept_documents = np.zeros(len(old.documents), dtype=bool)
+            kept_documents[old.row_document[alive]] = True
+            documents = [d for d, k in zip(old.documents, kept_documents, strict=True) if k]
+            renumber = (np.cumsum(kept_documents) - 1).astype(np.int32)
+            ids = [chunk_id for chunk_id, kept in zip(old.ids, alive, strict=True) if kept]
+            main, rest = alive[: len(old.vectors)], alive[len(old.vectors) :]
+            snapshot = self._read(
+                generation,
+                documents,
+                ids,
+                [renumber[old.row_document[alive]]],
+                [old.vectors[main], old.recent[rest]],
+                new,
+            )
+            how = "folded in"
+        else:
+            snapshot = self._read(
+                generation,
+                list(old.documents),
+                list(old.ids),
+                [old.row_document],
+                [old.recent],
+                new,
+                main=old.vectors,
+                alive=alive,
+            )
+            how = "patched"
+        log.info("vector copy %s: -%d +%d documents, %d chunks", how, len(gone), len(new), snapshot.live)
         return snapshot
 
-    def _read(self, generation, documents, ids, rows, vectors, new: list[str]) -> _Snapshot:
-        """Append the stored vectors of the `new` documents to the given rows and build the snapshot."""
+    def _read(
+        self,
+        generation,
+        documents,
+        ids,
+        rows,
+        vectors,
+        new: list[str],
+        *,
+        main: np.ndarray | None = None,
+        alive: np.ndarray | None = None,
+    ) -> _Snapshot:
+        """Append the stored vectors of the `new` documents to the given rows and build the snapshot: with `main`
+        (the main vectors kept as they are, `alive` marking their rows and the recent ones given), `vectors` and
+        what is read become the recent vectors; without, everything becomes the main vectors."""
         lookup = {d: n for n, d in enumerate(documents)}
         statement = sql(
             "SELECT c.id, c.document_id, v.vector FROM chunkvector AS v JOIN chunk AS c ON c.id = v.chunk_id "
             "WHERE c.document_id IN :documents ORDER BY c.document_id, c.position"
         ).bindparams(bindparam("documents", expanding=True, type_=String))
+        held = len(ids)
         with session(self.index.engine) as db:
             for begin in range(0, len(new), READ_DOCUMENTS):
                 result = db.exec(statement, params={"documents": new[begin : begin + READ_DOCUMENTS]}).all()
@@ -156,11 +223,15 @@ class VectorMirror(IndexCopy):
                 block = np.frombuffer(b"".join(row[2] for row in result), dtype=np.float32).reshape(len(result), -1)
                 norms = np.linalg.norm(block, axis=1, keepdims=True)
                 vectors.append(block / np.where(norms == 0, 1.0, norms))
-        return self._build(generation, ids, rows, documents, vectors)
-
-    @staticmethod
-    def _build(generation, ids, rows, documents, vectors) -> _Snapshot:
         vectors = [block for block in vectors if len(block)]
-        if not ids or not vectors:
+        if not ids:
             return replace(EMPTY, generation=generation)
-        return _Snapshot(generation, ids, np.concatenate(rows), documents, np.ascontiguousarray(np.vstack(vectors)))
+        added = np.ones(len(ids) - held, dtype=bool)
+        if main is not None:
+            assert alive is not None
+            recent = np.vstack(vectors) if vectors else _NONE
+            return _Snapshot(
+                generation, ids, np.concatenate(rows), documents, main, recent, np.concatenate((alive, added))
+            )
+        everything = np.ascontiguousarray(np.vstack(vectors)) if vectors else _NONE
+        return _Snapshot(generation, ids, np.concatenate(rows), documents, everything, _NONE, np.ones(len(ids), bool))
