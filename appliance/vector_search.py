@@ -10,9 +10,10 @@ from the documents the caller may read *before* the top-k is taken, which keeps 
 passage the caller may not read never takes a place in the list.
 
 The copy follows the index through `IndexState.generation`, which every write to the index bumps in
-the same transaction: a query that sees a new generation first patches the copy (documents removed
-are dropped, documents added are read from the database), so a CLI ingesting beside a running server is
-seen by the server's next query.
+the same transaction: a query that sees a new generation first patches the copy (the rows of documents
+removed are marked dead, documents added are read from the database into a small recent matrix, both folded
+into the main matrix once they grow past a share of it), so a CLI ingesting beside a running server is seen
+by the server's next query.
 """
 
 from __future__ import annotations
