@@ -287,12 +287,11 @@ class KeywordMirror(IndexCopy):
                 select(Document.id, Document.chunk_count, Document.created_at).where(Document.status == "indexed")
             ).all()
         counts = {document_id: count for document_id, count, _ in rows}
-        indexed = set(counts)
         # Documents are read in the order they were indexed: chunks with equal scores then come in the order
         # FTS5 gives them (its rowids), as long as the index was not rebuilt.
         created = {document_id: (at, document_id) for document_id, _, at in rows}
         if not old.live or generation[1] != old.generation[1]:
-            snapshot = self._read(_empty(generation, Vocabulary()), sorted(indexed, key=created.get))
+            snapshot = self._read(_empty(generation, Vocabulary()), sorted(counts, key=created.get))
             log.info(
                 "keyword index loaded: %d chunks of %d documents, %d terms, %.0f MB",
                 len(snapshot.ids),
@@ -301,13 +300,8 @@ class KeywordMirror(IndexCopy):
                 snapshot.nbytes / 1e6,
             )
             return snapshot
-        # A document removed and indexed again between two queries keeps its id (the hash of its bytes) but may
-        # have other chunks now: one whose number of chunks changed is read again.
-        held = np.bincount(old.row_document[old.alive], minlength=len(old.documents))
-        present = {d for n, d in enumerate(old.documents) if held[n]}
-        changed = {d for n, d in enumerate(old.documents) if d in counts and held[n] and counts[d] != held[n]}
-        gone = (present - indexed) | changed
-        new = sorted((indexed - present) | changed, key=created.get)
+        gone, added, held = self._changes(old, counts)
+        new = sorted(added, key=created.get)
         if not gone and not new:
             return replace(old, generation=generation)
         dead = len(old.ids) - old.live + sum(int(held[old.document_index[d]]) for d in gone)

@@ -111,6 +111,17 @@ class IndexCopy:
     def _patched(self, old, generation: tuple[int, int]):
         raise NotImplementedError
 
+    @staticmethod
+    def _changes(old, counts: dict[str, int]) -> tuple[set[str], set[str], np.ndarray]:
+        """Documents to drop from a snapshot and documents to read into it, given the chunk count of every indexed
+        document; and the live rows the snapshot holds per document. A document removed and indexed again
+        between two queries keeps its id (the hash of its bytes) but may have other chunks now: one whose number
+        of chunks changed is both dropped and read again."""
+        held = np.bincount(old.row_document[old.alive], minlength=len(old.documents))
+        present = {d for n, d in enumerate(old.documents) if held[n]}
+        changed = {d for n, d in enumerate(old.documents) if d in counts and held[n] and counts[d] != held[n]}
+        return (present - counts.keys()) | changed, (counts.keys() - present) | changed, held
+
 
 class VectorMirror(IndexCopy):
     def __init__(self, index):
@@ -138,18 +149,12 @@ class VectorMirror(IndexCopy):
     def _patched(self, old: _Snapshot, generation: tuple[int, int]) -> _Snapshot:
         with session(self.index.engine) as db:
             counts = dict(db.exec(select(Document.id, Document.chunk_count).where(Document.status == "indexed")).all())
-        indexed = set(counts)
         if not old.live or generation[1] != old.generation[1]:
-            snapshot = self._read(generation, [], [], [], [], sorted(indexed))
+            snapshot = self._read(generation, [], [], [], [], sorted(counts))
             log.info("vector copy loaded: %d chunks of %d documents", len(snapshot.ids), len(snapshot.documents))
             return snapshot
-        # A document removed and indexed again between two queries keeps its id (the hash of its bytes) but may
-        # have other chunks now: one whose number of chunks changed is read again.
-        held = np.bincount(old.row_document[old.alive], minlength=len(old.documents))
-        present = {d for n, d in enumerate(old.documents) if held[n]}
-        changed = {d for n, d in enumerate(old.documents) if d in counts and held[n] and counts[d] != held[n]}
-        gone = (present - indexed) | changed
-        new = sorted((indexed - present) | changed)
+        gone, added, _ = self._changes(old, counts)
+        new = sorted(added)
         if not gone and not new:
             return replace(old, generation=generation)
         alive = old.alive & ~np.isin(old.row_document, [old.document_index[d] for d in gone])
