@@ -120,6 +120,9 @@ class TokenCounter:
             if vocabulary is None:
                 import llama_cpp
 
+                from appliance.inference import llama_log
+
+                llama_log.quiet()
                 vocabulary = llama_cpp.Llama(str(record.model_path), vocab_only=True, verbose=False, n_ctx=8)
             self._vocabularies[record.model_digest] = vocabulary
             while len(self._vocabularies) > self._capacity:

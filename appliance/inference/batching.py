@@ -24,8 +24,8 @@ from typing import Any
 
 import llama_cpp
 from llama_cpp import _internals
-from llama_cpp._logger import set_verbose
 
+from appliance.inference import llama_log
 from appliance.inference.stops import StopMatcher
 
 
@@ -136,7 +136,7 @@ class BatchedGenerator:
         self.n_ctx_seq = int(config["n_ctx"])
         self.n_batch = max(int(config.get("n_batch", 512)), self.n_parallel)
         verbose = bool(config.get("verbose", False))
-        set_verbose(verbose)  # llama.cpp's own log lines: errors only unless asked for
+        llama_log.quiet(verbose)  # llama.cpp's own log lines: errors only unless asked for
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = int(config.get("n_gpu_layers", 0))
         model_params.use_mmap = bool(config.get("use_mmap", True))

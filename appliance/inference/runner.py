@@ -42,6 +42,9 @@ class EmbeddingRunner:
     def __init__(self, config: dict[str, Any], send: Send):
         import llama_cpp  # imported here: the server process never loads a model
 
+        from appliance.inference import llama_log
+
+        llama_log.quiet(bool(config.get("verbose", False)))
         self.send = send
         self.llm = llama_cpp.Llama(
             model_path=config["model_path"],
