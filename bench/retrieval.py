@@ -43,7 +43,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from appliance import keyword_search  # noqa: E402
+from appliance import keyword_search, vector_search  # noqa: E402
 from appliance.config import Settings  # noqa: E402
 from appliance.db import FTS_TABLE, Document, create_db_engine  # noqa: E402
 from appliance.embeddings import SentenceEmbedder  # noqa: E402
@@ -136,13 +136,15 @@ def add_document(index: ChunkIndex, number: int, sample, rng: np.random.Generato
 def measure_patches(index: ChunkIndex, retriever: Retriever, size: int, sample, rng, writes: int) -> dict:
     """What the first query after a write pays to bring the copies up to date: `writes` documents added one at
     a time, then `writes` removed, each followed by reading both copies (ms: p50 / max). Twice: as configured,
-    and with every write folded into the keyword index's main postings at once (the baseline: how it was
-    before recent postings and dead rows)."""
+    and with every write folded into the main postings / matrix at once (the baseline: how both copies were
+    patched before recent segments and dead rows)."""
     times: dict[str, list[float]] = {}
     first = size // CHUNKS_PER_DOCUMENT
-    shares = (keyword_search.RECENT_SHARE, keyword_search.DEAD_SHARE)
-    for label, (recent, dead) in (("", shares), ("folded_", (0.0, 0.0))):
-        keyword_search.RECENT_SHARE, keyword_search.DEAD_SHARE = recent, dead
+    copies = (keyword_search, vector_search)
+    shares = [(copy.RECENT_SHARE, copy.DEAD_SHARE) for copy in copies]
+    for label, fold in (("", False), ("folded_", True)):
+        for copy, (recent, dead) in zip(copies, shares, strict=True):
+            copy.RECENT_SHARE, copy.DEAD_SHARE = (0.0, 0.0) if fold else (recent, dead)
         for number in range(first, first + writes):
             add_document(index, number, sample, rng)
             times.setdefault(f"{label}add_keyword", []).append(timed(retriever.keywords.current))
@@ -152,7 +154,8 @@ def measure_patches(index: ChunkIndex, retriever: Retriever, size: int, sample, 
             times.setdefault(f"{label}remove_keyword", []).append(timed(retriever.keywords.current))
             times.setdefault(f"{label}remove_vector", []).append(timed(retriever.mirror.current))
         first += writes
-    keyword_search.RECENT_SHARE, keyword_search.DEAD_SHARE = shares
+    for copy, (recent, dead) in zip(copies, shares, strict=True):
+        copy.RECENT_SHARE, copy.DEAD_SHARE = recent, dead
     return {name: [round(statistics.median(v), 1), round(max(v), 1)] for name, v in times.items()}
 
 
