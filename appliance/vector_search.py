@@ -43,7 +43,7 @@ DEAD_SHARE = 0.1
 @dataclass(frozen=True)
 class _Snapshot:
     """One consistent state of the copy: row i is chunk ids[i] of document documents[row_document[i]], counted
-    only while alive[i]. The vectors of rows below `main_rows` are in `vectors`; those of rows added since in
+    only while alive[i]. The vectors of the first len(vectors) rows are in `vectors`; those of rows added since in
     `recent`, so that a document added does not copy the whole matrix and a document removed only marks its
     rows dead; both are folded into `vectors` once they grow past a share of it (`RECENT_SHARE`, `DEAD_SHARE`)."""
 
