@@ -97,7 +97,7 @@ def document_frequencies(
         total = len(permitted)
     holding: dict[str, int] = {}
     for stem, word in terms.items():
-        chunk_ids = retriever.keyword_search(word, access, scope, SEARCH_LIMIT)
+        chunk_ids = retriever.keyword_search(word, access, scope, SEARCH_LIMIT, permitted=permitted)
         holding[stem] = len({chunk_id.rsplit(":", 1)[0] for chunk_id in chunk_ids})  # ids are <document id>:<n>
     return total, holding
 

@@ -300,55 +300,43 @@ class KeywordMirror(IndexCopy):
                 snapshot.nbytes / 1e6,
             )
             return snapshot
-        gone, added, held = self._changes(old, counts)
+        gone, added = self._changes(old, counts)
         new = sorted(added, key=created.get)
         if not gone and not new:
             return replace(old, generation=generation)
-        dead = len(old.ids) - old.live + sum(int(held[old.document_index[d]]) for d in gone)
+        alive = self._alive_without(old, gone)
         recent = len(old.ids) - old.main_rows + sum(counts[d] for d in new)
-        if recent > RECENT_SHARE * old.main_rows or dead > DEAD_SHARE * len(old.ids):
-            snapshot = self._read(self._compacted(old, gone, generation), new)
+        if recent > RECENT_SHARE * old.main_rows or len(alive) - alive.sum() > DEAD_SHARE * len(alive):
+            snapshot = self._read(self._compacted(old, alive, generation), new)
             how = "folded in"
-        else:
-            snapshot = self._read(self._marked_dead(old, gone, generation), new, recent=True)
+        else:  # the rows of the gone documents are only marked dead: their postings stay until folded
+            snapshot = self._read(replace(old, generation=generation, alive=alive), new, recent=True)
             how = "patched"
         log.info("keyword index %s: -%d +%d documents, %d chunks", how, len(gone), len(new), snapshot.live)
         return snapshot
 
-    @staticmethod
-    def _marked_dead(old: _Snapshot, gone: set[str], generation: tuple[int, int]) -> _Snapshot:
-        """The snapshot with the rows of the `gone` documents marked dead (their postings stay until folded)."""
-        alive = old.alive.copy()
-        alive[np.isin(old.row_document, [old.document_index[d] for d in gone])] = False
-        return replace(old, generation=generation, alive=alive)
-
-    @staticmethod
-    def _compacted(old: _Snapshot, gone: set[str], generation: tuple[int, int]) -> _Snapshot:
-        """The snapshot less its dead rows and the rows of the `gone` documents, all postings in `main`; survivors
-        are renumbered in order, and a document left with no row leaves no entry behind (it may come back)."""
-        keep = old.alive & ~np.isin(old.row_document, [old.document_index[d] for d in gone])
+    @classmethod
+    def _compacted(cls, old: _Snapshot, keep: np.ndarray, generation: tuple[int, int]) -> _Snapshot:
+        """The snapshot with only the rows `keep` marks, all postings in `main`; survivors are renumbered in order,
+        and a document left with no row leaves no entry behind (it may come back)."""
         postings = old.main
         if len(old.recent.rows):
             postings = _Postings(*_grouped([old.main.block(), old.recent.block()], len(old.vocabulary.terms)))
-        kept_documents = np.zeros(len(old.documents), dtype=bool)
-        kept_documents[old.row_document[keep]] = True
-        documents = [d for d, k in zip(old.documents, kept_documents, strict=True) if k]
-        renumber = (np.cumsum(kept_documents) - 1).astype(np.int32)
+        ids, row_document, documents = cls._survivors(old, keep)
         new_row = (np.cumsum(keep) - 1).astype(np.int32)
         kept = keep[postings.rows]
         terms = np.repeat(np.arange(len(postings.starts) - 1), np.diff(postings.starts))[kept]
         starts = np.zeros(len(postings.starts), dtype=np.int64)
         np.cumsum(np.bincount(terms, minlength=len(postings.starts) - 1), out=starts[1:])
-        rows = int(keep.sum())
         return _Snapshot(
             generation,
             old.vocabulary,
-            [chunk_id for chunk_id, k in zip(old.ids, keep, strict=True) if k],
-            renumber[old.row_document[keep]],
+            ids,
+            row_document,
             documents,
             old.lengths[keep],
-            np.ones(rows, dtype=bool),
-            rows,
+            np.ones(len(ids), dtype=bool),
+            len(ids),
             _Postings(starts, new_row[postings.rows[kept]], postings.counts[kept]),
             NO_POSTINGS,
         )

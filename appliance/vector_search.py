@@ -112,15 +112,30 @@ class IndexCopy:
         raise NotImplementedError
 
     @staticmethod
-    def _changes(old, counts: dict[str, int]) -> tuple[set[str], set[str], np.ndarray]:
+    def _changes(old, counts: dict[str, int]) -> tuple[set[str], set[str]]:
         """Documents to drop from a snapshot and documents to read into it, given the chunk count of every indexed
-        document; and the live rows the snapshot holds per document. A document removed and indexed again
-        between two queries keeps its id (the hash of its bytes) but may have other chunks now: one whose number
-        of chunks changed is both dropped and read again."""
+        document. A document removed and indexed again between two queries keeps its id (the hash of its bytes)
+        but may have other chunks now: one whose number of chunks changed is both dropped and read again."""
         held = np.bincount(old.row_document[old.alive], minlength=len(old.documents))
         present = {d for n, d in enumerate(old.documents) if held[n]}
         changed = {d for n, d in enumerate(old.documents) if d in counts and held[n] and counts[d] != held[n]}
-        return (present - counts.keys()) | changed, (counts.keys() - present) | changed, held
+        return (present - counts.keys()) | changed, (counts.keys() - present) | changed
+
+    @staticmethod
+    def _alive_without(old, gone: set[str]) -> np.ndarray:
+        """The snapshot's live rows less those of the `gone` documents."""
+        return old.alive & ~np.isin(old.row_document, [old.document_index[d] for d in gone])
+
+    @staticmethod
+    def _survivors(old, keep: np.ndarray) -> tuple[list[str], np.ndarray, list[str]]:
+        """Chunk ids, row documents and documents of the rows `keep` marks, in order, renumbered: a document left
+        with no row leaves no entry behind (it may come back)."""
+        kept_documents = np.zeros(len(old.documents), dtype=bool)
+        kept_documents[old.row_document[keep]] = True
+        documents = [d for d, k in zip(old.documents, kept_documents, strict=True) if k]
+        renumber = (np.cumsum(kept_documents) - 1).astype(np.int32)
+        ids = [chunk_id for chunk_id, k in zip(old.ids, keep, strict=True) if k]
+        return ids, renumber[old.row_document[keep]], documents
 
 
 class VectorMirror(IndexCopy):
@@ -153,28 +168,17 @@ class VectorMirror(IndexCopy):
             snapshot = self._read(generation, [], [], [], [], sorted(counts))
             log.info("vector copy loaded: %d chunks of %d documents", len(snapshot.ids), len(snapshot.documents))
             return snapshot
-        gone, added, _ = self._changes(old, counts)
+        gone, added = self._changes(old, counts)
         new = sorted(added)
         if not gone and not new:
             return replace(old, generation=generation)
-        alive = old.alive & ~np.isin(old.row_document, [old.document_index[d] for d in gone])
+        alive = self._alive_without(old, gone)
         recent = len(old.recent) + sum(counts[d] for d in new)
         if recent > RECENT_SHARE * len(old.vectors) or len(alive) - alive.sum() > DEAD_SHARE * len(alive):
-            # Fold in: survivors renumbered, and a document left with no row leaves no entry behind (it may
-            # come back).
-            kept_documents = np.zeros(len(old.documents), dtype=bool)
-            kept_documents[old.row_document[alive]] = True
-            documents = [d for d, k in zip(old.documents, kept_documents, strict=True) if k]
-            renumber = (np.cumsum(kept_documents) - 1).astype(np.int32)
-            ids = [chunk_id for chunk_id, kept in zip(old.ids, alive, strict=True) if kept]
+            ids, row_document, documents = self._survivors(old, alive)
             main, rest = alive[: len(old.vectors)], alive[len(old.vectors) :]
             snapshot = self._read(
-                generation,
-                documents,
-                ids,
-                [renumber[old.row_document[alive]]],
-                [old.vectors[main], old.recent[rest]],
-                new,
+                generation, documents, ids, [row_document], [old.vectors[main], old.recent[rest]], new
             )
             how = "folded in"
         else:
