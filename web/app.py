@@ -27,6 +27,7 @@ from appliance.index import ChunkIndex, open_vector_store
 from appliance.inference import hardware
 from appliance.inference.engine import Engine
 from appliance.inference.scheduler import Scheduler
+from appliance.models.default_model import ensure_default_model
 from appliance.models.store import ModelStore
 from appliance.rag import Answerer
 from appliance.retrieve import Retriever
@@ -72,6 +73,14 @@ def _read_index_copies(retriever: Retriever, settings: RetrievalSettings) -> Non
         retriever.keywords.current()
 
 
+def _install_default_model(store: ModelStore, settings: Settings) -> None:
+    """The bundled default model on a store's first start; a damaged package is reported, not fatal."""
+    try:
+        ensure_default_model(store, settings.scheduler.default_model)
+    except ApplianceError as exc:
+        log.error("%s (see `appliance doctor`)", exc.message)
+
+
 def _log_failure(what: str):
     """A done-callback for a background task: its failure is logged, not lost (the next query retries)."""
 
@@ -90,6 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
         state.settings = settings
         state.db = create_db_engine(settings.resolved_database_url)
         state.store = ModelStore(settings.models_dir)
+        await asyncio.to_thread(_install_default_model, state.store, settings)
         state.hardware = await asyncio.to_thread(hardware.detect)
         state.scheduler = Scheduler(
             settings.scheduler, state.store, state.hardware, cluster=Cluster(settings.home / "cluster")

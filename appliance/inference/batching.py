@@ -25,7 +25,7 @@ from typing import Any
 import llama_cpp
 from llama_cpp import _internals
 
-from appliance.inference import llama_log
+from appliance.inference import cpu_path, llama_log
 from appliance.inference.stops import StopMatcher
 
 
@@ -140,6 +140,8 @@ class BatchedGenerator:
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = int(config.get("n_gpu_layers", 0))
         model_params.use_mmap = bool(config.get("use_mmap", True))
+        self.cpu_path = cpu_path.current(config.get("cpu_extra_buffers", "auto"))
+        model_params.use_extra_bufts = self.cpu_path.extra_buffers
         self.tunnels = self._cluster_arrays = None
         if config.get("cluster"):  # a sharded model: reach and register the workers before loading
             from appliance.cluster.tunnel import attach_workers
@@ -180,6 +182,8 @@ class BatchedGenerator:
             "n_ctx_train": self.model.n_ctx_train(),
             "n_vocab": self.n_vocab,
             "n_parallel": self.n_parallel,
+            "amx": self.cpu_path.amx,
+            "extra_buffers": self.cpu_path.extra_buffers,
         }
 
     def close(self) -> None:

@@ -42,11 +42,19 @@ class EmbeddingRunner:
     def __init__(self, config: dict[str, Any], send: Send):
         import llama_cpp  # imported here: the server process never loads a model
 
-        from appliance.inference import llama_log
+        from appliance.inference import cpu_path, llama_log
 
         llama_log.quiet(bool(config.get("verbose", False)))
         self.send = send
-        self.llm = llama_cpp.Llama(
+        self.cpu_path = cpu_path.current(config.get("cpu_extra_buffers", "auto"))
+        with cpu_path.model_params_with_extra_buffers(self.cpu_path.extra_buffers):
+            self.llm = self._load(llama_cpp, config)
+        self.pending: list[tuple[str, dict[str, Any]]] = []
+        self.batches = 0  # batched calls made, reported with each result
+
+    @staticmethod
+    def _load(llama_cpp, config: dict[str, Any]):
+        return llama_cpp.Llama(
             model_path=config["model_path"],
             n_ctx=int(config["n_ctx"]),
             n_batch=int(config.get("n_batch", 512)),
@@ -58,11 +66,15 @@ class EmbeddingRunner:
             pooling_type=int(config.get("pooling_type", -1)),
             verbose=bool(config.get("verbose", False)),
         )
-        self.pending: list[tuple[str, dict[str, Any]]] = []
-        self.batches = 0  # batched calls made, reported with each result
 
     def info(self) -> dict[str, Any]:
-        return {"n_ctx": self.llm.n_ctx(), "n_ctx_train": self.llm._model.n_ctx_train(), "n_vocab": self.llm.n_vocab()}
+        return {
+            "n_ctx": self.llm.n_ctx(),
+            "n_ctx_train": self.llm._model.n_ctx_train(),
+            "n_vocab": self.llm.n_vocab(),
+            "amx": self.cpu_path.amx,
+            "extra_buffers": self.cpu_path.extra_buffers,
+        }
 
     @property
     def busy(self) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from appliance.errors import ApplianceError, RunnerFailed
+from appliance.inference.cpu_path import LIKELY_AMX_CRASH
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -40,6 +41,7 @@ class RunnerProcess:
         self._reader: asyncio.Task | None = None
         self._dead = False
         self.cluster_error: str | None = None  # the last worker the runner reported lost (sharded models)
+        self.answered = False  # a request was completed: a crash after that is not the model's first decode
 
     @property
     def pid(self) -> int | None:
@@ -92,6 +94,14 @@ class RunnerProcess:
             return f"{self.cluster_error}; {description}"
         if self.config.get("cluster") and code is not None and code < 0:
             return f"a cluster worker stopped responding; {description}"
+        crashed = code is not None and -code in (signal.SIGSEGV, signal.SIGILL, signal.SIGBUS, signal.SIGABRT)
+        if crashed and self.info and not self.answered:
+            if self.info.get("amx") and self.info.get("extra_buffers"):
+                return f"{description} at its first decode: {LIKELY_AMX_CRASH}"
+            return (
+                f"{description} at its first decode: the GGUF file may be damaged, or use an architecture or "
+                "quantization this build of llama.cpp does not support; try another model"
+            )
         return description
 
     async def _read_events(self) -> None:
@@ -107,6 +117,8 @@ class RunnerProcess:
                     self.cluster_error = event.get("message")
                     log.error("runner %s: %s", self.pid, self.cluster_error)
                     continue
+                if event.get("event") in ("done", "embeddings"):
+                    self.answered = True
                 target = self._queues.get(str(event.get("id")))
                 if target is not None:
                     target.put_nowait(event)

@@ -216,6 +216,7 @@ class Scheduler:
             "n_threads": threads,
             "n_gpu_layers": gpu_layers_for(self.hardware, size, n_layers, requested_gpu),
             "use_mmap": bool(options.get("use_mmap", True)),
+            "cpu_extra_buffers": self.settings.cpu_extra_buffers,
             "embedding": embedding,
             "n_parallel": n_parallel,
             # Chat models carry no pooling type; mean pooling gives one vector per input for them.
