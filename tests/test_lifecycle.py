@@ -184,3 +184,32 @@ def test_unloading_a_busy_model_waits_for_its_request(client, small_server):
     while time.time() < deadline and client.ps().models:
         time.sleep(0.1)
     assert client.ps().models == []
+
+
+def test_a_runner_that_dies_at_its_first_decode_names_the_likely_cause(client, small_server):
+    """A crash before the runner ever finished a request points at the model file or llama.cpp's CPU path
+    (on AMX CPUs, the repack crash and the setting that avoids it), not at a lost request only."""
+    client.generate(model="tiny-long", prompt="", keep_alive=0)  # unloaded: the stream below starts a new runner
+    stream = client.generate(model="tiny-long", prompt=LONG_PROMPT, stream=True, options=LONG)
+    next(stream)
+    os.kill(_runner_pid(small_server), signal.SIGSEGV)
+    with pytest.raises(ollama.ResponseError) as failure:
+        for _ in stream:
+            pass
+    assert "SIGSEGV" in str(failure.value) and "at its first decode" in str(failure.value)
+    assert "the GGUF file may be damaged" in str(failure.value)
+    assert client.generate(model="tiny", prompt="hi", options={"num_predict": 2}).done  # the server stays up
+
+
+def test_the_amx_repack_crash_is_named_with_the_setting_that_avoids_it():
+    from appliance.inference.cpu_path import LIKELY_AMX_CRASH
+    from appliance.inference.runner_process import RunnerProcess
+
+    runner = RunnerProcess({"model_path": "m.gguf"})
+    runner.info = {"event": "ready", "amx": True, "extra_buffers": True}
+    assert LIKELY_AMX_CRASH in runner._exit_description(-signal.SIGSEGV)
+    assert "APPLIANCE_CPU_EXTRA_BUFFERS=off" in LIKELY_AMX_CRASH
+    runner.answered = True  # it had decoded before: not a first-decode crash
+    assert "first decode" not in runner._exit_description(-signal.SIGSEGV)
+    runner.answered, runner.info = False, {"event": "ready", "amx": True, "extra_buffers": False}
+    assert LIKELY_AMX_CRASH not in runner._exit_description(-signal.SIGSEGV)

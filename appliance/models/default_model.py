@@ -118,7 +118,7 @@ def generation_model(store: ModelStore, configured: str = "") -> ModelRecord | N
             if store.gguf_info(record.model_digest).is_embedding_model:
                 continue
         except (ApplianceError, OSError, ValueError):
-            continue
+            pass  # unreadable: still a candidate, so that checking its blob reports the damage (no silent fallback)
         if record.name.display != DEFAULT_MODEL_NAME:
             return record
         fallback = record

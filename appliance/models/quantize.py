@@ -15,6 +15,9 @@ from gguf import LlamaFileType
 from appliance.errors import BadRequest
 
 SOURCE_TYPES = ("F32", "F16", "BF16", "Q8_0")
+# Already 4- or 5-bit: re-quantizing them works (llama.cpp's allow_requantize) but adds a second rounding,
+# e.g. to bring the bundled Q4_1 model into a type whose kernels are faster on some CPU (Q4_0, Q4_K_M).
+REQUANTIZE_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
 
 
 def target_file_type(name: str) -> int:
@@ -29,8 +32,10 @@ def target_file_type(name: str) -> int:
 
 def quantize_file(source: Path, target: Path, quantization: str, source_type: str, threads: int = 0) -> None:
     file_type = target_file_type(quantization)
-    if source_type.upper() not in SOURCE_TYPES:
-        raise BadRequest(f"only F32, F16, BF16 or Q8_0 models can be quantized (this one is {source_type})")
+    if source_type.upper() not in SOURCE_TYPES + REQUANTIZE_TYPES:
+        raise BadRequest(
+            f"only F32, F16, BF16, Q8_0 and 4/5/6-bit models can be quantized (this one is {source_type})"
+        )
     result = subprocess.run(
         [
             sys.executable,
@@ -40,7 +45,7 @@ def quantize_file(source: Path, target: Path, quantization: str, source_type: st
             str(target),
             str(file_type),
             str(threads),
-            "1" if source_type.upper() == "Q8_0" else "0",
+            "0" if source_type.upper() in ("F32", "F16", "BF16") else "1",
         ],
         capture_output=True,
         text=True,
