@@ -33,9 +33,7 @@ def target_file_type(name: str) -> int:
 def quantize_file(source: Path, target: Path, quantization: str, source_type: str, threads: int = 0) -> None:
     file_type = target_file_type(quantization)
     if source_type.upper() not in SOURCE_TYPES + REQUANTIZE_TYPES:
-        raise BadRequest(
-            f"only F32, F16, BF16, Q8_0 and 4/5/6-bit models can be quantized (this one is {source_type})"
-        )
+        raise BadRequest(f"only F32, F16, BF16, Q8_0 and 4/5/6-bit models can be quantized (this one is {source_type})")
     result = subprocess.run(
         [
             sys.executable,
