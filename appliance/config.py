@@ -204,6 +204,13 @@ class RetrievalSettings(BaseSettings):
         ),
     )
     answer_max_tokens: int = Field(160, ge=16, le=32768, description="Most tokens a generated answer may take.")
+    answer_keep_alive: str = Field(
+        "-1",
+        description=(
+            "How long the model that writes answers stays loaded after an answer (Ollama's keep_alive notation; "
+            "-1 keeps it); the server also loads it at start, so the first question does not wait for a load."
+        ),
+    )
     answer_passages: int = Field(
         3,
         ge=1,

@@ -169,6 +169,21 @@ class Answerer:
             raise BadRequest(f"'{record.name.display}' is an embedding model and cannot write answers")
         return record
 
+    async def warm(self) -> str | None:
+        """Load the model that writes answers now (server start), so the first question does not wait for it;
+        its options are those an answer uses, so the runner is not loaded again for the first answer. Only the
+        bundled default model or one APPLIANCE_RAG_MODEL names: any other installed model may be large, and
+        loading it unasked would take memory from what its users load."""
+        record = await asyncio.to_thread(self.generation_model, None)
+        if record is None or not (self.settings.rag_model or record.name.display == default_model.DEFAULT_MODEL_NAME):
+            return None
+        request = GenerationRequest(
+            model=record.name.display, messages=[], keep_alive=self.settings.answer_keep_alive, user="appliance"
+        )
+        async for _ in self.engine.generate(request):
+            pass
+        return record.name.display
+
     # --- the answer ----------------------------------------------------------------------------
     async def ask(
         self,
@@ -274,6 +289,7 @@ class Answerer:
             options=options,
             user=requester,
             grammar=ANSWER_GRAMMAR,
+            keep_alive=self.settings.answer_keep_alive,
         )
         shown: list[str] = []  # exactly what was streamed
         sentence: list[str] = []

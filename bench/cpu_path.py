@@ -131,13 +131,6 @@ def quant_name(path: Path) -> str:
     return LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
-def model_name(path: Path) -> str:
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(path)).fields.get("general.name")
-    return bytes(field.parts[field.data[0]]).decode() if field is not None else path.stem
-
-
 def cell(results: list[dict], key: str, pick=statistics.median) -> str:
     values = [r[key] for r in results if "error" not in r]
     return f"{pick(values):.1f}" if values else "-"
@@ -161,19 +154,23 @@ def main() -> int:
     print(f"llama.cpp system info: `{info}`\n")
     print(f"AMX_INT8: {'yes' if 'AMX_INT8' in cpu_path.features(info) else 'no'}\n")
     with tempfile.TemporaryDirectory(prefix="cpu-path-") as scratch:
-        models = []
+        labels: dict[Path, str] = {}  # a re-quantized copy is shown under its source's file name
         for model in args.models:
-            models.append(model)
-            models += [requantize(model, quant, Path(scratch)) for quant in args.requantize]
+            labels[model] = model.name
+            labels |= {requantize(model, quant, Path(scratch)): model.name for quant in args.requantize}
+        models = list(labels)
         results: dict[tuple[Path, bool], list[dict]] = {(m, e): [] for m in models for e in (True, False)}
         for run in range(args.runs):
             for model in models:
                 for extra in (True, False) if run % 2 == 0 else (False, True):
-                    results[model, extra].append(measure(model, extra, args.threads))
+                    result = measure(model, extra, args.threads)
+                    results[model, extra].append(result)
+                    shown = result.get("error") or f"{result['prompt_tps']:.1f} / {result['gen_tps']:.1f} tok/s"
+                    print(f"run {run + 1} {model.name} {'on' if extra else 'off'}: {shown}", file=sys.stderr)
         print("| model | quant | extra buffers | prompt tok/s | gen tok/s | prompt best | gen best | note |")
         print("|---|---|---|---:|---:|---:|---:|---|")
         for model in models:
-            name, quant = model_name(model), quant_name(model)
+            name, quant = labels[model], quant_name(model)
             off_tokens = {tuple(r["tokens"]) for r in results[model, False] if "error" not in r}
             for extra in (True, False):
                 runs = results[model, extra]

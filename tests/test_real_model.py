@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,12 @@ def test_a_fresh_install_lists_the_default_model_and_chats_through_api_chat_and_
     import ollama
 
     with real_server.http() as http:
+        for _ in range(600):  # the server loads the answering model at start, before anyone asks
+            if any(m["name"] == DEFAULT_MODEL_NAME for m in http.get("/api/ps").json()["models"]):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the default model was not loaded at start")
         names = [m["name"] for m in http.get("/api/tags").json()["models"]]
         assert DEFAULT_MODEL_NAME in names
         shown = http.post("/api/show", json={"model": DEFAULT_MODEL_NAME}).json()

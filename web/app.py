@@ -120,6 +120,8 @@ def create_app(settings: Settings) -> FastAPI:
         warm = asyncio.create_task(state.embedder.aload())
         warm_copies = asyncio.create_task(asyncio.to_thread(_read_index_copies, state.retriever, settings.retrieval))
         warm_copies.add_done_callback(_log_failure("reading the in-memory index copies"))
+        warm_answers = asyncio.create_task(state.answerer.warm())
+        warm_answers.add_done_callback(_log_failure("loading the model that writes answers"))
         log.info(
             "appliance %s ready: %d CPU cores, %.1f GiB memory, %d GPU(s)",
             __version__,
@@ -131,6 +133,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             warm.cancel()
+            warm_answers.cancel()
             worker.cancel()
             state.ingestor.parser.stop()
             await state.scheduler.shutdown()
