@@ -2,16 +2,19 @@
 
 A small model cannot be trusted to pick the passage it draws on, nor to copy a quote exactly. So the
 model writes plain sentences (no markers, no quotes; rag.ANSWER_GRAMMAR), and each sentence is given
-to the first passage, in rank order, that holds every term the sentence adds to the question: its
-words beyond the question's own, numbers included, compared stemmed. A sentence that adds nothing
-(it only restates the question) or adds a term no passage holds ("3 years" where the passage says
-25, "orange" where it says purple) is supported by none and is never shown as cited.
+to the first passage, in rank order, one of whose sentences holds every term the model's sentence adds
+to the question (its words beyond the question's own, numbers included, compared stemmed) together with
+at least one of the question's own terms (the passage's headings and title, less their section numbers,
+count as part of each of its sentences). A sentence that adds nothing (it only restates the question) or
+adds a term no passage sentence holds ("3 years" where the passage says 25, "orange" where it says
+purple, a date taken from an unrelated line) is supported by none and is never shown as cited.
 """
 
 from __future__ import annotations
 
-from appliance.answerability import passage_terms, question_terms
-from appliance.keyword_search import term
+from appliance.answerability import question_terms
+from appliance.citations import sentences
+from appliance.keyword_search import term, tokens
 from appliance.retrieve import Hit
 
 # What a model says about the passages rather than from them.
@@ -23,12 +26,21 @@ def added_terms(sentence: str, question: str) -> set[str]:
     return set(question_terms(sentence)) - set(question_terms(question))
 
 
+def _terms(text: str) -> set[str]:
+    return {term(word) for word in tokens(text)}
+
+
 def supporting_passage(sentence: str, question: str, hits: list[Hit]) -> int | None:
-    """The number (from 1) of the first passage that holds every term the sentence adds; None if none does."""
+    """The number (from 1) of the first passage one of whose sentences holds every term the sentence adds and
+    one of the question's terms; None if none does."""
     added = added_terms(sentence, question)
     if not added or added & SELF_REFERENCE:
         return None
+    asked = set(question_terms(question))
     for number, hit in enumerate(hits, start=1):
-        if added <= passage_terms(hit):
-            return number
+        headings = {t for t in _terms(f"{hit.section} {hit.title}") if not t.isdigit()}  # "3. Maternity records"
+        for passage_sentence in sentences(hit.text):
+            held = _terms(passage_sentence) | headings
+            if added <= held and (not asked or asked & held):
+                return number
     return None

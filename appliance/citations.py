@@ -63,6 +63,11 @@ class Flag:
     chunk_id: str | None = None
 
 
+def sentences(text: str) -> list[str]:
+    """A text's sentences (and lines), as verification splits them."""
+    return [found.strip() for found in _SENTENCE.findall(text) if found.strip()]
+
+
 def content_words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in STOPWORDS}
 

@@ -17,8 +17,11 @@ evaluates a warm-up, then times:
 - generation: 64 greedy tokens after that prompt, one `Llama.eval` per token, tokens/s.
 
 The table shows the median of --runs runs, the best run (which is what a busy machine disturbs least),
-and in its note how many MiB llama.cpp put in the repack buffer
-(from its load log), whether a child crashed, and whether the greedy tokens differ between on and off.
+the median tokens per CPU-second of the child (process time; with --threads 1 it hardly depends on what
+else the machine runs, while with more threads it counts OpenMP's spinning too), and in its note how many
+MiB llama.cpp put in the repack buffer (from its load log), whether a child crashed, and whether the
+greedy tokens differ between on and off. On a shared machine prefer --threads 1: with 2 threads on 2 busy
+cores, OpenMP's barriers wait on descheduled threads and runs vary tenfold.
 --requantize also measures copies of each model re-quantized (allow_requantize) with the project's
 quantizer into a temporary directory.
 """
@@ -76,22 +79,24 @@ def child(model: str, extra: bool, threads: int) -> dict:
     llm.reset()
     llm.eval(prompt[:32])  # warm-up: first-use allocations, caches
     llm.reset()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     llm.eval(prompt)
-    prompt_s = time.perf_counter() - start
+    prompt_s, prompt_cpu = time.perf_counter() - start, time.process_time() - cpu
     generated = []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(GEN_TOKENS):
         token = next_token()
         generated.append(token)
         llm.eval([token])
-    gen_s = time.perf_counter() - start
+    gen_s, gen_cpu = time.perf_counter() - start, time.process_time() - cpu
     llm.close()
     llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))  # before `keep` goes
     repack = [float(m) for m in REPACK_LOG.findall("".join(log))]
     return {
         "prompt_tps": PROMPT_TOKENS / prompt_s,
         "gen_tps": GEN_TOKENS / gen_s,
+        "prompt_cpu_tps": PROMPT_TOKENS / prompt_cpu,
+        "gen_cpu_tps": GEN_TOKENS / gen_cpu,
         "repack_mib": sum(repack),
         "tokens": generated,
     }
@@ -167,8 +172,11 @@ def main() -> int:
                     results[model, extra].append(result)
                     shown = result.get("error") or f"{result['prompt_tps']:.1f} / {result['gen_tps']:.1f} tok/s"
                     print(f"run {run + 1} {model.name} {'on' if extra else 'off'}: {shown}", file=sys.stderr)
-        print("| model | quant | extra buffers | prompt tok/s | gen tok/s | prompt best | gen best | note |")
-        print("|---|---|---|---:|---:|---:|---:|---|")
+        header = (
+            "| model | quant | extra buffers | prompt tok/s | gen tok/s | prompt best | gen best | prompt tok/CPU-s"
+        )
+        print(header + " | gen tok/CPU-s | note |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
         for model in models:
             name, quant = labels[model], quant_name(model)
             off_tokens = {tuple(r["tokens"]) for r in results[model, False] if "error" not in r}
@@ -184,6 +192,7 @@ def main() -> int:
                     notes.append(f"{len(ok)}/{len(runs)} runs ok")
                 row = [name, quant, "on" if extra else "off", cell(runs, "prompt_tps"), cell(runs, "gen_tps")]
                 row += [cell(runs, "prompt_tps", max), cell(runs, "gen_tps", max)]
+                row += [cell(runs, "prompt_cpu_tps"), cell(runs, "gen_cpu_tps")]
                 print("| " + " | ".join([*row, "; ".join(notes)]) + " |")
     return 0
 

