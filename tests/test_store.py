@@ -143,5 +143,10 @@ def test_quantize_to_q4_k_m(store, tmp_path):
     assert record.model_path.stat().st_size < source.stat().st_size / 2
     with pytest.raises(BadRequest, match="unknown quantization type"):
         create_model(store, "tiny-bad", Modelfile(from_=str(source)), base_dir=Path("/"), quantize="q3_bogus")
-    with pytest.raises(BadRequest, match="only F32, F16, BF16 or Q8_0"):
-        create_model(store, "tiny-requant", Modelfile(from_="tiny-q4"), quantize="q4_0")
+    # A 4-bit model may be re-quantized (a second rounding: e.g. the bundled Q4_1 model into a faster type) ...
+    requantized = create_model(store, "tiny-requant", Modelfile(from_="tiny-q4"), quantize="q4_0")
+    assert store.gguf_info(requantized.model_digest).quantization == "Q4_0"
+    # ... a 2-bit one may not: nothing would be left to round.
+    create_model(store, "tiny-q2", Modelfile(from_=str(source)), base_dir=Path("/"), quantize="q2_K")
+    with pytest.raises(BadRequest, match="only F32, F16, BF16, Q8_0 and 4/5/6-bit models"):
+        create_model(store, "tiny-q2-requant", Modelfile(from_="tiny-q2"), quantize="q4_0")
