@@ -1025,7 +1025,8 @@ def cmd_ask(settings: Settings, args) -> int:
             print(f"  {citation.label()}")
             print(f'      "{" ".join(citation.quote.split())[:400]}"')
     for flag in done.flags:
-        print(f"  (citation [{flag.number}] dropped: {flag.reason})", file=sys.stderr)
+        what = f"citation [{flag.number}] dropped" if flag.number else "not shown"
+        print(f"  ({what}: {flag.reason})", file=sys.stderr)
     return 0
 
 

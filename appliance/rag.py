@@ -23,7 +23,7 @@ from sqlmodel import select
 
 from appliance.answerability import question_terms, support
 from appliance.attribution import supporting_passage
-from appliance.citations import Citation, Flag, best_sentence, cited_numbers, sources_block, verify
+from appliance.citations import Citation, Flag, best_sentence, sources_block, verify
 from appliance.config import RetrievalSettings
 from appliance.db import DocumentText, session
 from appliance.errors import ApplianceError, BadRequest
@@ -36,12 +36,11 @@ from appliance.retrieve import Hit, Retriever, check_query
 log = logging.getLogger(__name__)
 
 NOT_FOUND = "Not found in the documents you can access."
-UNVERIFIED_NOTE = (
-    "Note: no statement in this answer could be verified against the documents you can access; do not rely on it."
-)
 NO_MODEL_NOTE = "No generation model is installed, so these are the most relevant passages, quoted as they stand:"
-FALLBACK_NOTE = "The answer above could not be verified against the documents; the passages that answer it say:"
-PARTLY_VERIFIED_NOTE = "Note: a sentence without a [n] could not be verified against the documents."
+FALLBACK_NOTE = (
+    "The model's answer could not be verified against the documents, so these are the passages that answer the "
+    "question, quoted as they stand:"
+)
 
 SYSTEM_PROMPT = """You answer questions for the staff of an organisation, using only the passages from its \
 documents that come with each question.
@@ -65,7 +64,6 @@ ANSWER_GRAMMAR = f"""root ::= "{NOT_FOUND}" | sentence (" " sentence){{0,{MAX_AN
 sentence ::= [A-Z] char{{4,240}} "."
 char ::= [^\\[\\]\\n".!?]
 """
-SENTENCE_END = re.compile(r"\.(?:\s|$)")
 
 
 _DELIMITER = re.compile(r"<{2,}|>{2,}")
@@ -275,10 +273,11 @@ class Answerer:
         options: dict[str, Any] | None,
         requester: str,
     ):
-        """The model phrases the answer in plain sentences (ANSWER_GRAMMAR); as each sentence ends, the passage
-        that holds what it says is cited after it (attribution.py), and then every citation is verified. When no
-        sentence verifies, the passages' own best sentences follow, quoted: the reader always gets a verified
-        quote or an honest "Not found"."""
+        """The model phrases the answer in plain sentences (ANSWER_GRAMMAR). Each sentence is held back until it
+        ends, then cited with the passage that holds what it says (attribution.py) and verified; only then is it
+        streamed. A sentence no passage supports is never shown (it is flagged). When no sentence verifies, the
+        passages' own best sentences are quoted instead: the reader gets verified text or an honest "Not found",
+        whatever the model wrote."""
         options = dict(options or {})
         options.setdefault("num_predict", self.settings.answer_max_tokens)
         options.setdefault("temperature", 0.1)
@@ -292,39 +291,44 @@ class Answerer:
             keep_alive=self.settings.answer_keep_alive,
         )
         shown: list[str] = []  # exactly what was streamed
-        sentence: list[str] = []
+        dropped = 0
+        sentence = ""
         finished: Finished | None = None
+
+        def cited(text: str) -> str | None:
+            """`text` with its citation before its full stop, if a passage supports it and it verifies."""
+            number = supporting_passage(text, searched, used)
+            candidate = f"{text.strip()} [{number}]." if number else ""
+            return candidate if candidate and verify(candidate, used, texts)[0] else None
+
         async for event in self.engine.generate(request):
             if not isinstance(event, Token):
                 finished = event
                 continue
-            # The grammar allows a full stop only at the end of a sentence: hold it back until the sentence is
-            # attributed, so that its citation comes before it ("... at 14:00 [2].").
-            *ended, rest = event.text.split(".")
-            for part in ended:
-                sentence.append(part)
-                number = supporting_passage("".join(sentence), searched, used)
-                piece = part + (f" [{number}]." if number else ".")
+            *ended, sentence_rest = (sentence + event.text).split(".")  # a full stop only ends a sentence
+            for text in ended:
+                piece = cited(text)
+                if piece is None:
+                    dropped += 1
+                    continue
+                piece = (" " if shown else "") + piece
                 shown.append(piece)
                 yield Token(piece)
-                sentence = []
-            if rest:
-                sentence.append(rest)
-                shown.append(rest)
-                yield Token(rest)
+            sentence = sentence_rest
+        if sentence.strip() and (piece := cited(sentence)) is not None:  # cut short by num_predict
+            shown.append((" " if shown else "") + piece)
+            yield Token(shown[-1])
+        elif sentence.strip():
+            dropped += 1
         answer = "".join(shown)
         citations, flags = verify(answer, used, texts)
-        said = answer.strip()
+        flags += [Flag(0, "a sentence the model wrote is supported by no passage; it was not shown")] * dropped
         mode = "generated"
-        if said != NOT_FOUND and not citations:
+        if not citations:
             lines, citations = self._quotes(used, texts, searched)
-            note = ("\n\n" if said else "") + ("\n".join([FALLBACK_NOTE, "", *lines]) if citations else UNVERIFIED_NOTE)
-            mode = "extractive" if citations else "generated"
-            yield Token(note)
-            answer += note
-        elif citations and len(cited_numbers(answer)) < len(SENTENCE_END.findall(said)):
-            yield Token("\n\n" + PARTLY_VERIFIED_NOTE)
-            answer += "\n\n" + PARTLY_VERIFIED_NOTE
+            answer = "\n".join([FALLBACK_NOTE, "", *lines]) if citations else NOT_FOUND
+            mode = "extractive" if citations else "not_found"
+            yield Token(answer)
         if flags:
             log.info("dropped %d citation(s) that did not verify", len(flags))
         yield AnswerDone(

@@ -92,7 +92,7 @@ class Bench:
         self.answerer = Answerer(self.retriever, self.engine, self.settings.retrieval, self.settings.scheduler.num_ctx)
         self.threads = self.scheduler.hardware.physical_cores
 
-    async def ask(self, item: dict, passages: int, max_tokens: int) -> dict:
+    async def ask(self, item: dict, passages: int, max_tokens: int, penalty: float | None = None) -> dict:
         from appliance.inference.engine import Token
         from appliance.rag import AnswerDone
 
@@ -103,7 +103,8 @@ class Bench:
         started = time.perf_counter()
         first = None
         done = None
-        async for event in self.answerer.ask(item["question"], self.access, [collection], options={"temperature": 0}):
+        options = {"temperature": 0} | ({"repeat_penalty": penalty} if penalty is not None else {})
+        async for event in self.answerer.ask(item["question"], self.access, [collection], options=options):
             if isinstance(event, Token) and first is None:
                 first = time.perf_counter() - started
             elif isinstance(event, AnswerDone):
@@ -151,7 +152,7 @@ class Bench:
         return self.engine._prompt(self.record, request)
 
 
-def direct_baseline(bench: Bench, prompts: list[str], max_tokens: int) -> list[dict]:
+def direct_baseline(bench: Bench, prompts: list[str], max_tokens: int, penalty: float) -> list[dict]:
     """llama-cpp-python in this process, the same prompt, grammar, context and threads, greedy."""
     import llama_cpp
     from llama_cpp.llama_grammar import LlamaGrammar
@@ -167,20 +168,21 @@ def direct_baseline(bench: Bench, prompts: list[str], max_tokens: int) -> list[d
             n_threads_batch=bench.threads,
             verbose=False,
         )
-    penalty = float(bench.record.parameters.get("repeat_penalty", 1.0))
     results = []
     for prompt in prompts:
         grammar = LlamaGrammar.from_string(ANSWER_GRAMMAR, verbose=False)
         started = time.perf_counter()
         first = None
-        count = 0
-        for _ in llm.create_completion(
+        pieces = []
+        for chunk in llm.create_completion(
             prompt, max_tokens=max_tokens, temperature=0, repeat_penalty=penalty, grammar=grammar, stream=True
         ):
-            count += 1
+            pieces.append(chunk["choices"][0]["text"])
             if first is None:
                 first = time.perf_counter() - started
-        results.append({"ttft_s": first, "total_s": time.perf_counter() - started, "tokens": count})
+        total = time.perf_counter() - started
+        tokens = len(llm.tokenize("".join(pieces).encode(), add_bos=False, special=True))
+        results.append({"ttft_s": first, "total_s": total, "tokens": tokens})
     return results
 
 
@@ -246,25 +248,30 @@ async def run() -> int:
     passages, max_tokens = args.passages[-1], args.max_tokens[-1]
     prompts = [(q, bench.prompt_for(q, passages, max_tokens)) for q in questions]
     prompts = [(q, p) for q, p in prompts if p is not None]
-    ours = [await bench.ask(q, passages, max_tokens) for q, _ in prompts]
-    direct = direct_baseline(bench, [p for _, p in prompts], max_tokens)
-    our_after_retrieval = [r["total_s"] - r["retrieval_s"] for r in ours]
-    our_ttft = [r["ttft_s"] - r["retrieval_s"] for r in ours]
-    print(f"\nBaseline, {len(prompts)} answered questions, {passages} passages, {max_tokens} tokens at most (s):")
+    # Both sides without the repeat penalty (the runner and llama-cpp-python apply it to different histories),
+    # so that greedy decoding under the same grammar writes the same tokens and the times compare.
+    ours = [await bench.ask(q, passages, max_tokens, penalty=1.0) for q, _ in prompts]
+    direct = direct_baseline(bench, [p for _, p in prompts], max_tokens, penalty=1.0)
+    same = [(o, d) for o, d in zip(ours, direct, strict=True) if abs(o["generated_tokens"] - d["tokens"]) <= 1]
+    our_ttft = [o["ttft_s"] - o["retrieval_s"] for o, _ in same]
+    our_after_retrieval = [o["total_s"] - o["retrieval_s"] for o, _ in same]
+    direct_ttft = [d["ttft_s"] for _, d in same]
+    direct_total = [d["total_s"] for _, d in same]
+    print(
+        f"\nBaseline, {len(prompts)} answered questions ({len(same)} with the same tokens written by both, give or "
+        f"take one, compared), {passages} passages, {max_tokens} tokens at most (s):"
+    )
     print("                                   first token p50/p95   whole answer p50/p95")
-    print(
-        f"appliance (after retrieval)         {percentile(our_ttft, 0.5):>6.2f} / {percentile(our_ttft, 0.95):<6.2f}"
-        f"        {percentile(our_after_retrieval, 0.5):>6.2f} / {percentile(our_after_retrieval, 0.95):<6.2f}"
-    )
-    direct_ttft = [d["ttft_s"] for d in direct]
-    direct_total = [d["total_s"] for d in direct]
-    print(
-        f"llama-cpp-python direct             {percentile(direct_ttft, 0.5):>6.2f}"
-        f" / {percentile(direct_ttft, 0.95):<6.2f}"
-        f"        {percentile(direct_total, 0.5):>6.2f} / {percentile(direct_total, 0.95):<6.2f}"
-    )
-    overhead = statistics.median(our_after_retrieval) / statistics.median(direct_total) - 1
-    print(f"overhead of the appliance over direct (median whole answer after retrieval): {overhead:+.1%}")
+    for label, ttft, whole in (
+        ("appliance (after retrieval)", our_ttft, our_after_retrieval),
+        ("llama-cpp-python direct", direct_ttft, direct_total),
+    ):
+        print(
+            f"{label:<35} {percentile(ttft, 0.5):>6.2f} / {percentile(ttft, 0.95):<6.2f}"
+            f"        {percentile(whole, 0.5):>6.2f} / {percentile(whole, 0.95):<6.2f}"
+        )
+    overhead = statistics.median(o / d - 1 for o, d in zip(our_after_retrieval, direct_total, strict=True))
+    print(f"overhead of the appliance over direct (median per question, whole answer after retrieval): {overhead:+.1%}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     report["baseline"] = {"ours": ours, "direct": direct, "overhead": overhead}
     OUT.mkdir(parents=True, exist_ok=True)
