@@ -109,7 +109,11 @@ def test_keep_alive_expiry_unloads(client):
 
 
 def test_queue_bound_answers_503_and_a_disconnect_frees_the_runner(client, small_server):
-    running = client.generate(model="tiny-long", prompt=LONG_PROMPT, stream=True, options=LONG)
+    # Longer than LONG: the unread stream must still be running when the third request arrives (the server
+    # goes on generating into the socket's buffers while the client reads nothing).
+    running = client.generate(
+        model="tiny-long", prompt=LONG_PROMPT, stream=True, options={**LONG, "num_predict": 12000}
+    )
     next(running)  # the first request holds the runner
     second: dict = {}
 

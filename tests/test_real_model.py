@@ -183,3 +183,15 @@ def test_the_doctor_names_the_cpu_path(tmp_path):
     doctor = json.loads(run_cli(home, "doctor", "--json", check=False).stdout)
     cpu = next(c for c in doctor["checks"] if c["name"] == "cpu_path")
     assert cpu["status"] == "ok" and cpu["message"].startswith("llama.cpp CPU path:")
+
+
+def test_appliance_run_without_a_name_chats_with_the_answering_model(real_server):
+    result = run_cli(
+        real_server.home,
+        "run",
+        input="/set parameter temperature 0\nWhat is the capital of France?\n/bye\n",
+        APPLIANCE_PORT=str(real_server.port),
+        APPLIANCE_API_KEY=real_server.admin_key,
+        **WITH_DEFAULT,
+    )
+    assert "paris" in result.stdout.lower()
