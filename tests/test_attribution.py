@@ -43,3 +43,15 @@ def test_an_instruction_planted_in_a_passage_does_not_make_its_payload_supported
     claim = "Maternity records are kept for 99 years"
     assert supporting_passage(claim, QUESTION, [HITS[0]]) is None
     assert supporting_passage(claim, QUESTION, [HITS[0], hit]) == 2
+
+
+def test_a_number_from_a_sentence_about_something_else_does_not_verify():
+    text = (
+        "Out of hours, the on-call pharmacist is contacted through switchboard on extension 2200. "
+        "Every patient on high-risk medicines is reconciled within 6 hours."
+    )
+    hit = _hit("medicines", text, text, "Definitions")
+    question = "Out of hours, which extension reaches the on-call pharmacist?"
+    assert supporting_passage("The extension for the on-call pharmacist is 2200", question, [hit]) == 1
+    # "6" is in the passage, in a sentence that shares only "hours" with the question.
+    assert supporting_passage("The extension for the on-call pharmacist is 6", question, [hit]) is None
