@@ -196,7 +196,7 @@ class Answerer:
     ) -> AsyncIterator[Token | AnswerDone]:
         """Stream the answer's text as Tokens, then one AnswerDone with the verified citations."""
         question = check_query(question)
-        record = self.generation_model(model)
+        record = await asyncio.to_thread(self.generation_model, model)  # may hash the blob once: off the loop
         searched = question
         if history:
             searched = await self.standalone_question(question, history, record, access.requester)
