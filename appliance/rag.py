@@ -156,10 +156,11 @@ class Answerer:
         """The model that writes answers: the requested one, else the configured or installed default
         (`default_model.generation_model`); its blob is checked, so a damaged model is a clear error."""
         store = self.engine.store
-        if requested:
-            record = self.engine.resolve(requested)
+        name = requested or self.settings.rag_model
+        if name:
+            record = self.engine.resolve(name)  # refuses the bundled embedding model by name, as before
         else:
-            record = default_model.generation_model(store, self.settings.rag_model)
+            record = default_model.generation_model(store)
             if record is None:
                 return None
         store.verify_blob(record.model_digest)  # missing or altered: NotFound / CorruptBlob, never a guess
