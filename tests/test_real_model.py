@@ -86,7 +86,10 @@ def test_a_fresh_install_lists_the_default_model_and_chats_through_api_chat_and_
 def test_a_generated_answer_over_the_sample_corpus_carries_verified_citations(real_server):
     question = "When is the weekly long-stay review of delayed discharges held?"
     with real_server.http(real_server.reader_key) as http:
-        done = http.post("/api/rag/ask", json={"question": question, "collections": ["hospital"], "stream": False})
+        done = http.post(
+            "/api/rag/ask",
+            json={"question": question, "collections": ["hospital"], "stream": False, "options": {"temperature": 0}},
+        )
         assert done.status_code == 200, done.text
         answer = done.json()
     assert answer["model"] == DEFAULT_MODEL_NAME and answer["grounded"] is True
