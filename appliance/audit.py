@@ -64,6 +64,7 @@ ACTIONS = (
     "acl_set",
     "backup",
     "restore",
+    "access_refused",  # a 403, or a 404 that hides something the caller may not see
 )
 # Keys that must never appear in details: they would carry secrets or document text.
 _FORBIDDEN_KEYS = frozenset({"password", "key", "api_key", "secret", "token", "text", "content", "answer"})

@@ -750,10 +750,12 @@ def cmd_ingest(settings: Settings, args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from appliance.rbac import check_acl_subjects
     from ingest.pipeline import parse_acl
 
     _ensure_collection(settings, args.collection)
     acl = parse_acl(args.acl, args.collection)
+    check_acl_subjects(_db(settings), acl, args.collection)
     files = _walk(args.paths)
     # Parser processes share the cores with embedding: torch's OpenMP threads must sleep when they wait,
     # not spin, or they take the time parsing needs (set before torch is imported).
@@ -870,11 +872,13 @@ def cmd_documents_rm(settings: Settings, args) -> int:
 
 
 def cmd_documents_acl(settings: Settings, args) -> int:
+    from appliance.rbac import check_acl_subjects
     from ingest.pipeline import parse_acl
 
     document = _find_document(settings, args.id)
     acl = parse_acl(args.acl, document.collection)
     index = _chunk_index(settings)
+    check_acl_subjects(index.engine, acl, document.collection)
     index.set_acl(document.id, acl)
     _audit(index.engine, "acl_set", document.id, collection=document.collection, acl=acl, previous=document.acl)
     print(f"{document.filename} ({document.id[:12]}): readable by {', '.join(acl)}")

@@ -241,7 +241,11 @@ class WebSettings(BaseSettings):
         ),
     )
     login_max_failures: int = Field(
-        5, ge=1, le=1000, description="Failed sign-ins (password or code) on one account before it is locked."
+        5,
+        ge=1,
+        le=1000,
+        description="Failed sign-ins on one account from one client address before that address is locked out of "
+        "it; failed TOTP codes lock the account itself.",
     )
     login_max_failures_per_address: int = Field(
         20, ge=1, le=100_000, description="Failed sign-ins from one client address before that address is locked."

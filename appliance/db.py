@@ -245,7 +245,8 @@ class OidcLogin(SQLModel, table=True):
 
 
 class LoginThrottle(SQLModel, table=True):
-    """Failed sign-ins per account name ("user:NAME") or client address ("addr:IP"), and the lockout."""
+    """Failed sign-ins per account name from a client address ("pair:IP|NAME"), per client address ("addr:IP")
+    or, for TOTP codes, per account ("totp:NAME"), and the lockout (web.security)."""
 
     __tablename__ = "login_throttle"
     key: str = Field(primary_key=True, max_length=200)

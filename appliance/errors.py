@@ -28,6 +28,11 @@ class NotFound(ApplianceError):
     status = 404
 
 
+class Withheld(NotFound):
+    """Something exists that the caller may not see: answered exactly like a missing thing (404), and
+    recorded in the audit log as a refused access."""
+
+
 class Conflict(ApplianceError):
     status = 409
 

@@ -314,6 +314,33 @@ def list_collections(engine: Engine) -> list[dict]:
     ]
 
 
+def check_acl_subjects(engine: Engine, acl: list[str], own_collection: str) -> None:
+    """Refuse a document ACL naming a user, group or collection that does not exist.
+
+    ACL entries are names: an entry for a name nobody holds yet would be inherited by whoever is given
+    that name later (an account created at an OIDC first sign-in, a new group). The document's own
+    collection may be new: it is created with the upload.
+    """
+    wanted: dict[str, set[str]] = {"user": set(), "group": set(), "collection": set()}
+    for entry in acl:
+        kind, _, name = entry.partition(":")
+        if kind in wanted and not (kind == "collection" and name == own_collection):
+            wanted[kind].add(name)
+    with session(engine) as db:
+        found = {
+            "user": set(db.exec(select(User.name).where(User.name.in_(wanted["user"])))),  # type: ignore[attr-defined]
+            "group": set(db.exec(select(Group.name).where(Group.name.in_(wanted["group"])))),  # type: ignore[attr-defined]
+            "collection": set(
+                db.exec(select(Collection.name).where(Collection.name.in_(wanted["collection"])))  # type: ignore[attr-defined]
+            ),
+        }
+    unknown = sorted(f"{kind}:{name}" for kind, names in wanted.items() for name in names - found[kind])
+    if unknown:
+        raise BadRequest(
+            f"the access list names no such {'entries' if len(unknown) > 1 else 'entry'}: {', '.join(unknown)}"
+        )
+
+
 # --- grants and walls ----------------------------------------------------------------------------
 def _subject(engine: Engine, user: str | None, group: str | None) -> tuple[str, int]:
     if (user is None) == (group is None):

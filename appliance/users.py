@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, func
+from sqlalchemy import String, bindparam, delete, func
+from sqlalchemy import text as sql
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from appliance.db import ApiKey, User, WebSession, session, utcnow
+from appliance.db import ApiKey, User, WebSession, acl_names_any, session, utcnow
 from appliance.errors import BadRequest, Conflict, NotFound, Unauthorized
 
 ROLES = ("admin", "editor", "reader")
@@ -260,6 +261,15 @@ def _name_from_claim(preferred: str) -> str:
     return cleaned or "oidc-user"
 
 
+def _named_in_document_acls(db, name: str) -> bool:
+    """Whether a document's ACL names `user:NAME`: an entry left from before ACLs were checked against
+    existing users (or from an import) must not hand its documents to a newcomer who gets that name."""
+    statement = sql(
+        f"SELECT 1 FROM document AS d WHERE {acl_names_any(db.get_bind().dialect.name, 'd.acl', 'names')} LIMIT 1"  # noqa: S608
+    ).bindparams(bindparam("names", expanding=True, type_=String))
+    return db.exec(statement, params={"names": [f"user:{name}"]}).first() is not None
+
+
 def oidc_user(engine: Engine, issuer: str, subject: str, preferred_name: str, role: str) -> tuple[User, bool]:
     """The user with this OIDC identity (issuer + subject), created on first sign-in; (user, created).
 
@@ -282,6 +292,7 @@ def oidc_user(engine: Engine, issuer: str, subject: str, preferred_name: str, ro
             if (
                 name.lower() in _RESERVED_FOR_OIDC
                 or db.exec(select(User.id).where(func.lower(User.name) == name.lower())).first()
+                or _named_in_document_acls(db, name)
             ):
                 continue  # not even a name differing only in case: it would read as the same person
             user = User(name=name, role=role, oidc_issuer=issuer, oidc_subject=subject)

@@ -41,6 +41,7 @@ def _check(home: Path) -> dict:
 
 def test_ingest_a_folder_offline(library):
     home, folder, documents = library
+    _cli(home, "groups", "add", "oncology")  # an ACL may name only groups that exist
     result = _cli(
         home, "ingest", str(folder), "--collection", "hospital", "--acl", "group:oncology", "--json", check=False
     )

@@ -14,7 +14,7 @@ from appliance.db import Collection, Document, alembic_config, create_db_engine,
 from appliance.errors import BadRequest, Conflict, NotFound, Unauthorized
 from appliance.index import ChunkIndex, open_vector_store
 from appliance.retrieve import Retriever
-from appliance.users import Principal, add_user, authenticate_key, create_key, disable_user, get_user
+from appliance.users import Principal, add_user, authenticate_key, create_key, disable_user, get_user, oidc_user
 from tests.conftest import run_cli
 
 DOCUMENTS = {
@@ -260,6 +260,30 @@ def test_an_upload_creates_its_collection(server):
     assert "uploaded-here" in [c["name"] for c in listed]
 
 
+def test_an_acl_names_only_users_groups_and_collections_that_exist(tmp_path):
+    """An ACL entry for a name nobody holds would be inherited by whoever gets that name later (finding 11);
+    and a name that a document's ACL already holds is never given to a newcomer signing in with OIDC."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'acl.db'}")
+    add_user(engine, "alice", "reader")
+    rbac.add_group(engine, "nursing")
+    rbac.add_collection(engine, "wards")
+    rbac.check_acl_subjects(engine, ["user:alice", "group:nursing", "collection:wards"], "wards")
+    rbac.check_acl_subjects(engine, ["collection:brand-new"], "brand-new")  # created with the upload
+    with pytest.raises(BadRequest, match="no such entries: collection:elsewhere, group:ghosts, user:ghost"):
+        rbac.check_acl_subjects(engine, ["user:alice", "user:ghost", "group:ghosts", "collection:elsewhere"], "wards")
+    # An entry left from before the check (written straight to the database) keeps its name from newcomers.
+    with session(engine) as db:
+        db.add(
+            Document(
+                id="d" * 64, collection="wards", source="s", filename="f.md", kind="md", size=1, acl=["user:ghost"]
+            )
+        )
+        db.commit()
+    newcomer, created = oidc_user(engine, "https://idp.example", "subject-1", "ghost", "reader")
+    assert created and newcomer.name == "ghost-2"
+    assert not rbac.access_for_user(engine, "ghost-2").principals & {"user:ghost"}
+
+
 @pytest.mark.slow
 def test_document_acl_and_role_changes_from_the_cli(fresh_home, tmp_path):
     """`documents acl` narrows one document at once for both searches; `users role` changes what a user may
@@ -277,6 +301,8 @@ def test_document_acl_and_role_changes_from_the_cli(fresh_home, tmp_path):
         return {h["document_id"] for h in hits["results"]}
 
     assert found("alice") == {document["id"]} and found("bob") == set()
+    refused = run_cli(fresh_home, "documents", "acl", document["id"][:12], "--acl", "user:bobby", check=False)
+    assert refused.returncode != 0 and "no such entry: user:bobby" in refused.stderr
     run_cli(fresh_home, "documents", "acl", document["id"][:12], "--acl", "user:bob")
     assert found("alice") == set() and found("bob") == {document["id"]}
     engine = create_db_engine(f"sqlite:///{fresh_home / 'appliance.db'}")

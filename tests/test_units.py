@@ -1,5 +1,7 @@
 """Names, digests, Modelfiles, keep_alive durations, stop strings, templates: pure functions."""
 
+import time
+
 import pytest
 
 from appliance.errors import BadRequest
@@ -138,6 +140,39 @@ def test_chat_template_renders_in_a_sandbox():
     hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(BadRequest):
         render_chat(hostile, [])
+
+
+@pytest.mark.parametrize(
+    "bomb, reason",
+    [
+        ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "longer than"),
+        ("{% for a in range(99999) %}{% for b in range(99999) %}{{ loop.index }}{% endfor %}{% endfor %}", "longer"),
+        ("{{ 'x' * 1000000000 }}", "repetition"),
+        ("{{ [1, 2] * 100000 }}", "repetition"),
+        ("{{ 'x'|center(1000000000) }}", "number above"),
+        ("{{ 'x'.ljust(1000000000) }}", "number above"),
+        ("{{ '{:>999999999}'.format(1) }}", "format width"),
+        ("{{ '%999999999d' % 1 }}", "format width"),
+        ("{{ '%999999999s'|format('a') }}", "format width"),
+        ("{{ 10 ** 100000 }}", "exponent"),
+    ],
+)
+def test_a_costly_chat_template_is_stopped(bomb, reason):
+    """A render is bounded in time and in what one step may produce, and the error says which bound."""
+    started = time.monotonic()
+    with pytest.raises(BadRequest, match=reason):
+        render_chat(bomb, [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - started < 30  # stopped, not merely slow (the deadline is 1 s)
+
+
+def test_bounds_leave_ordinary_templates_and_message_text_alone():
+    """Large numbers and format-looking text inside messages are data: only the template's own steps are capped."""
+    text = "Dose 1000000 units, 50% of {:>9999999} and %99999999d stay text."
+    rendered = render_chat(JINJA_CHATML, [{"role": "user", "content": text}] * 50)
+    assert rendered.count(text) == 50
+    numbers = "{% if 1 %}{{ (messages | length) * 3 }}-{{ range(5) | list | length }}-{{ '%05d' % 42 }}{% endif %}"
+    numbers += "-{{ 'ab' * 3 }}"
+    assert render_chat(numbers, [{"role": "user", "content": "x"}] * 4) == "12-5-00042-ababab"
 
 
 GO_CHATML = """{{- range .Messages }}<|im_start|>{{ .Role }}

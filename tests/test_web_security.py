@@ -11,6 +11,7 @@ import httpx
 import pyotp
 import pytest
 
+from appliance import audit
 from appliance.db import create_db_engine
 from appliance.rbac import add_grant, add_group, add_member
 from appliance.users import add_user, create_key, set_totp
@@ -26,6 +27,7 @@ HOSTILE = """Visitor guidance for the cardiology ward.
 Visiting hours are from two until eight in the evening.
 """
 CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:"
+STRANGER = "127.0.0.2"  # another client address: the whole of 127.0.0.0/8 reaches the server on Linux
 
 
 @dataclass
@@ -35,6 +37,8 @@ class Site:
     tessa_totp: str  # a reader who chose TOTP
     hostile_id: str  # a hospital document whose text holds HTML
     lawfirm_id: str  # a document the reader may not read
+    chief_totp: str  # an admin whom a stranger tries to lock out
+    tom_totp: str  # a reader whose password leaked
 
 
 def _document_id(home: Path, filename: str) -> str:
@@ -65,6 +69,9 @@ def site(tmp_path_factory):
         add_user(engine, name, "reader", PASSWORD)
     tess_secret = pyotp.random_base32()
     set_totp(engine, add_user(engine, "tessa", "reader", PASSWORD).id, tess_secret)  # TOTP is optional for readers
+    chief_secret, tom_secret = pyotp.random_base32(), pyotp.random_base32()
+    set_totp(engine, add_user(engine, "chief", "admin", PASSWORD).id, chief_secret)
+    set_totp(engine, add_user(engine, "tom", "reader", PASSWORD).id, tom_secret)
     add_group(engine, "clinical")
     for name in ("rita", "leaver"):
         add_member(engine, "clinical", name)
@@ -86,6 +93,8 @@ def site(tmp_path_factory):
         tess_secret,
         _document_id(home, "visitors.txt"),
         _document_id(home, "engagement-letter-template.md"),
+        chief_secret,
+        tom_secret,
     )
     stop_server(server)
 
@@ -98,8 +107,15 @@ def admin(site):
         yield client
 
 
-def browser(server: Server) -> httpx.Client:
-    return httpx.Client(base_url=server.url, follow_redirects=False, timeout=60, headers={"accept": "text/html"})
+def browser(server: Server, address: str = "127.0.0.1") -> httpx.Client:
+    """A browser connecting from this client address."""
+    return httpx.Client(
+        base_url=server.url,
+        follow_redirects=False,
+        timeout=60,
+        headers={"accept": "text/html"},
+        transport=httpx.HTTPTransport(local_address=address),
+    )
 
 
 def form_token(html: str) -> str:
@@ -241,6 +257,42 @@ def test_an_account_is_locked_after_repeated_failures(site):
         assert response.status_code == 429 and "Too many failed sign-ins" in response.text
         assert COOKIE not in client.cookies
         assert sign_in(client, "rita").status_code == 303  # another account from the same address is fine
+
+
+def test_a_stranger_cannot_lock_someone_else_out(site):
+    """Wrong passwords from another address lock that address out of the account, not the account's owner."""
+    with browser(site.server, STRANGER) as stranger:
+        for _ in range(5):  # past APPLIANCE_LOGIN_MAX_FAILURES (3)
+            assert sign_in(stranger, "chief", "wrong password!").status_code in (401, 429)
+        response = sign_in(stranger, "chief")  # still guessing from there: refused, even the right password
+        assert response.status_code == 429 and "Too many failed sign-ins" in response.text
+    with browser(site.server) as owner:
+        response = sign_in(owner, "chief", secret=site.chief_totp)
+        assert response.status_code == 303 and response.headers["location"] == "/"
+        assert owner.get("/admin").status_code == 200
+    engine = create_db_engine(f"sqlite:///{site.server.home / 'appliance.db'}")
+    failed = list(audit.export(engine, actor="chief", action="signin_failed"))
+    engine.dispose()
+    assert [(r["outcome"], r["details"]["address"]) for r in failed] == [("failed", STRANGER)] * 3 + [
+        ("denied", STRANGER)
+    ] * 3
+
+
+def test_failed_codes_lock_the_account_from_every_address(site):
+    """Only someone who knows the password reaches the code step, so failed codes lock the account itself."""
+    totp = pyotp.TOTP(site.tom_totp)
+    now = time.time()
+    valid = {totp.at(now + offset) for offset in (-60, -30, 0, 30, 60)}
+    wrong = next(code for code in ("000000", "111111", "222222", "333333", "444444", "555555") if code not in valid)
+    with browser(site.server, STRANGER) as thief:
+        assert sign_in(thief, "tom").headers["location"] == "/login/totp"
+        token = form_token(thief.get("/login/totp").text)
+        for _ in range(3):
+            assert thief.post("/login/totp", data={"csrf": token, "code": wrong}).status_code == 401
+        assert thief.post("/login/totp", data={"csrf": token, "code": totp.now()}).status_code == 429
+    with browser(site.server) as owner:
+        response = sign_in(owner, "tom", secret=site.tom_totp)
+        assert response.status_code == 429 and "Too many failed sign-ins" in response.text
 
 
 def test_an_admin_must_enrol_totp_before_anything_else(site):

@@ -289,6 +289,7 @@ def _set_document_acl(index, document_id: str, acl_field: str):
     if document is None:
         raise NotFound(f"document {document_id[:64]} not found")
     acl = parse_acl(acl_field, document.collection)
+    rbac.check_acl_subjects(index.engine, acl, document.collection)
     index.set_acl(document.id, acl)
     return document, acl
 

@@ -22,7 +22,7 @@ from appliance.cluster.coordinator import Cluster
 from appliance.config import RetrievalSettings, Settings
 from appliance.db import create_db_engine
 from appliance.embeddings import SentenceEmbedder
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, Forbidden, Withheld
 from appliance.index import ChunkIndex, open_vector_store
 from appliance.inference import hardware
 from appliance.inference.engine import Engine
@@ -49,7 +49,7 @@ from web import (
 from web.auth import host_allowed, issue_cli_token
 from web.rate_limits import RateLimits
 from web.rendering import SignInRequired, error_page, is_page
-from web.security import CsrfRefused, add_security_headers, audit
+from web.security import CsrfRefused, add_security_headers, audit, audit_refusal
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(ApplianceError)
     async def appliance_error(request: Request, exc: ApplianceError):
+        if isinstance(exc, Forbidden | Withheld):
+            audit_refusal(request, exc)
         if exc.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         retry_after = getattr(exc, "retry_after", None)

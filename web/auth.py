@@ -53,6 +53,7 @@ def require_user(request: Request) -> Principal:
     """The caller behind the request's key, or behind a signed-in browser session; raises Unauthorized,
     or TooManyRequests when that caller is over its rate limit."""
     principal = _authenticate(request)
+    request.state.principal = principal  # names the caller in the audit record if the request is refused
     rate_limits.enforce(request, principal)
     return principal
 

@@ -1,4 +1,4 @@
-"""Reading JSON request bodies with clear 400 errors for malformed JSON and wrong types."""
+"""Reading JSON request bodies with clear 400 errors for malformed JSON, nesting too deep and wrong types."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from typing import Any
 from fastapi import Request
 
 from appliance.errors import BadRequest, PayloadTooLarge
+
+# No request of these APIs nests deeper than a JSON schema in `format` or a tool's parameters do (a
+# dozen levels); the cap keeps deeper input away from code that walks it recursively.
+MAX_JSON_DEPTH = 64
 
 
 async def read_json(request: Request) -> dict[str, Any]:
@@ -24,11 +28,29 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise BadRequest("missing request body")
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"JSON in request body nested deeper than {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"invalid JSON in request body: {exc}") from None
+    if _depth_over(body, MAX_JSON_DEPTH):
+        raise BadRequest(f"JSON in request body nested deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest deeper than `limit` (walked without recursion)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def get(

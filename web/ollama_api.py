@@ -16,13 +16,12 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from appliance import __version__
 from appliance.embeddings import DEFAULT_EMBEDDING_MODEL
-from appliance.errors import BadRequest
+from appliance.errors import BadRequest, Forbidden
 from appliance.inference.engine import Finished, GenerationRequest, Token
 from appliance.models.create import create_model, modelfile_from_api
 from appliance.models.modelfile import parse_modelfile, render_modelfile
 from appliance.models.names import parse_digest, parse_name
 from appliance.models.store import ModelRecord
-from appliance.models.template import check_template
 from appliance.rag import AnswerDone
 from appliance.users import Principal
 from web.auth import require_admin, require_user
@@ -64,7 +63,7 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
     return messages
 
 
-def _generation_request(body: dict[str, Any], chat: bool) -> GenerationRequest:
+def _generation_request(body: dict[str, Any], chat: bool, principal: Principal) -> GenerationRequest:
     tools = get(body, "tools", list)
     if body.get("images"):
         raise BadRequest("images are not supported by this server's models")
@@ -73,7 +72,7 @@ def _generation_request(body: dict[str, Any], chat: bool) -> GenerationRequest:
         messages=_messages(body.get("messages") or []) if chat else None,
         prompt=None if chat else get(body, "prompt", str, ""),
         system=None if chat else get(body, "system", str),
-        template=None if chat else _request_template(get(body, "template", str)),
+        template=None if chat else _request_template(get(body, "template", str), principal),
         raw=bool(get(body, "raw", bool, False)),
         format=body.get("format"),
         options=get(body, "options", dict, {}),
@@ -83,14 +82,16 @@ def _generation_request(body: dict[str, Any], chat: bool) -> GenerationRequest:
     )
 
 
-def _request_template(template: str | None) -> str | None:
-    if template:
-        check_template(template)
+def _request_template(template: str | None, principal: Principal) -> str | None:
+    """A template sent with the request replaces the model's own: administrators only, since a template
+    is code that runs here (sandboxed and bounded, but able to cost CPU and memory)."""
+    if template and not principal.is_admin:
+        raise Forbidden("only administrators may send a 'template'; leave it out to use the model's own")
     return template or None
 
 
 async def _generation(request: Request, chat: bool, body: dict[str, Any], principal: Principal):
-    generation = _generation_request(body, chat)
+    generation = _generation_request(body, chat, principal)
     generation.user = principal.requester
     stream = bool(get(body, "stream", bool, True))
     engine = _state(request).engine

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from sqlmodel import select
 
 from appliance.db import Chunk, Document, DocumentText, session
-from appliance.errors import NotFound
+from appliance.errors import NotFound, Withheld
 from appliance.rbac import allowed, list_collections, list_groups
 from web.rendering import nav, render, serve_asset, signed_in, viewer_access
 
@@ -83,8 +83,10 @@ async def documents_page(request: Request, collection: str = "", name: str = "")
 def _document_view(request: Request, access, document_id: str, chunk_id: str, start: int | None, end: int | None):
     with session(request.app.state.db) as db:
         document = db.get(Document, document_id) if len(document_id) == 64 else None
-        if document is None or not access.can_read(document.collection, document.acl):
-            raise NotFound("No such document, or you may not read it.")  # the same answer for both
+        if document is None:
+            raise NotFound("No such document, or you may not read it.")
+        if not access.can_read(document.collection, document.acl):
+            raise Withheld("No such document, or you may not read it.")  # the same answer for both
         text_row = db.get(DocumentText, document_id)
         chunk = db.get(Chunk, chunk_id) if chunk_id else None
     text = text_row.text if text_row else ""
@@ -135,8 +137,8 @@ async def upload_page(request: Request):
     state = request.app.state
     existing = {c["name"] for c in await asyncio.to_thread(list_collections, state.db)}
     editable = sorted(c for c in existing if allowed(access, "edit", c))
-    # As the documents API does: an editing role may name a new collection (and becomes its editor).
-    can_create = access.everything or "edit" in access.actions
+    # As the documents API does: an admin may name a new collection (and becomes its editor); an editor may not.
+    can_create = allowed(access, "manage_policy")
     groups = [g["name"] for g in await asyncio.to_thread(list_groups, state.db)]
     return render(
         request,

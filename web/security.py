@@ -3,8 +3,11 @@
 Every response carries a strict CSP (no inline script or style, nothing from another origin), nosniff,
 no referrer and no framing. Forms before sign-in (login, setup) carry a token bound to a random cookie
 (HMAC with a per-process key); after sign-in forms and fetch calls carry the session's own token.
-Failed sign-ins are counted per account name and per client address; over the limit the key is locked,
-and each further failure doubles the lock (up to a day).
+Failed sign-ins are counted per account name *and* client address together, and per client address: a
+stranger guessing someone's password locks only their own address out of that account, never the account
+itself (an account-wide lock would let anyone lock anyone out, admins included). Failed TOTP codes also
+count for the account as a whole, since only someone who knew its password reaches that step. Over the
+limit a key is locked, and each further failure doubles the lock (up to a day).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from sqlalchemy.engine import Engine
 from appliance import audit as audit_log
 from appliance.config import WebSettings
 from appliance.db import LoginThrottle, session, utcnow
-from appliance.errors import Forbidden
+from appliance.errors import ApplianceError, Forbidden
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,13 @@ def check_prelogin(request: Request, sent: object) -> None:
 
 # --- sign-in throttling --------------------------------------------------------------------------
 def throttle_keys(name: str, address: str) -> list[str]:
-    return [f"user:{name.lower()[:64]}", f"addr:{address[:64]}"]
+    """What a password attempt counts toward: this name from this address, and this address."""
+    return [f"pair:{address[:64]}|{name.lower()[:64]}", f"addr:{address[:64]}"]
+
+
+def totp_keys(name: str, address: str) -> list[str]:
+    """What a code attempt counts toward: the password's keys and the account itself."""
+    return [*throttle_keys(name, address), f"totp:{name.lower()[:64]}"]
 
 
 def locked_for(engine: Engine, keys: list[str]) -> int:
@@ -111,7 +120,7 @@ def record_failure(engine: Engine, settings: WebSettings, keys: list[str]) -> No
     window = timedelta(seconds=max(900, settings.login_lockout_s))
     with session(engine) as db:
         for key in keys:
-            limit = settings.login_max_failures if key.startswith("user:") else settings.login_max_failures_per_address
+            limit = settings.login_max_failures_per_address if key.startswith("addr:") else settings.login_max_failures
             row = db.get(LoginThrottle, key) or LoginThrottle(key=key)
             unlocked = row.locked_until is None or row.locked_until <= now
             if unlocked and now - row.updated_at > window and row.failures < limit:
@@ -125,12 +134,17 @@ def record_failure(engine: Engine, settings: WebSettings, keys: list[str]) -> No
         db.commit()
 
 
-def clear_failures(engine: Engine, key: str) -> None:
+def clear_failures(engine: Engine, name: str, address: str) -> None:
+    """After a sign-in: forget the failures of this name from this address and of the account's codes. Never
+    the address's own count, or a sprayer could reset it by signing in to an account of their own."""
     with session(engine) as db:
-        row = db.get(LoginThrottle, key)
-        if row is not None:
-            db.delete(row)
-            db.commit()
+        for key in totp_keys(name, address):
+            if key.startswith("addr:"):
+                continue
+            row = db.get(LoginThrottle, key)
+            if row is not None:
+                db.delete(row)
+        db.commit()
 
 
 def client_address(request: Request) -> str:
@@ -138,6 +152,31 @@ def client_address(request: Request) -> str:
 
 
 # --- audit ---------------------------------------------------------------------------------------
+def audit_refusal(request: Request, error: ApplianceError) -> None:
+    """The generic record of a refused request (a 403, or a Withheld 404), unless the route already wrote
+    one of its own: who (key, session or nobody), which route, and the reason the caller was given."""
+    if getattr(request.state, "refusal_audited", False):
+        return
+    principal = getattr(request.state, "principal", None)
+    if principal is not None:
+        actor, actor_id = audit_log.actor_of(principal)
+    else:
+        from web.sessions import current
+
+        signed, _ = current(request)
+        actor, actor_id = (signed.user.name, signed.user.id) if signed is not None else ("-", None)
+    audit(
+        request,
+        actor,
+        "access_refused",
+        actor_id=actor_id,
+        target=f"{request.method} {request.url.path[:200]}",  # never the query string: it may carry a secret
+        outcome="denied",
+        status=error.status,
+        reason=error.message[:200],
+    )
+
+
 def audit(
     request: Request,
     actor: str,
@@ -154,6 +193,8 @@ def audit(
     if action not in audit_log.ACTIONS:
         log.info("audit (no such audit action yet) %s %s by %s on %s", action, outcome, actor, target)
         return
+    if outcome == "denied":
+        request.state.refusal_audited = True  # the route named the refusal itself: no generic record too
     audit_log.record(
         request.app.state.db,
         actor or "-",

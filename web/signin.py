@@ -1,8 +1,10 @@
 """Sign-in pages: first-run setup, password sign-in, the TOTP step, TOTP enrolment, sign-out.
 
 Password sign-in creates a session in the `mfa` stage (user has TOTP), `enrol` stage (an admin without
-TOTP must enrol first) or `full` stage; every step up issues a new session id. Failed passwords and
-codes count toward the lockout of the account name and of the client address.
+TOTP must enrol first) or `full` stage; every step up issues a new session id. Failed passwords count toward
+the lockout of the account name from the client address and of the client address, never of the account
+alone (a stranger could then lock anyone out); failed codes, which need the right password first, also
+count toward the account's own lockout. The policy is in web.security.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from web.security import (
     record_failure,
     set_prelogin_cookie,
     throttle_keys,
+    totp_keys,
 )
 
 router = APIRouter()
@@ -92,7 +95,7 @@ async def login(request: Request):
     assert user.id is not None
     stage = "mfa" if user.totp_secret else ("enrol" if user.role == "admin" else "full")
     if stage == "full":
-        clear_failures(state.db, keys[0])
+        clear_failures(state.db, user.name, client_address(request))
     old = request.cookies.get(sessions.cookie_name(request))
     token = sessions.create(state.db, user.id, stage, replaces=old)
     if stage == "full":
@@ -140,7 +143,7 @@ async def totp_check(request: Request):
     check_csrf(signed, form.get("csrf"))
     state = request.app.state
     user = signed.user
-    keys = throttle_keys(user.name, client_address(request))
+    keys = totp_keys(user.name, client_address(request))
     wait = locked_for(state.db, keys)
     if wait:
         audit(request, user.name, "signin_failed", actor_id=user.id, outcome="denied", reason="locked")
@@ -156,7 +159,7 @@ async def totp_check(request: Request):
         )
     assert user.id is not None
     set_totp(state.db, user.id, user.totp_secret, step)
-    clear_failures(state.db, keys[0])
+    clear_failures(state.db, user.name, client_address(request))
     token = sessions.create(state.db, user.id, "full", replaces=signed.token)
     audit(request, user.name, "signin", actor_id=user.id, factor="totp")
     response = _redirect("/")
@@ -222,7 +225,7 @@ async def enrol(request: Request):
         return _enrolment(request, signed, 400, "That code is not right: check the time on your phone and try again.")
     assert signed.user.id is not None and secret
     set_totp(state.db, signed.user.id, secret, step)
-    clear_failures(state.db, throttle_keys(signed.user.name, "")[0])
+    clear_failures(state.db, signed.user.name, client_address(request))
     token = sessions.create(state.db, signed.user.id, "full", replaces=signed.token)
     audit(request, signed.user.name, "signin", actor_id=signed.user.id, factor="totp", enrolled=True)
     response = _redirect("/")

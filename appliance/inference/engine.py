@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,12 @@ from appliance.models.store import ModelRecord, ModelStore
 from appliance.models.template import parse_tool_calls, render_chat
 
 log = logging.getLogger(__name__)
+# Prompts are rendered on threads of their own, never on the shared default pool that file reads,
+# hashing and searches use: a costly template (each render is stopped after RENDER_DEADLINE_S) then
+# delays only other renders. A template sent with a request (administrators only) gets one thread
+# apart from the models' own templates.
+_MODEL_TEMPLATE_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-template")
+_REQUEST_TEMPLATE_THREADS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="request-template")
 
 
 @dataclass
@@ -163,7 +170,8 @@ class Engine:
             model = await self.scheduler.load_only(record, options, request.keep_alive)
             yield Finished("load", time.perf_counter_ns() - started, model.load_duration_ns)
             return
-        prompt = await asyncio.to_thread(self._prompt, record, request)
+        threads = _REQUEST_TEMPLATE_THREADS if request.template else _MODEL_TEMPLATE_THREADS
+        prompt = await asyncio.get_running_loop().run_in_executor(threads, self._prompt, record, request)
         async with self.scheduler.use(record, options, request.keep_alive, user=request.user) as model:
             load_duration = time.perf_counter_ns() - started
             pieces: list[str] = []

@@ -1,22 +1,31 @@
 """Chat templates: render messages into a prompt with the model's template, sandboxed.
 
 A GGUF's `tokenizer.chat_template` comes from whoever made the file, so it runs in Jinja2's
-immutable sandbox. Ollama's Go templates (`{{ .Prompt }}`, `{{ range .Messages }}`) are translated
+immutable sandbox, bounded: a render that runs past `RENDER_DEADLINE_S` of template code is stopped,
+numbers handed to calls and filters (`range`, `center`, `"x" * n`, format widths) are capped, and so is
+the rendered prompt. Ollama's Go templates (`{{ .Prompt }}`, `{{ range .Messages }}`) are translated
 to Jinja2 first (`go_template`) and rendered in the same sandbox. Tool calls are parsed back out of
 the model's text.
+
+The bounds stop slow loops and obvious size bombs; they do not make an arbitrary template safe (a few
+string concatenations can still build a large string before the deadline). That is why only
+administrators may send a template with a request: everyone else gets the model's own template, which
+an administrator installed.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
+import time
 import uuid
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
 from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEnvironment
 
 from appliance.errors import BadRequest
 from appliance.models.go_template import to_jinja
@@ -40,21 +49,110 @@ def check_template(text: str) -> None:
         raise BadRequest(f"invalid chat template: {exc}") from None
 
 
+RENDER_DEADLINE_S = 1.0  # time inside template code per render; real chat templates need microseconds
+MAX_NUMBER = 100_000  # the largest number a call, filter or repetition may be handed
+MAX_PROMPT_CHARS = 4_000_000  # about a million tokens: more than any context window here
+_TEMPLATE_FILE = "<template>"  # the file name Jinja gives code compiled from a string
+_WIDE_FORMAT = re.compile(r"\d{6,}")  # a width or precision of a million or more in a format string
+
+
+class TemplateTooCostly(TemplateError):
+    """A template that ran too long or asked for too large a value."""
+
+
 def _raise_exception(message: str) -> None:
     raise TemplateError(message)
+
+
+def _check_numbers(args: tuple, kwargs: dict) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_NUMBER:
+            raise TemplateTooCostly(f"a number above {MAX_NUMBER} in a chat template")
+
+
+def _check_format(text: object) -> None:
+    """A format string (`%`, `str.format`, the `format` filter) may not ask for a huge width or precision."""
+    if isinstance(text, str) and _WIDE_FORMAT.search(text):
+        raise TemplateTooCostly("a format width above the limit in a chat template")
+
+
+def _bounded_filter(name: str, function):
+    def bounded(*args, **kwargs):
+        _check_numbers(args[1:], kwargs)  # the arguments; the value filtered may be anything
+        if name == "format" and args:
+            _check_format(args[0])
+        return function(*args, **kwargs)
+
+    # Jinja passes the context or environment to filters marked for it: keep the mark.
+    bounded.__dict__.update(getattr(function, "__dict__", {}))
+    return bounded
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox with caps on what one operation or call may produce."""
+
+    intercepted_binops = frozenset({"*", "**", "%", "//"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, int) and abs(right) > 64:
+            raise TemplateTooCostly("an exponent above 64 in a chat template")
+        if operator == "*":
+            for count, other in ((left, right), (right, left)):
+                if isinstance(count, int) and hasattr(other, "__len__") and abs(count) * len(other) > MAX_NUMBER:
+                    raise TemplateTooCostly(f"a repetition longer than {MAX_NUMBER} in a chat template")
+        if operator == "%":
+            _check_format(left)
+        return SandboxedEnvironment.call_binop(self, context, operator, left, right)
+
+    def getattr(self, obj, attribute):
+        if isinstance(obj, str) and attribute in ("format", "format_map"):  # "{:>9999999}".format(...)
+            _check_format(obj)
+        return super().getattr(obj, attribute)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's own signature)
+        _check_numbers(args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
 
 
 @lru_cache(maxsize=32)
 def _compile(text: str, go: bool = False):
     if go:  # Go keeps every character outside its actions: no Jinja whitespace handling
-        env = ImmutableSandboxedEnvironment(keep_trailing_newline=True)
+        env = _BoundedSandbox(keep_trailing_newline=True)
         text = to_jinja(text)
     else:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(value, indent=indent, ensure_ascii=False)
+    env.filters = {name: _bounded_filter(name, function) for name, function in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(text)
+
+
+def _within_deadline(render):
+    """Run `render()`, stopping it with TemplateTooCostly once template code has run RENDER_DEADLINE_S.
+
+    A trace function on this thread sees every line of template code (loops included: a jump back to
+    a loop's head counts as a line), so a runaway loop ends here instead of holding its thread forever.
+    """
+    deadline = time.monotonic() + RENDER_DEADLINE_S
+
+    def on_line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TemplateTooCostly(f"the chat template ran longer than {RENDER_DEADLINE_S:g} s")
+        return on_line
+
+    def on_call(frame, event, arg):
+        return on_line if frame.f_code.co_filename == _TEMPLATE_FILE else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        rendered = render()
+    finally:
+        sys.settrace(previous)
+    if len(rendered) > MAX_PROMPT_CHARS:
+        raise TemplateTooCostly(f"the chat template produced more than {MAX_PROMPT_CHARS} characters")
+    return rendered
 
 
 def render_chat(
@@ -73,12 +171,18 @@ def render_chat(
     if is_go_template(template):
         return _render_go(template, messages, tools)
     try:
-        return _compile(template).render(
-            messages=messages,
-            tools=tools or None,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token,
-            eos_token=eos_token,
+        compiled = _compile(template)
+    except TemplateError as exc:
+        raise BadRequest(f"invalid chat template: {exc}") from None
+    try:
+        return _within_deadline(
+            lambda: compiled.render(
+                messages=messages,
+                tools=tools or None,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=bos_token,
+                eos_token=eos_token,
+            )
         )
     except TemplateError as exc:
         raise BadRequest(f"chat template failed: {exc}") from None
@@ -90,9 +194,13 @@ _RESPONSE_MARK = "\x00response\x00"
 def _render_go(template: str, messages: list[dict[str, Any]], tools: list | None) -> str:
     """Render as Ollama does: with `.Messages` when the template ranges over them, otherwise one
     System/Prompt/Response pass per turn, the last cut where the model's response begins."""
-    compiled = _compile(template, True)
-    system = "\n\n".join(m.get("content") or "" for m in messages if m.get("role") == "system")
     try:
+        compiled = _compile(template, True)
+    except TemplateError as exc:
+        raise BadRequest(f"invalid chat template: {exc}") from None
+    system = "\n\n".join(m.get("content") or "" for m in messages if m.get("role") == "system")
+
+    def render() -> str:
         if ".Messages" in template:
             go_messages = [
                 {"Role": m.get("role"), "Content": m.get("content") or "", "ToolCalls": m.get("tool_calls")}
@@ -122,6 +230,9 @@ def _render_go(template: str, messages: list[dict[str, Any]], tools: list | None
             )
             out.append(text.split(_RESPONSE_MARK)[0] if last else text)
         return "".join(out)
+
+    try:
+        return _within_deadline(render)
     except TemplateError as exc:
         raise BadRequest(f"chat template failed: {exc}") from None
 
