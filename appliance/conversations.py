@@ -1,7 +1,9 @@
 """Conversations with the documents, stored per user: create, continue, list, show, delete.
 
 Only the owner ever sees a conversation; anyone else gets the same 404 as for one that does not
-exist. The stored history feeds question rewriting, so follow-ups are understood.
+exist. The stored history feeds question rewriting and the answer's chat, so follow-ups are understood;
+it is filtered first by the same rule as the conversation view (`visible`), so an answer its owner may no
+longer read reaches no model.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def get(engine: Engine, user_id: int, conversation_id: str) -> Conversation:
         return _owned(db, user_id, conversation_id)
 
 
-def history(engine: Engine, user_id: int, conversation_id: str) -> list[dict[str, str]]:
-    """The conversation's recent messages as {role, content}, oldest first."""
+def history(engine: Engine, user_id: int, conversation_id: str, access: Access) -> list[dict[str, str]]:
+    """The conversation's recent messages as {role, content}, oldest first, as `visible` lets its owner see
+    them now: this is what a follow-up is read against, so a withheld answer never reaches a model."""
     with session(engine) as db:
         _owned(db, user_id, conversation_id)
         rows = db.exec(
@@ -56,7 +59,8 @@ def history(engine: Engine, user_id: int, conversation_id: str) -> list[dict[str
             .order_by(ConversationMessage.id.desc())  # type: ignore[union-attr]
             .limit(HISTORY_MESSAGES)
         ).all()
-    return [{"role": m.role, "content": m.content} for m in reversed(rows)]
+        shown = visible(db, list(reversed(rows)), access)
+    return [{"role": m["role"], "content": m["content"]} for m in shown]
 
 
 def record(
@@ -107,18 +111,12 @@ def summary(conversation: Conversation) -> dict:
 WITHHELD = "(withheld: this answer cites documents you can no longer access)"
 
 
-def show(engine: Engine, user_id: int, conversation_id: str, access: Access) -> dict:
-    """The conversation as its owner may see it now: an answer citing a document the owner can no
-    longer read is withheld (a revoked grant applies to stored conversations too)."""
-    with session(engine) as db:
-        conversation = _owned(db, user_id, conversation_id)
-        messages = db.exec(
-            select(ConversationMessage)
-            .where(ConversationMessage.conversation_id == conversation_id)
-            .order_by(ConversationMessage.id)  # type: ignore[arg-type]
-        ).all()
-        cited = {c.get("document_id") for m in messages for c in m.citations}
-        documents = db.exec(select(Document).where(Document.id.in_(cited))).all()  # type: ignore[attr-defined]
+def visible(db, messages: list[ConversationMessage], access: Access) -> list[dict]:
+    """The messages as `access` may see them now: an answer citing a document it can no longer read (or one
+    since deleted) is replaced by WITHHELD, without its citations. The one rule for the conversation view and
+    for the history a follow-up is read against (a revoked grant applies to stored conversations too)."""
+    cited = {c.get("document_id") for m in messages for c in m.citations}
+    documents = db.exec(select(Document).where(Document.id.in_(cited))).all()  # type: ignore[attr-defined]
     readable = {d.id for d in documents if access.can_read(d.collection, d.acl)}
     shown = []
     for m in messages:
@@ -126,6 +124,19 @@ def show(engine: Engine, user_id: int, conversation_id: str, access: Access) -> 
             shown.append({"role": m.role, "content": WITHHELD, "citations": [], "grounded": m.grounded})
         else:
             shown.append({"role": m.role, "content": m.content, "citations": m.citations, "grounded": m.grounded})
+    return shown
+
+
+def show(engine: Engine, user_id: int, conversation_id: str, access: Access) -> dict:
+    """The conversation as its owner may see it now (`visible`)."""
+    with session(engine) as db:
+        conversation = _owned(db, user_id, conversation_id)
+        messages = db.exec(
+            select(ConversationMessage)
+            .where(ConversationMessage.conversation_id == conversation_id)
+            .order_by(ConversationMessage.id)  # type: ignore[arg-type]
+        ).all()
+        shown = visible(db, list(messages), access)
     return {**summary(conversation), "messages": shown}
 
 

@@ -375,6 +375,15 @@ class Answerer:
             )
         return used
 
+    @staticmethod
+    def rewrite_messages(question: str, history: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The chat the rewriting model sees: the rewrite prompt, recent history and the last question."""
+        turns = "\n".join(f"{m['role']}: {m['content'][:1000]}" for m in history[-6:] if m.get("content"))
+        return [
+            {"role": "system", "content": REWRITE_PROMPT},
+            {"role": "user", "content": f"Conversation:\n{turns}\n\nLast question: {question}"},
+        ]
+
     async def standalone_question(
         self, question: str, history: list[dict[str, str]], record: ModelRecord | None, requester: str = ""
     ) -> str:
@@ -385,13 +394,9 @@ class Answerer:
         fallback = f"{previous[-1]} {question}"[-2000:]
         if record is None:
             return fallback
-        turns = "\n".join(f"{m['role']}: {m['content'][:1000]}" for m in history[-6:] if m.get("content"))
         request = GenerationRequest(
             model=record.name.display,
-            messages=[
-                {"role": "system", "content": REWRITE_PROMPT},
-                {"role": "user", "content": f"Conversation:\n{turns}\n\nLast question: {question}"},
-            ],
+            messages=self.rewrite_messages(question, history),
             options={"num_predict": 64, "temperature": 0},
             user=requester,
         )

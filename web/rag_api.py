@@ -143,10 +143,13 @@ async def ask(request: Request, principal: Principal = Depends(require_user)):
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in history
     ):
         raise BadRequest("'messages' must be a list of {role, content} objects (the conversation so far)")
+    access = caller_access(request, principal)
     conversation_id = get(body, "conversation_id", str)
     if conversation_id is not None:
-        try:
-            history = await asyncio.to_thread(conversations.history, state.db, principal.user_id, conversation_id)
+        try:  # filtered as the conversation view is: a withheld answer reaches no model
+            history = await asyncio.to_thread(
+                conversations.history, state.db, principal.user_id, conversation_id, access
+            )
         except NotFound as exc:  # someone else's conversation is answered like a missing one
             await record_question(
                 request, principal, "ask", collections, question, "denied", reason=exc.message, conversation=True
@@ -159,7 +162,7 @@ async def ask(request: Request, principal: Principal = Depends(require_user)):
         collections,
         state.answerer.ask(
             question,
-            caller_access(request, principal),
+            access,
             collections,
             model=get(body, "model", str),
             history=history,

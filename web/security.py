@@ -152,19 +152,23 @@ def client_address(request: Request) -> str:
 
 
 # --- audit ---------------------------------------------------------------------------------------
+def request_actor(request: Request) -> tuple[str, int | None]:
+    """Who sent the request, for the audit log: the API caller, else the browser session's user, else "-"."""
+    principal = getattr(request.state, "principal", None)
+    if principal is not None:
+        return audit_log.actor_of(principal)
+    from web.sessions import current
+
+    signed, _ = current(request)
+    return (signed.user.name, signed.user.id) if signed is not None else ("-", None)
+
+
 def audit_refusal(request: Request, error: ApplianceError) -> None:
     """The generic record of a refused request (a 403, or a Withheld 404), unless the route already wrote
     one of its own: who (key, session or nobody), which route, and the reason the caller was given."""
     if getattr(request.state, "refusal_audited", False):
         return
-    principal = getattr(request.state, "principal", None)
-    if principal is not None:
-        actor, actor_id = audit_log.actor_of(principal)
-    else:
-        from web.sessions import current
-
-        signed, _ = current(request)
-        actor, actor_id = (signed.user.name, signed.user.id) if signed is not None else ("-", None)
+    actor, actor_id = request_actor(request)
     audit(
         request,
         actor,

@@ -30,6 +30,7 @@ from web.security import (
     locked_for,
     prelogin_token,
     record_failure,
+    request_actor,
     set_prelogin_cookie,
     throttle_keys,
     totp_keys,
@@ -268,7 +269,8 @@ async def setup(request: Request):
     check_prelogin(request, form.get("csrf"))
     state = request.app.state
     if count_admins(state.db):
-        audit(request, "-", "setup", outcome="denied", reason="an administrator exists")
+        actor, actor_id = request_actor(request)
+        audit(request, actor, "setup", actor_id=actor_id, outcome="denied", reason="an administrator exists")
         raise Forbidden("The administrator already exists. Sign in instead.")
     name = str(form.get("username") or "").strip()
     password = str(form.get("password") or "")
