@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from appliance.db import Conversation, ConversationMessage, Document, session, utcnow
-from appliance.errors import NotFound
+from appliance.errors import NotFound, Withheld
 from appliance.rbac import Access
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
@@ -24,8 +24,10 @@ HISTORY_MESSAGES = 12  # the most recent messages a follow-up is read against
 
 def _owned(db, user_id: int, conversation_id: str) -> Conversation:
     conversation = db.get(Conversation, conversation_id) if _ID.match(conversation_id or "") else None
-    if conversation is None or conversation.user_id != user_id:
+    if conversation is None:
         raise NotFound(f"conversation '{conversation_id}' not found")
+    if conversation.user_id != user_id:
+        raise Withheld(f"conversation '{conversation_id}' not found")  # another's: answered like a missing one
     return conversation
 
 

@@ -171,6 +171,7 @@ class Row:
     shows: Callable[[World], str] | None = None  # in a 2xx body exactly when the caller reads alpha
     prepare: Callable[[Call], None] | None = None
     fresh_session: bool = False  # the request ends its session (sign-out): use a new one
+    withheld: bool = False  # its 404s hide something that exists: audited as refusals, like 403s
 
     def expected(self, caller: str, mode: str) -> int:
         return self.expect["anonymous" if self.page and mode == "key" else caller]
@@ -375,6 +376,7 @@ ROWS: list[Row] = [
         E(401, 404, 404, 404, 200, 404),  # its owner, and admins only where they may read (this one may not)
         path=lambda c: f"/api/jobs/{c.world.state['job']}",
         prepare=_editor_job,
+        withheld=True,
     ),
     Row("list documents", "GET", "/api/documents", USERS, shows=lambda w: w.doc_id),
     Row(
@@ -384,6 +386,7 @@ ROWS: list[Row] = [
         E(401, 404, 403, 404, 200, 404),  # unreadable: like missing; readable but not editable: 403
         path=lambda c: f"/api/documents/{c.world.state['victim']}",
         prepare=_victim_document,
+        withheld=True,
     ),
     # --- questions and conversations -------------------------------------------------------------
     Row(
@@ -416,6 +419,7 @@ ROWS: list[Row] = [
         E(401, 404, 200, 404, 404, 404),  # only its owner (granted)
         path=lambda c: f"/api/rag/conversations/{c.world.state['conversation']}",
         prepare=_conversation,
+        withheld=True,
     ),
     Row(
         "delete another's conversation",
@@ -424,6 +428,7 @@ ROWS: list[Row] = [
         E(401, 404, 200, 404, 404, 404),
         path=lambda c: f"/api/rag/conversations/{c.world.state['conversation']}",
         prepare=_conversation,
+        withheld=True,
     ),
     # --- sign-in ---------------------------------------------------------------------------------
     Row("sign-in page", "GET", "/login", E(200, 303, 303, 303, 303, 303), page=True),
@@ -467,6 +472,7 @@ ROWS: list[Row] = [
         E(303, 404, 200, 404, 200, 404),
         path=lambda c: f"/documents/{c.world.doc_id}",
         page=True,
+        withheld=True,
     ),
     Row("upload page", "GET", "/upload", PAGE, page=True),
     Row("admin page", "GET", "/admin", ADMIN_PAGE, page=True),
@@ -604,7 +610,11 @@ def test_authorization_matrix(world, row):
         response = _request(world, row, caller, mode)
         if response.status_code != expected:
             wrong.append(f"{caller}/{mode}: {response.status_code} (expected {expected}) {response.text[:200]!r}")
-        elif expected == 403 and who != "anonymous" and not _refusal_recorded(world, last_refusal, caller):
+        elif (
+            (expected == 403 or (expected == 404 and row.withheld))
+            and who != "anonymous"
+            and not _refusal_recorded(world, last_refusal, caller)
+        ):
             wrong.append(f"{caller}/{mode}: refused, but no audit record names {caller} as refused")
         elif row.shows and 200 <= expected < 300:
             reads = caller in READERS and not (row.page and mode == "key")
