@@ -124,7 +124,6 @@ class WorkerProcess:
         )
         threading.Thread(target=self._read, daemon=True).start()
         self.code: str | None = None
-        self.rpc_port: int | None = None
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
@@ -134,8 +133,6 @@ class WorkerProcess:
                 continue
             if match := re.search(r"Pairing code \(one use\): (\S+)", line):
                 self.code = match.group(1)
-            if match := re.search(r"RPC server v[\d.]+ on 127\.0\.0\.1:(\d+)", line):
-                self.rpc_port = int(match.group(1))
             if line.startswith("worker listening"):
                 return
         raise AssertionError("the worker did not start")
@@ -148,6 +145,19 @@ class WorkerProcess:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(30)
+
+
+def _rpc_listeners(worker: WorkerProcess) -> list[tuple[str, int]]:
+    """Every TCP port the worker's processes listen on besides its TLS port: where a local user finds ggml-rpc."""
+    import psutil
+
+    parent = psutil.Process(worker.process.pid)
+    return [
+        (conn.laddr.ip, conn.laddr.port)
+        for process in [parent, *parent.children(recursive=True)]
+        for conn in process.net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port != worker.port
+    ]
 
 
 def _generate_chat(http: httpx.Client, model: str, options: dict) -> str:
@@ -253,10 +263,47 @@ def test_an_unpaired_client_gets_nothing_from_ggml(cluster, tmp_path):
         except ConnectionError:
             answer = b""
     assert not (len(answer) >= 8 and struct.unpack("<Q", answer[:8])[0] == 28)
-    assert worker.rpc_port is not None
-    with pytest.raises(ConnectionRefusedError):  # ggml's own port exists only on 127.0.0.1
-        socket.create_connection((worker.host, worker.rpc_port), timeout=5)
+    listeners = _rpc_listeners(worker)
+    assert listeners
+    for _, rpc_port in listeners:  # the RPC server's port does not exist on the worker's address
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((worker.host, rpc_port), timeout=5)
     assert _status(server, worker.address)["session"] == before  # no RPC session was ever started
+
+
+@pytest.mark.slow
+def test_a_local_process_gets_no_rpc_hello_and_cannot_block_a_sharded_load(cluster):
+    """Issue 18, finding 10: another local process connected to ggml's loopback port, got the RPC hello, and by
+    holding that connection open made the coordinator's sharded load fail.
+
+    The attacker here knows every port the worker's processes listen on (more than /proc/net/tcp tells another
+    user) and runs as the worker's own user: what stops it is not a file permission or a uid check.
+    """
+    server, workers, _ = cluster
+    with server.http() as http:
+        http.post("/api/generate", json={"model": "deep-sharded", "keep_alive": 0})  # ggml waits for a new client
+        local = _generate_chat(http, "deep", GREEDY)
+        held: list[socket.socket] = []
+        try:
+            for worker in workers:
+                listeners = _rpc_listeners(worker)
+                assert listeners, "the worker's RPC server listens nowhere"
+                for address in listeners:
+                    attacker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    attacker.settimeout(3)
+                    held.append(attacker)
+                    try:
+                        attacker.connect(address)
+                        attacker.sendall(HELLO)
+                        answer = attacker.recv(64)
+                    except OSError:  # refused, or no answer in time
+                        answer = b""
+                    assert answer == b"", f"{address} answered an unauthenticated local client: {answer.hex()}"
+            # Every connection the attacker could open is still open while the coordinator loads the model.
+            assert _generate_chat(http, "deep-sharded", GREEDY) == local
+        finally:
+            for attacker in held:
+                attacker.close()
 
 
 # --- sharding ------------------------------------------------------------------------------------

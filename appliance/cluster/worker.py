@@ -1,8 +1,10 @@
 """`appliance worker`: lends this machine's memory and compute to one paired coordinator.
 
-Two processes. A child runs llama.cpp's own RPC server (`ggml_backend_rpc_start_server`) on
-127.0.0.1 and a free port: the RPC protocol has no authentication or encryption, so it never
-listens anywhere else. In front of it this process serves TLS 1.3 on the address given
+Two processes. A child runs llama.cpp's own RPC server (`ggml_backend_rpc_start_server`). The RPC
+protocol has no authentication or encryption and ggml listens on TCP only, so the child keeps it to
+itself (`rpc.PrivateServer`): ggml only ever accepts connections the child made and checked, which
+it hands to this process over a Unix socket pair. No other local process, whatever its user, gets
+the RPC hello or ties up the server. In front of it this process serves TLS 1.3 on the address given
 (`--listen HOST:PORT`), and what a connection may do depends on the ALPN protocol it negotiates:
 
 - unpaired worker: only `appliance-pair/1`, the one-time-code exchange (`pairing.py`), on a
@@ -10,7 +12,7 @@ listens anywhere else. In front of it this process serves TLS 1.3 on the address
 - paired worker: a client certificate chained to the pinned coordinator CA is required by the TLS
   handshake itself (an unpaired peer is refused before it can send a byte). Then
   `appliance-control/1` answers one JSON status request (version, devices, free memory, cap, busy),
-  and `ggml-rpc` splices the connection to the loopback RPC server.
+  and `ggml-rpc` splices the connection to a new connection to the RPC server.
 
 ggml's RPC server serves one client at a time: a second RPC connection waits a few seconds for the
 first to end and is then refused (the coordinator's probe reports the worker busy first). The child
@@ -209,10 +211,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _child_ready(control: socket.socket, timeout: float) -> list[int] | None:
+    """The RPC server's protocol version, which the child sends once its server is closed to others."""
+    control.settimeout(timeout)
+    try:
+        version = control.recv(3)
+    except OSError:
+        return None
+    return list(version) if len(version) == 3 else None
 
 
 class Worker:
@@ -232,57 +238,57 @@ class Worker:
         self.threads = threads or max(1, len(os.sched_getaffinity(0)))
         self.device_names = devices or []
         self.on_event = on_event or (lambda message: log.info("%s", message))
-        self.rpc_port: int | None = None
         self.rpc_version: list[int] | None = None
         self.child: asyncio.subprocess.Process | None = None
+        self._child_control: socket.socket | None = None  # to the child: asks it for connections to its server
         self._ready = asyncio.Event()
         self._session_lock = asyncio.Lock()
         self.session: Session | None = None
         self._server: asyncio.Server | None = None
         self._stopping = False
 
-    # --- the loopback RPC server -----------------------------------------------------------------
+    # --- the private RPC server -------------------------------------------------------------------
     async def _supervise(self) -> None:
-        from appliance.cluster import rpc
-
         failures = 0
         while not self._stopping:
-            port = _free_loopback_port()
-            self.rpc_version = None
+            control, child_end = socket.socketpair()
             env = dict(os.environ, GGML_RPC_NO_RDMA="1")
-            self.child = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "appliance.cluster.worker",
-                "--rpc-child",
-                str(port),
-                str(self.threads),
-                *self.device_names,
-                stdout=sys.stderr.fileno(),
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
-            deadline = time.monotonic() + 120
-            while self.child.returncode is None and time.monotonic() < deadline:
-                try:
-                    self.rpc_version = list(await asyncio.to_thread(rpc.hello, "127.0.0.1", port, 2.0))
-                    break
-                except (OSError, rpc.RpcError):
-                    await asyncio.sleep(0.2)
-            if not self.rpc_version or self.child.returncode is not None:
+            try:
+                self.child = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "appliance.cluster.worker",
+                    "--rpc-child",
+                    str(child_end.fileno()),
+                    str(self.threads),
+                    *self.device_names,
+                    stdout=sys.stderr.fileno(),
+                    env=env,
+                    pass_fds=(child_end.fileno(),),
+                    preexec_fn=_die_with_parent,
+                )
+            finally:
+                child_end.close()
+            self.rpc_version = await asyncio.to_thread(_child_ready, control, 120)
+            if not self.rpc_version:
+                if self.child.returncode is None:
+                    self.child.kill()
                 failures += 1
                 if failures >= 3:
-                    if self.child.returncode is None:
-                        self.child.kill()
+                    control.close()
                     raise RpcStartFailed("the llama.cpp RPC server did not start three times; its errors are above")
             else:
                 failures = 0
-                self.rpc_port = port
+                self._child_control = control
                 self._ready.set()
-                self.on_event(f"llama.cpp RPC server v{'.'.join(map(str, self.rpc_version))} on 127.0.0.1:{port}")
+                self.on_event(
+                    f"llama.cpp RPC server v{'.'.join(map(str, self.rpc_version))} ready, "
+                    "reachable only through this worker"
+                )
             code = await self.child.wait()
             self._ready.clear()
-            self.rpc_port = None
+            self._child_control = None
+            control.close()
             if not self._stopping:
                 self.on_event(f"the llama.cpp RPC server exited ({code}); restarting it")
                 await asyncio.sleep(1)
@@ -460,8 +466,8 @@ class Worker:
         try:
             if not self._ready.is_set():
                 await asyncio.wait_for(self._ready.wait(), 30)
-            assert self.rpc_port is not None
-            local_reader, local_writer = await asyncio.open_connection("127.0.0.1", self.rpc_port)
+            connection = await asyncio.to_thread(self._rpc_connection)
+            local_reader, local_writer = await asyncio.open_connection(sock=connection)
             self.session = Session()
             log.info("RPC session started")
             ended = await splice(reader, writer, local_reader, local_writer, self.session)
@@ -475,15 +481,51 @@ class Worker:
         finally:
             self._session_lock.release()
 
+    def _rpc_connection(self) -> socket.socket:
+        """A new connection to the RPC server, made by the child: only the child's connections get in."""
+        control = self._child_control
+        if control is None:
+            raise ConnectionError("the llama.cpp RPC server is restarting")
+        try:
+            control.settimeout(40)  # the child waits up to 30 s for ggml to end the previous session
+            control.sendall(b"c")
+            message, fds, _, _ = socket.recv_fds(control, 1, 1)
+        except OSError as exc:
+            raise ConnectionError(f"the llama.cpp RPC server did not answer: {exc}") from None
+        if message != b"c" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ConnectionError("the llama.cpp RPC server gave no connection")
+        return socket.socket(fileno=fds[0])
+
 
 def _rpc_child(argv: list[str]) -> int:
-    """The child process: ggml's RPC server on 127.0.0.1:PORT (blocks until killed)."""
+    """The child process: ggml's RPC server, closed to everyone; hands connections to it to the parent.
+
+    `argv`: this process's end of the control socket pair, the thread count, device names. Each byte b"c"
+    from the parent is answered with b"c" and a new connected socket (or b"e" without one).
+    """
     from appliance.cluster import rpc
 
-    port, threads, devices = int(argv[0]), int(argv[1]), argv[2:]
-    os.dup2(2, 1)  # ggml prints to stdout: keep it off the worker's console protocol
-    rpc.start_server(f"127.0.0.1:{port}", threads, devices or None)
-    return 1  # start_server returned: it could not listen
+    control = socket.socket(fileno=int(argv[0]))
+    threads, devices = int(argv[1]), argv[2:]
+    server = rpc.PrivateServer(threads, devices or None)
+    try:
+        version = server.start()
+    except (OSError, rpc.RpcError) as exc:
+        log.error("the llama.cpp RPC server could not start: %s", exc)
+        return 1
+    control.sendall(bytes(version))
+    while control.recv(1) == b"c":
+        try:
+            connection = server.connect()
+        except (OSError, rpc.RpcError) as exc:
+            log.error("could not connect to the llama.cpp RPC server: %s", exc)
+            control.sendall(b"e")
+            continue
+        with connection:
+            socket.send_fds(control, [b"c"], [connection.fileno()])
+    return 0  # the worker closed its end
 
 
 def main_event_loop(worker: Worker, on_listening: Callable[[], None]) -> None:
@@ -502,5 +544,7 @@ def main_event_loop(worker: Worker, on_listening: Callable[[], None]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--rpc-child":
-        sys.exit(_rpc_child(sys.argv[2:]))
+        code = _rpc_child(sys.argv[2:])
+        sys.stderr.flush()
+        os._exit(code)  # not sys.exit: ggml's thread is still inside its server; skip the interpreter's teardown
     sys.exit("usage: appliance worker --listen HOST:PORT")
