@@ -14,9 +14,13 @@ floored at 1e-6, the document length the chunk's number of tokens; chunks with e
 order they were indexed, as FTS5's rowids order them. A query adds up, per query term, the scores of that
 term's postings, masks the chunks of documents the caller may not read *before* the top-k is taken (a
 passage the caller may not read never takes a place), and returns the best chunk ids: about 2 ms at 100k
-chunks, where FTS5 joined to the permitted documents takes 30-70 ms. Reading 100k chunks takes about 5 s;
-the index holds about 60 MB (postings: 6 bytes each; chunk ids; the vocabulary) and needs about 190 MB
-while it is built (docs/benchmarks.md). The FTS5 table stays for `APPLIANCE_KEYWORD_SEARCH=fts`.
+chunks, where FTS5 joined to the permitted documents takes 30-70 ms. N, n and the average length count
+only the chunks the caller may read (in every collection they may read, not only the searched ones): with
+corpus-wide statistics, how a caller's own chunks rank would tell them whether, and how often, documents
+they may not read hold a word (issue 18, finding 5). For a caller who may read everything they are FTS5's.
+Reading 100k chunks takes about 5 s; the index holds about 60 MB (postings: 6 bytes each; chunk ids; the
+vocabulary) and needs about 190 MB while it is built (docs/benchmarks.md). The FTS5 table stays for
+`APPLIANCE_KEYWORD_SEARCH=fts`, whose bm25() counts every chunk, readable or not.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ PLACE_POSTINGS = 1 << 20  # postings put in their place at a time when grouping 
 # everything is folded into one main set of postings (at 100k chunks ~0.4 s, against ~0.02 s for a patch).
 RECENT_SHARE = 0.05
 DEAD_SHARE = 0.1
+_DOCUMENTS = object()  # `KeywordMirror.search` counts its statistics over the documents it searches
 _TOKEN = re.compile(r"[^\W_]+")  # letters and digits (unicode61: categories L* and N*; '_' separates)
 
 _stemmer = snowballstemmer.stemmer("porter")
@@ -205,21 +210,35 @@ class _Snapshot:
         return int(self.alive.sum())
 
     @cached_property
-    def length_norm(self) -> np.ndarray:
-        """k1 * (1 - b + b * length / average length), per row (the average over the live rows)."""
-        average = float(self.lengths[self.alive].mean()) if self.live else 1.0
-        return K1 * (1 - B + B * self.lengths / (average or 1.0))
+    def average_length(self) -> float:
+        """The average length of the live rows."""
+        return float(self.lengths[self.alive].mean()) if self.live else 1.0
 
-    def postings(self, term_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows holding the term and its count in each, live rows only, in row order."""
+    @cached_property
+    def wide_lengths(self) -> np.ndarray:
+        """`lengths` as int64: summed over any rows without overflow."""
+        return self.lengths.astype(np.int64)
+
+    def counted(self, documents: list[str] | None) -> tuple[np.ndarray | None, int, float]:
+        """The live rows of `documents` (one bool per row; None: all live rows), their number and their average
+        length: what BM25's statistics count."""
+        if documents is None:
+            return None, self.live, self.average_length
+        rows = readable_rows(self, documents) & self.alive
+        total = int(np.count_nonzero(rows))
+        return rows, total, int(np.dot(self.wide_lengths, rows)) / total if total else 1.0
+
+    def postings(self, term_id: int, among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows holding the term and its count in each, in row order: the live rows, or those `among` marks
+        (one bool per row, live rows only)."""
         main_rows, main_counts = self.main.of(term_id)
         recent_rows, recent_counts = self.recent.of(term_id)
         rows = np.concatenate((main_rows, recent_rows)) if len(recent_rows) else main_rows
         counts = np.concatenate((main_counts, recent_counts)) if len(recent_rows) else main_counts
-        if self.live < len(self.ids):
-            keep = self.alive[rows]
-            rows, counts = rows[keep], counts[keep]
-        return rows, counts
+        if among is None and self.live == len(self.ids):
+            return rows, counts
+        keep = (self.alive if among is None else among)[rows]
+        return rows[keep], counts[keep]
 
     def live_ids(self) -> list[str]:
         return [chunk_id for chunk_id, alive in zip(self.ids, self.alive, strict=True) if alive]
@@ -243,21 +262,33 @@ class KeywordMirror(IndexCopy):
         super().__init__(index, EMPTY)
 
     def search(
-        self, query: str | Sequence[str], documents: list[str] | None, limit: int, max_df: float = 1.0
+        self,
+        query: str | Sequence[str],
+        documents: list[str] | None,
+        limit: int,
+        max_df: float = 1.0,
+        *,
+        counted: list[str] | None | object = _DOCUMENTS,
     ) -> list[str]:
-        """Chunk ids by BM25, best first, among the chunks of `documents` (None: all).
+        """Chunk ids by BM25, best first, among the chunks of `documents` (None: all), scored with the term
+        statistics (N, n) and average length of the chunks of `counted` alone (by default `documents`; None:
+        all). `counted` must hold `documents`.
 
         `query` is a text or its words (each word one FTS5 phrase: a term that two words share counts twice,
-        as in FTS5). With `max_df` below 1, terms found in more than that fraction of all chunks and in more
-        than ten times `limit` chunks are left out, as long as a rarer term remains."""
+        as in FTS5). With `max_df` below 1, terms found in more than that fraction of the counted chunks and in
+        more than ten times `limit` of them are left out, as long as a rarer term remains."""
         snapshot = self.current()
         if not snapshot.live or limit <= 0:
             return []
+        if counted is _DOCUMENTS:
+            counted = documents
+        among, total, average = snapshot.counted(counted)
+        if not total:
+            return []
         words = tokens(query) if isinstance(query, str) else [t for word in query for t in tokens(word)]
         terms = [snapshot.vocabulary.known(word) for word in dict.fromkeys(w.lower() for w in words)]
-        found = [snapshot.postings(t) for t in terms if t is not None]
+        found = [snapshot.postings(t, among) for t in terms if t is not None]
         found = [(rows, counts) for rows, counts in found if len(rows)]
-        total = snapshot.live
         if max_df < 1 and len(found) > 1:
             ceiling = max(max_df * total, 10 * limit)
             found = [(rows, counts) for rows, counts in found if len(rows) <= ceiling] or found
@@ -267,12 +298,13 @@ class KeywordMirror(IndexCopy):
         for rows, counts in found:
             idf = max(math.log((total - len(rows) + 0.5) / (len(rows) + 0.5)), MIN_IDF)
             count = counts.astype(np.float64)
-            weights.append(idf * count * (K1 + 1) / (count + snapshot.length_norm[rows]))
+            length_norm = K1 * (1 - B + B * snapshot.lengths[rows] / (average or 1.0))
+            weights.append(idf * count * (K1 + 1) / (count + length_norm))
         scores = np.bincount(
             np.concatenate([rows for rows, _ in found]), weights=np.concatenate(weights), minlength=len(snapshot.ids)
         )
         matched = np.flatnonzero(scores)
-        if documents is not None:
+        if documents is not None and documents is not counted:
             matched = matched[readable_rows(snapshot, documents)[matched]]
         best = scores[matched]
         if len(matched) > limit:  # everything scoring at least the limit-th best, then exact order

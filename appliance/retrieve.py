@@ -251,11 +251,15 @@ class Retriever:
         self, query: str, access: Access, scope: list[str] | None, limit: int, *, permitted=_UNREAD
     ) -> list[str]:
         """Chunk ids by BM25, best first, among the chunks the caller may read (`permitted` as for
-        `dense_search`). Near-universal query words are left out (`_selective_words`)."""
+        `dense_search`). Near-universal query words are left out (`_selective_words`). In memory, BM25's term
+        statistics count every chunk the caller may read and nothing else (`counted_documents`)."""
         if self.settings.keyword_search == "memory":
             if permitted is _UNREAD:
                 permitted = self.permitted_documents(access, scope)
-            return self.keywords.search(query_words(query), permitted, limit, self.settings.keyword_max_df)
+            counted = self.counted_documents(access, scope, permitted)
+            return self.keywords.search(
+                query_words(query), permitted, limit, self.settings.keyword_max_df, counted=counted
+            )
         with session(self.index.engine) as db:
             words = self._selective_words(db, query_words(query), limit)
             if not words:
@@ -267,6 +271,16 @@ class Retriever:
                 f"WHERE {FTS_TABLE} MATCH :match AND {' AND '.join(conditions)} ORDER BY f.rank LIMIT :limit"
             ).bindparams(*binds)
             return [row[0] for row in db.exec(statement, params=params)]
+
+    def counted_documents(
+        self, access: Access, scope: list[str] | None, permitted: list[str] | None
+    ) -> list[str] | None:
+        """The documents BM25's statistics count for this caller: those a search of every collection they may
+        read reaches (`permitted` when `scope` is that already). Never more, or how their own passages rank
+        would tell them about documents they may not read (issue 18, finding 5); not only the scope, so that
+        a search of some collections ranks their passages as a search of all does."""
+        everywhere = self.scope(access, None)
+        return permitted if scope == everywhere else self.permitted_documents(access, everywhere)
 
     def _selective_words(self, db, words: list[str], limit: int) -> list[str]:
         """The query words without the near-universal ones: those in more than `keyword_max_df` of all chunks
