@@ -158,7 +158,8 @@ class RetrievalSettings(BaseSettings):
         description=(
             "Where the access-filtered BM25 search runs: 'memory', an in-memory inverted index of the chunks "
             "that ranks as FTS5 does (any database; ~60 MB per 100k chunks); 'fts', SQLite's FTS5 table (SQLite "
-            "only: refused at start on another database)."
+            "only: refused at start on another database; its ranking counts every chunk, so a caller's ranks can show "
+            "that a word occurs in documents they may not read: see docs/security.md)."
         ),
     )
     vector_search: Literal["memory", "chroma"] = Field(
