@@ -306,6 +306,48 @@ def test_a_local_process_gets_no_rpc_hello_and_cannot_block_a_sharded_load(clust
                 attacker.close()
 
 
+def _tunnel_listeners(server) -> list[tuple[str, int]]:
+    """The loopback ports the server's runner processes listen on: a sharded model's tunnels to its workers."""
+    import psutil
+
+    return [
+        (conn.laddr.ip, conn.laddr.port)
+        for process in psutil.Process(server.process.pid).children(recursive=True)
+        for conn in process.net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.ip.startswith("127.")
+    ]
+
+
+@pytest.mark.slow
+def test_a_local_process_cannot_use_the_runners_tunnels_to_the_workers(cluster):
+    """The runner's tunnel listeners carry only its own ggml client's connections to the workers.
+
+    Another local process connecting to them (here: the test, as the server's own user) is closed at once,
+    before the runner opens a TLS connection for it: it gets no hello and reaches no worker.
+    """
+    server, workers, _ = cluster
+    log_size = server.log_path.stat().st_size
+    with server.http() as http:
+        local = _generate_chat(http, "deep", GREEDY)
+        assert _generate_chat(http, "deep-sharded", GREEDY) == local  # the sharded runner is loaded now
+        listeners = _tunnel_listeners(server)
+        assert len(listeners) == len(workers), listeners
+        for address in listeners:
+            with socket.create_connection(address, timeout=5) as attacker:
+                try:
+                    attacker.sendall(HELLO)
+                    answer = attacker.recv(64)  # b"": closed by the runner
+                except ConnectionResetError:
+                    answer = b""
+                except TimeoutError:
+                    pytest.fail(f"the tunnel at {address} carried another process's connection towards a worker")
+            assert answer == b"", f"{address} answered another local process: {answer.hex()}"
+        assert _generate_chat(http, "deep-sharded", GREEDY) == local
+    logged = server.log_path.read_bytes()[log_size:].decode(errors="replace")
+    assert logged.count("refused a connection to the tunnel of cluster worker") == len(workers)
+    assert "closed the connection" not in logged  # a refusal is not a lost worker
+
+
 # --- sharding ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sharded_chat_equals_the_local_run_and_ps_shows_the_layers(cluster):

@@ -1,11 +1,13 @@
 """The runner's side of a sharded model: local tunnels to the workers, then ggml-rpc registration.
 
-ggml's RPC client speaks plain TCP. In the runner process, each worker gets a listener on
-127.0.0.1 (an ephemeral port) whose every connection is carried to the worker over mutual TLS
-(ALPN `ggml-rpc`, the worker's certificate checked against our CA and its node id). The tunnels run
-on an asyncio loop in a thread of their own; ggml's calls release the GIL, so they keep moving while
-the model computes. They live and die with the runner: one runner per cluster layout, as RPC
-registrations cannot be undone in a process.
+ggml's RPC client speaks plain TCP. In the runner process, each worker gets a listener on a random
+loopback address (an ephemeral port) whose every connection is carried to the worker over mutual TLS
+(ALPN `ggml-rpc`, the worker's certificate checked against our CA and its node id). Only connections
+made by this process (ggml's client, the greeting) are carried: any other local process is closed
+before a byte reaches a worker (see `_from_this_process`). The tunnels run on an asyncio loop in a
+thread of their own; ggml's calls release the GIL, so they keep moving while the model computes.
+They live and die with the runner: one runner per cluster layout, as RPC registrations cannot be
+undone in a process.
 
 Before registering, each worker is greeted through its tunnel with the RPC hello, with a timeout: an
 unreachable, busy or incompatible worker is a clear load error. Afterwards, a worker whose connection
@@ -18,6 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
+import os
+import secrets
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +34,8 @@ CONNECT_TIMEOUT_S = 10.0
 HELLO_TIMEOUT_S = 20.0  # a worker still ending a previous session waits up to 10 s before serving us
 WATCH_INTERVAL_S = 5.0  # how often a worker in use is checked (a TLS status ping), and its timeout
 WATCH_MISSES = 3  # missed checks in a row before the worker counts as stopped
+
+log = logging.getLogger(__name__)
 
 
 class ClusterError(Exception):
@@ -79,13 +86,13 @@ class Tunnels:
         control = self._client_context(pki.ALPN_CONTROL)
         self._open: dict[str, set[asyncio.StreamWriter]] = {w["address"]: set() for w in self.workers}
         self._watchers = []
+        # Not 127.0.0.1: another local process has to find the address first (the check below is what stops it).
+        host = f"127.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{1 + secrets.randbelow(254)}"
         for worker in self.workers:
-            server = await asyncio.start_server(
-                lambda r, w, worker=worker: self._carry(worker, context, r, w), "127.0.0.1", 0
-            )
+            server = await asyncio.start_server(lambda r, w, worker=worker: self._carry(worker, context, r, w), host, 0)
             self.servers.append(server)
             port = server.sockets[0].getsockname()[1]
-            self.endpoints.append(f"127.0.0.1:{port}")
+            self.endpoints.append(f"{host}:{port}")
             self._watchers.append(asyncio.get_running_loop().create_task(self._watch(worker, control)))
 
     async def _ping(self, worker: dict[str, Any], context) -> None:
@@ -130,6 +137,14 @@ class Tunnels:
 
     async def _carry(self, worker: dict[str, Any], context, reader, writer) -> None:
         address = worker["address"]
+        peer = writer.get_extra_info("peername")
+        # Off the loop: reading /proc/net/tcp takes milliseconds, and the other tunnels keep carrying meanwhile.
+        if peer is None or not await asyncio.to_thread(_from_this_process, peer, writer.get_extra_info("sockname")):
+            log.warning(
+                "refused a connection to the tunnel of cluster worker %s from another process (%s)", address, peer
+            )
+            writer.close()
+            return
         host, port = split_address(address)
         try:
             remote_reader, remote_writer = await asyncio.wait_for(
@@ -175,6 +190,29 @@ class Tunnels:
     def close(self) -> None:
         self.closing = True
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def _from_this_process(peer: tuple[str, int], listener: tuple[str, int]) -> bool:
+    """Whether the connection that reached `listener` from `peer` was made by a socket of this process.
+
+    The connecting end is the /proc/net/tcp entry from `peer` to `listener`; its inode must be one of
+    this process's socket descriptors. The entry exists from connect() on and the descriptor from
+    socket() on, so both are there once the connection is accepted: a missing one (its owner already
+    closed it) is a refusal too. Entries without a socket (TIME_WAIT, orphans) show inode 0.
+    """
+    local, remote = rpc._table_address(peer), rpc._table_address(listener)
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table if f" {local} {remote} " in line]
+    targets = {f"socket:[{row[9]}]" for row in rows if row[1] == local and row[2] == remote and row[9] != "0"}
+    if not targets:
+        return False
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") in targets:
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
 
 
 def attach_workers(
