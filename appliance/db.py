@@ -47,7 +47,8 @@ class ApiKey(SQLModel, table=True):
 
 
 class Document(SQLModel, table=True):
-    """One ingested file version. The id is the sha256 of its bytes."""
+    """One ingested file version. The id is the sha256 of its collection and content (`ingest.pipeline`);
+    documents ingested before that change keep the sha256 of their bytes."""
 
     id: str = Field(primary_key=True, max_length=64)
     collection: str = Field(index=True, max_length=128)

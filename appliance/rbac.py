@@ -314,6 +314,12 @@ def list_collections(engine: Engine) -> list[dict]:
     ]
 
 
+def may_delete(access: Access, document: Document) -> bool:
+    """Whether the caller may delete the document, or replace it with an upload: they read it and may edit
+    its collection."""
+    return access.can_read(document.collection, document.acl) and allowed(access, "edit", document.collection)
+
+
 def check_acl_subjects(engine: Engine, acl: list[str], own_collection: str) -> None:
     """Refuse a document ACL naming a user, group or collection that does not exist.
 

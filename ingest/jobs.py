@@ -6,6 +6,11 @@ each job is claimed by exactly one of them (`FOR UPDATE SKIP LOCKED`, then a run
 runs). After a crash or `kill -9`, `recover()` puts jobs that were running back in the queue and
 finishes interrupted deletions; the pipeline itself removes a half-indexed document before indexing it
 again, so every document ends fully indexed or clearly failed.
+
+A job runs with its uploader's rights as they are when it runs: it needs `edit` on its collection, and
+it replaces (or counts as the same content) only documents the uploader could delete (`rbac.may_delete`,
+the rule of DELETE /api/documents). Its end is audited (outcome, result, document), and so is each
+document it replaced, as a delete by the uploader.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ from sqlalchemy import text as sql
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import select
 
-from appliance.db import Document, Job, session, utcnow
+from appliance import audit
+from appliance.db import Document, Job, User, session, utcnow
 from appliance.errors import NotFound
-from ingest.pipeline import Ingestor
+from appliance.rbac import NOBODY, OPERATOR, Access, access_for, allowed, may_delete
+from appliance.users import Principal
+from ingest.pipeline import Ingestor, IngestResult
 
 log = logging.getLogger(__name__)
 
@@ -173,25 +181,47 @@ class JobWorker:
             self._release(job.id, lock)
         return True
 
+    def _uploader(self, job: Job) -> tuple[Access, str, int]:
+        """The uploader's access now, and their name and id for the audit log (no user: the local operator)."""
+        if job.user_id is None:
+            return OPERATOR, audit.LOCAL_OPERATOR, 0
+        with session(self.engine) as db:
+            user = db.get(User, job.user_id)
+        if user is None:
+            return NOBODY, f"user #{job.user_id}", job.user_id
+        return access_for(self.engine, Principal(job.user_id, user.name, user.role)), user.name, job.user_id
+
     def _run(self, job: Job) -> None:
         upload = Path(job.upload_path)
         source = f"upload:{job.collection}/{job.filename}"
         self._stage = (job.id, "parsing")
-        try:
-            result, *attachments = self.ingestor.ingest_with_attachments(
-                upload, job.collection, job.acl, source=source, filename=job.filename
-            )
-            state, outcome, document_id, reason = (
-                ("failed", None, None, result.reason)
-                if result.status == "failed"
-                else ("done", result.status, result.document_id, None)
-            )
-            if attachments:
-                log.info("job %s: %d attachment(s) ingested as documents of their own", job.id, len(attachments))
-        except Exception:  # an unexpected failure ends this job clearly; the worker goes on
-            log.exception("ingestion job %s failed unexpectedly", job.id)
-            state, outcome, document_id, reason = "failed", None, None, "internal error while ingesting (see the log)"
+        access, actor, actor_id = self._uploader(job)
+        denied = not allowed(access, "edit", job.collection)
+        if denied:  # the grant was revoked, a wall put up or the account disabled since the upload
+            results = [IngestResult(source, "failed", reason=f"uploading to '{job.collection}' is no longer allowed")]
+        else:
+            try:
+                results = self.ingestor.ingest_with_attachments(
+                    upload,
+                    job.collection,
+                    job.acl,
+                    source=source,
+                    filename=job.filename,
+                    may_replace=lambda document: may_delete(access, document),
+                )
+            except Exception:  # an unexpected failure ends this job clearly; the worker goes on
+                log.exception("ingestion job %s failed unexpectedly", job.id)
+                results = [IngestResult(source, "failed", reason="internal error while ingesting (see the log)")]
         self._stage = None
+        result, *attachments = results
+        state, outcome, document_id, reason = (
+            ("failed", None, None, result.reason)
+            if result.status == "failed"
+            else ("done", result.status, result.document_id, None)
+        )
+        if attachments:
+            log.info("job %s: %d attachment(s) ingested as documents of their own", job.id, len(attachments))
+        self._audit(job, actor, actor_id, results, "denied" if denied else "ok" if state == "done" else "failed")
         with session(self.engine) as db:
             stored = db.get(Job, job.id)
             stored.state, stored.result, stored.document_id, stored.reason = state, outcome, document_id, reason
@@ -199,6 +229,36 @@ class JobWorker:
             db.add(stored)
             db.commit()
         upload.unlink(missing_ok=True)  # only once the job's outcome is recorded (a crash before re-runs it)
+
+    def _audit(self, job: Job, actor: str, actor_id: int, results: list[IngestResult], outcome: str) -> None:
+        """Each document the job replaced, as a delete by the uploader; then the job's end (`outcome` ok, failed,
+        or denied: the uploader may no longer upload there)."""
+        for result in results:
+            for old in result.replaced:
+                audit.record(
+                    self.engine,
+                    actor,
+                    "delete",
+                    actor_id=actor_id,
+                    target=old.id,
+                    details={
+                        "collection": old.collection,
+                        "filename": old.filename,
+                        "reason": f"replaced by upload {job.id}",
+                        "replaced_by": result.document_id,
+                    },
+                )
+        result = results[0]
+        details = {"job_id": job.id, "filename": job.filename}
+        if outcome == "ok":
+            details.update(state="done", result=result.status, document_id=result.document_id)
+        else:
+            details.update(state="failed", reason=result.reason)
+        if len(results) > 1:
+            details["attachments"] = [r.document_id for r in results[1:]]
+        audit.record(
+            self.engine, actor, "upload", actor_id=actor_id, target=job.collection, outcome=outcome, details=details
+        )
 
     async def run_forever(self) -> None:
         checked = time.monotonic()

@@ -5,6 +5,12 @@ index, and replace the previous version of the same source.
 of files (`appliance ingest`): parser processes work ahead on the next files while the main thread
 embeds and indexes earlier ones, and embedding and index writes are batched across files. Both run
 the same steps, so a file gives the same document and chunks either way.
+
+A document's id hashes its collection with its content's SHA-256, so de-duplication is per collection.
+An upload acts for someone: `may_replace` says which existing documents they could delete. Only those
+count, as the same content (`unchanged`) or as the older version a new one replaces; the others are
+left alone and change nothing in the answer, so an upload neither overwrites nor reveals a document
+its uploader may not see (its content then becomes a further copy, with an id of its own).
 """
 
 from __future__ import annotations
@@ -51,6 +57,14 @@ class IngestResult:
     document_id: str | None = None
     chunks: int = 0
     reason: str = ""
+    replaced: list[Document] = field(default_factory=list)  # older versions removed by this one
+
+
+MayReplace = Callable[[Document], bool]  # may the one ingesting delete (and so replace or reuse) this document?
+
+
+def _anything(document: Document) -> bool:
+    return True
 
 
 def parse_acl(raw: str | None, collection: str) -> list[str]:
@@ -81,6 +95,12 @@ def chunk_rows(document_id: str, pieces: list[Piece]) -> list[Chunk]:
         )
         for p in pieces
     ]
+
+
+def document_id(collection: str, digest: str, copy: int = 0) -> str:
+    """The id of content (its SHA-256 `digest`) in a collection; `copy` numbers further copies of it there,
+    made for uploaders who may not see the earlier ones."""
+    return hashlib.sha256(f"{collection}\n{digest}\n{copy}".encode()).hexdigest()
 
 
 def sha256_of(path: Path) -> str:
@@ -148,29 +168,42 @@ class Ingestor:
         self.parser.stop()
 
     def ingest(
-        self, path: Path, collection: str, acl: list[str], source: str | None = None, filename: str | None = None
+        self,
+        path: Path,
+        collection: str,
+        acl: list[str],
+        source: str | None = None,
+        filename: str | None = None,
+        may_replace: MayReplace = _anything,
     ) -> IngestResult:
         """Ingest one file. `source` identifies it across versions (default: its path); `filename` is the
-        name people see (default: the file's own name)."""
+        name people see (default: the file's own name); `may_replace` (default: anything) limits what it
+        may replace or count as the same content."""
         source = source or str(path.resolve())
         try:
-            work = self._prepare(path, collection, acl, source, filename or path.name)
+            work = self._prepare(path, collection, acl, source, filename or path.name, may_replace=may_replace)
             if isinstance(work, IngestResult):
                 return work
             self.on_stage("parsing", work.document.filename)
             self._parse(work)
-            return self._finish([work], collection)[0]
+            return self._finish([work], collection, may_replace)[0]
         except ApplianceError as exc:
             return IngestResult(source, "failed", reason=exc.message)
         except OSError as exc:
             return IngestResult(source, "failed", reason=_unreadable(exc))
 
     def ingest_with_attachments(
-        self, path: Path, collection: str, acl: list[str], source: str | None = None, filename: str | None = None
+        self,
+        path: Path,
+        collection: str,
+        acl: list[str],
+        source: str | None = None,
+        filename: str | None = None,
+        may_replace: MayReplace = _anything,
     ) -> list[IngestResult]:
         """Ingest a file and, for an e-mail, each of its attachments as a document of its own."""
         source = source or str(path.resolve())
-        results = [self.ingest(path, collection, acl, source, filename)]
+        results = [self.ingest(path, collection, acl, source, filename, may_replace)]
         if results[0].status == "failed" or path.suffix.lower() != ".eml":
             return results
         scratch_root = self.settings.home / "incoming"
@@ -181,7 +214,9 @@ class Ingestor:
                 if attachment.path is None:
                     results.append(IngestResult(attachment_source, "failed", reason=attachment.reason))
                 else:
-                    results.append(self.ingest(attachment.path, collection, acl, attachment_source, attachment.name))
+                    results.append(
+                        self.ingest(attachment.path, collection, acl, attachment_source, attachment.name, may_replace)
+                    )
         return results
 
     def ingest_many(
@@ -280,6 +315,7 @@ class Ingestor:
         source: str,
         filename: str,
         in_flight: set[str] = frozenset(),
+        may_replace: MayReplace = _anything,
     ) -> _Work | IngestResult:
         """Check the file, and either decide it (unchanged) or store its original for parsing."""
         if not path.is_file():
@@ -288,19 +324,15 @@ class Ingestor:
         if suffix is None:
             raise BadRequest(f"unsupported file type '{path.suffix.lower() or '(no extension)'}'")
         check_size(path, self.max_bytes)  # before copying anything (the parser checks again, in its process)
-        document_id = sha256_of(path)
-        if document_id in in_flight:
-            raise _InFlight(document_id)
-        with session(self.index.engine) as db:
-            existing = db.get(Document, document_id)
+        new_id, existing = self._same_content(sha256_of(path), collection, may_replace)
+        if new_id in in_flight:
+            raise _InFlight(new_id)
         if existing is not None and existing.status == "indexed":
-            if existing.collection != collection:
-                raise BadRequest(f"the same file is already in collection '{existing.collection}'")
-            return IngestResult(source, "unchanged", document_id, existing.chunk_count)
+            return IngestResult(source, "unchanged", existing.id, existing.chunk_count)
         if existing is not None:  # left half-done by an interrupted run: start it again cleanly
-            self.index.remove(document_id)
+            self.index.remove(existing.id)
         document = Document(
-            id=document_id,
+            id=new_id,
             collection=collection,
             source=source[:1024],
             filename=display_name(filename),
@@ -311,6 +343,27 @@ class Ingestor:
         original = self.original_path(document)
         _copy_atomically(path, original)
         return _Work(source, document, original)
+
+    def _same_content(self, digest: str, collection: str, may_replace: MayReplace) -> tuple[str, Document | None]:
+        """The id this content gets in the collection, and the document already there under it, if any.
+
+        Copies that `may_replace` rejects are passed over: the content then takes the next free copy number,
+        exactly as if they were not there. A document ingested before ids named their collection has the bare
+        digest as its id; it still counts as the same content in its own collection."""
+        with session(self.index.engine) as db:
+            legacy = db.get(Document, digest)
+        if legacy is not None and legacy.collection == collection and may_replace(legacy):
+            if legacy.status == "indexed":
+                return legacy.id, legacy
+            self.index.remove(legacy.id)  # half-done: indexed again under the new id
+        copy = 0
+        with session(self.index.engine) as db:
+            while True:
+                candidate = document_id(collection, digest, copy)
+                existing = db.get(Document, candidate)
+                if existing is None or may_replace(existing):
+                    return candidate, existing
+                copy += 1
 
     def _parse(self, work: _Work) -> None:
         """Parse (in a parser process) and chunk; the stored original is removed if that fails."""
@@ -327,8 +380,9 @@ class Ingestor:
             raise
         work.document.kind = kind
 
-    def _finish(self, works: list[_Work], collection: str) -> list[IngestResult]:
-        """Embed the files' chunks in one call, index them in one write, then replace older versions."""
+    def _finish(self, works: list[_Work], collection: str, may_replace: MayReplace = _anything) -> list[IngestResult]:
+        """Embed the files' chunks in one call, index them in one write, then replace the older versions that
+        `may_replace` allows."""
         subject = works[0].document.filename if len(works) == 1 else f"{len(works)} files"
         try:
             self.on_stage("embedding", subject)
@@ -360,17 +414,18 @@ class Ingestor:
                 )
                 continue
             with session(self.index.engine) as db:
-                previous = db.exec(
+                same_source = db.exec(
                     select(Document).where(
                         Document.source == work.document.source,
                         Document.collection == collection,
                         Document.id != work.document.id,
                     )
                 ).all()
+            previous = [old for old in same_source if may_replace(old)]
             for old in previous:
                 self.remove(old.id)
             status = "updated" if previous else "added"
-            results.append(IngestResult(work.source, status, work.document.id, len(work.chunks)))
+            results.append(IngestResult(work.source, status, work.document.id, len(work.chunks), replaced=previous))
         self._count("index", time.perf_counter() - started)
         return results
 

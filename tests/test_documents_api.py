@@ -202,21 +202,27 @@ def test_documents_follow_grants_walls_and_acls_and_are_audited(server, uploads)
     assert call("m-editor", "DELETE", f"/api/documents/{document_id}").status_code == 200
     assert call("m-editor", "DELETE", f"/api/documents/{document_id}").status_code == 404
 
-    # An editor naming a collection that does not exist yet creates it and becomes its editor.
+    # An editor naming a collection that does not exist is refused as for one that exists (no enumeration of
+    # names); an admin, who may list every collection anyway, creates it and becomes its editor.
     files = [("file", ("own.md", b"# Own\n\nThe stranger keeps notes on the loading bay."))]
     response = call("m-stranger", "POST", "/api/documents", data={"collection": "stranger-own"}, files=files)
+    assert response.status_code == 403
+    assert response.json()["error"] == "uploading to collection 'stranger-own' needs an editor grant on it"
+    response = call("m-admin", "POST", "/api/documents", data={"collection": "admin-own"}, files=files)
     assert response.status_code == 200, response.text
-    grants = json.loads(run_cli(server.home, "grants", "list", "--collection", "stranger-own", "--json").stdout)
-    assert grants == [{"collection": "stranger-own", "kind": "user", "subject": "m-stranger", "role": "editor"}]
-    with server.http(keys["m-stranger"]) as http:
+    grants = json.loads(run_cli(server.home, "grants", "list", "--collection", "admin-own", "--json").stdout)
+    assert grants == [{"collection": "admin-own", "kind": "user", "subject": "m-admin", "role": "editor"}]
+    with server.http(keys["m-admin"]) as http:
         _wait(http, response.json()["jobs"][0]["job_id"])
 
     uploads_logged = [r for r in _audit_export(server.home, "--action", "upload") if r["actor"].startswith("m-")]
     denied = {r["actor"] for r in uploads_logged if r["outcome"] == "denied"}
     assert denied == {"m-stranger", "m-reader", "m-nobody", "m-walled", "m-admin"}
-    [accepted] = [r for r in uploads_logged if r["actor"] == "m-editor"]
-    assert accepted["outcome"] == "ok" and accepted["target"] == "matrix"
-    assert accepted["details"]["job_id"] == job["job_id"] and accepted["details"]["filename"] == "policy.md"
+    [queued, ingested] = [r for r in uploads_logged if r["actor"] == "m-editor"]  # received, then its job's end
+    assert queued["outcome"] == "ok" and queued["target"] == "matrix" and queued["details"]["state"] == "queued"
+    assert queued["details"]["job_id"] == job["job_id"] and queued["details"]["filename"] == "policy.md"
+    assert ingested["outcome"] == "ok" and ingested["details"]["state"] == "done"
+    assert ingested["details"]["document_id"] == document_id and ingested["details"]["result"] == "added"
     deletes = [r for r in _audit_export(server.home, "--action", "delete") if r["target"] == document_id]
     assert [(r["actor"], r["outcome"]) for r in deletes] == [
         ("m-stranger", "denied"),

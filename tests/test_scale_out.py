@@ -100,6 +100,7 @@ WORKER = textwrap.dedent(
     from appliance.config import Settings
     from appliance.db import create_db_engine
     from ingest.jobs import JobWorker
+    from ingest.pipeline import IngestResult
 
     mode, out = sys.argv[1], Path(sys.argv[2])
     settings = Settings()
@@ -109,11 +110,11 @@ WORKER = textwrap.dedent(
     class Recorder:  # stands in for the ingestor: records which jobs this process ran
         on_stage = None
 
-        def ingest_with_attachments(self, upload, collection, acl, source, filename):
+        def ingest_with_attachments(self, upload, collection, acl, source, filename, may_replace):
             with out.open("a") as log:
                 log.write(filename + "\\n")
             time.sleep(0.05 if mode == "drain" else 3600)  # "hold": a job that runs until the process is killed
-            return [type("Result", (), {"status": "failed", "reason": "recorded"})()]
+            return [IngestResult(source, "failed", reason="recorded")]
 
 
     worker = JobWorker(engine, Recorder(), settings.home / "incoming")
