@@ -9,7 +9,7 @@ from appliance.inference.scheduler import parse_keep_alive
 from appliance.inference.stops import StopMatcher
 from appliance.models.modelfile import parse_modelfile
 from appliance.models.names import parse_digest, parse_name
-from appliance.models.template import check_template, parse_tool_calls, render_chat
+from appliance.models.template import check_template, parse_tool_calls, render_chat, render_chat_isolated
 
 
 @pytest.mark.parametrize(
@@ -163,6 +163,17 @@ def test_a_costly_chat_template_is_stopped(bomb, reason):
     with pytest.raises(BadRequest, match=reason):
         render_chat(bomb, [{"role": "user", "content": "hi"}])
     assert time.monotonic() - started < 30  # stopped, not merely slow (the deadline is 1 s)
+
+
+def test_a_request_template_renders_in_a_child_held_to_a_memory_limit():
+    """A template sent with a request (administrators only) runs in a child process: a string doubled forty
+    times (a terabyte) is stopped by the child's memory limit, and an ordinary one renders as in process."""
+    doubling = "{% set ns = namespace(x='ab') %}{% for i in range(40) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}"
+    with pytest.raises(BadRequest, match="more memory"):
+        render_chat_isolated(doubling + "{{ ns.x | length }}", [{"role": "user", "content": "hi"}])
+    assert render_chat_isolated(JINJA_CHATML, CONVERSATION) == render_chat(JINJA_CHATML, CONVERSATION)
+    with pytest.raises(BadRequest, match="longer than"):
+        render_chat_isolated("{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}", [])
 
 
 def test_bounds_leave_ordinary_templates_and_message_text_alone():

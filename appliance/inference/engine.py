@@ -22,13 +22,13 @@ from appliance.inference.scheduler import Scheduler, parse_keep_alive
 from appliance.models.modelfile import PARAMETER_TYPES, coerce_parameter
 from appliance.models.names import parse_name
 from appliance.models.store import ModelRecord, ModelStore
-from appliance.models.template import parse_tool_calls, render_chat
+from appliance.models.template import parse_tool_calls, render_chat, render_chat_isolated
 
 log = logging.getLogger(__name__)
 # Prompts are rendered on threads of their own, never on the shared default pool that file reads,
 # hashing and searches use: a costly template (each render is stopped after RENDER_DEADLINE_S) then
-# delays only other renders. A template sent with a request (administrators only) gets one thread
-# apart from the models' own templates.
+# delays only other renders. A template sent with a request (administrators only) renders in a child
+# process; one thread, apart from the models' own templates, waits for those children one at a time.
 _MODEL_TEMPLATE_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-template")
 _REQUEST_TEMPLATE_THREADS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="request-template")
 
@@ -145,7 +145,8 @@ class Engine:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": request.prompt or ""}
             ]
-        return render_chat(
+        render = render_chat_isolated if request.template else render_chat  # a caller's template: a child process
+        return render(
             template,
             messages,
             tools=request.tools,

@@ -9,14 +9,17 @@ the model's text.
 
 The bounds stop slow loops and obvious size bombs; they do not make an arbitrary template safe (a few
 string concatenations can still build a large string before the deadline). That is why only
-administrators may send a template with a request: everyone else gets the model's own template, which
-an administrator installed.
+administrators may send a template with a request (everyone else gets the model's own template, which
+an administrator installed), and why such a template renders in a child process of its own
+(`render_chat_isolated`), under a memory and CPU limit, where its work cannot hold the server's
+interpreter (a render spinning until its deadline in a thread slowed every other request).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 import uuid
@@ -188,6 +191,65 @@ def render_chat(
         raise BadRequest(f"chat template failed: {exc}") from None
 
 
+CHILD_MEMORY_BYTES = 1 << 30  # address space of the child that renders a request's template
+CHILD_TIMEOUT_S = 10.0  # its start (~0.2 s) and render (stopped at RENDER_DEADLINE_S), with room for a busy machine
+
+
+def render_chat_isolated(
+    template: str,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list | None = None,
+    bos_token: str = "",
+    eos_token: str = "",
+) -> str:
+    """`render_chat` in a child process limited in memory and CPU time (a template sent with a request)."""
+    payload = json.dumps(
+        {"template": template, "messages": messages, "tools": tools, "bos_token": bos_token, "eos_token": eos_token}
+    )
+    try:
+        done = subprocess.run(  # noqa: S603 - our own interpreter and module, the request only on stdin
+            [sys.executable, "-m", "appliance.models.template"],
+            input=payload,
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        raise BadRequest(f"chat template failed: it ran longer than {CHILD_TIMEOUT_S:g} s") from None
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:  # killed (memory, CPU) before it could answer
+        raise BadRequest("chat template failed: it used more memory or CPU time than a template may") from None
+    if "error" in answer:
+        raise BadRequest(answer["error"])
+    return answer["prompt"]
+
+
+def _render_in_child() -> None:
+    """The child of `render_chat_isolated`: limits itself, renders the request from stdin, answers on stdout."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_BYTES, CHILD_MEMORY_BYTES))
+    cpu = int(CHILD_TIMEOUT_S)
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    request = json.load(sys.stdin)
+    try:
+        prompt = render_chat(
+            request["template"],
+            request["messages"],
+            tools=request["tools"],
+            bos_token=request["bos_token"],
+            eos_token=request["eos_token"],
+        )
+    except BadRequest as exc:
+        json.dump({"error": exc.message}, sys.stdout)
+    except MemoryError:
+        json.dump({"error": "chat template failed: it used more memory than a template may"}, sys.stdout)
+    else:
+        json.dump({"prompt": prompt}, sys.stdout)
+
+
 _RESPONSE_MARK = "\x00response\x00"
 
 
@@ -271,3 +333,7 @@ def parse_tool_calls(text: str, tool_names: set[str]) -> list[dict]:
             if call and call["function"]["name"] in tool_names:
                 calls.append(call)
     return calls
+
+
+if __name__ == "__main__":
+    _render_in_child()
