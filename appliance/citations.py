@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from urllib.parse import quote as quote_url
 
 from appliance.retrieve import Hit
 
@@ -170,12 +171,29 @@ def verify(answer: str, hits: list[Hit], texts: dict[str, str]) -> tuple[list[Ci
     return citations, flags
 
 
-def sources_block(citations: list[Citation]) -> str:
-    """The plain-text Sources block appended to answers given through chat APIs."""
+def passage_path(citation: Citation) -> str:
+    """The web app's page for the cited document, with the quote highlighted (readers need a session)."""
+    chunk = quote_url(citation.chunk_id, safe=":")
+    return (
+        f"/documents/{quote_url(citation.document_id, safe='')}?chunk={chunk}"
+        f"&start={citation.start}&end={citation.end}#passage"
+    )
+
+
+def sources_block(citations: list[Citation], base_url: str = "") -> str:
+    """The plain-text Sources block appended to answers given through chat APIs.
+
+    It is all that most chat clients keep of the citations (the `ollama` package's typed responses, and so
+    LlamaIndex and LangChain's ChatOllama, drop the structured fields), so each source carries what a reader
+    needs to check it: the document's file name, the page where known and the section, the quote (whitespace
+    collapsed, cut at 300 characters), and the path of the passage in the web app (`base_url` before it when
+    given). Sources are separated by a blank line so that Markdown renderers keep them apart too.
+    """
     if not citations:
         return ""
-    lines = ["", "", "Sources:"]
+    entries = []
     for citation in citations:
-        quote = citation.quote if len(citation.quote) <= 300 else citation.quote[:297] + "..."
-        lines.append(f'{citation.label()}: "{quote}"')
-    return "\n".join(lines)
+        quote = " ".join(citation.quote.split())
+        quote = quote if len(quote) <= 300 else quote[:297] + "..."
+        entries.append(f'{citation.label()}\n    "{quote}"\n    {base_url.rstrip("/")}{passage_path(citation)}')
+    return "\n\nSources:\n" + "\n\n".join(entries)

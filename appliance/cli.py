@@ -3,6 +3,8 @@
 Model-store commands (create, list, show, rm, cp) work on APPLIANCE_HOME directly; commands that
 need loaded models (run, ps, stop) talk to the running server, authenticated with APPLIANCE_API_KEY
 or the local CLI token the server leaves in APPLIANCE_HOME/run (readable only by its own OS user).
+They find the server at APPLIANCE_URL, else at the address it wrote in APPLIANCE_HOME/run/server.url,
+else at APPLIANCE_HOST and APPLIANCE_PORT.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from appliance import __version__
 from appliance.config import Settings, load_settings
@@ -54,21 +58,40 @@ def _audit(engine, action: str, target: str | None = None, *, outcome: str = "ok
     audit.record(engine, audit.LOCAL_OPERATOR, action, actor_id=0, target=target, outcome=outcome, details=details)
 
 
+def server_url(settings: Settings) -> tuple[str, str]:
+    """(URL of the running server, where it came from): APPLIANCE_URL, else what the server of this home wrote
+    in its run directory, else APPLIANCE_HOST and APPLIANCE_PORT."""
+    if settings.server.url:
+        return settings.server.url, "APPLIANCE_URL"
+    path = settings.server_url_file
+    written = path.read_text().strip() if path.is_file() else ""
+    if written:
+        return written, f"written by the server in {path}"
+    return settings.server.local_url, "APPLIANCE_HOST and APPLIANCE_PORT"
+
+
 class ServerClient:
     """A small HTTP client for the running server (used by run, ps, stop)."""
 
     def __init__(self, settings: Settings):
         import httpx
 
-        host = settings.server.host
-        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
-        self.base = os.environ.get("APPLIANCE_URL") or f"http://{host}:{settings.server.port}"
+        self.base, self.source = server_url(settings)
         key = os.environ.get("APPLIANCE_API_KEY")
         token_file = settings.run_dir / "cli.token"
         if not key and token_file.is_file():
             key = token_file.read_text().strip()
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(base_url=self.base, headers=headers, timeout=httpx.Timeout(600, connect=5))
+        try:
+            self.http = httpx.Client(base_url=self.base, headers=headers, timeout=httpx.Timeout(600, connect=5))
+        except httpx.InvalidURL as exc:
+            raise BadRequest(f"{self.base!r} ({self.source}) is not a usable URL: {exc}") from None
+
+    def _unreachable(self) -> str:
+        return (
+            f"could not reach the server at {self.base} ({self.source}); start it with `appliance serve`, "
+            "or say where it runs with APPLIANCE_URL"
+        )
 
     def _check(self, response) -> None:
         if response.status_code >= 400:
@@ -86,9 +109,7 @@ class ServerClient:
         try:
             response = self.http.request(method, path, json=body)
         except httpx.ConnectError:
-            raise ApplianceError(
-                f"could not reach the server at {self.base}; start it with `appliance serve`"
-            ) from None
+            raise ApplianceError(self._unreachable()) from None
         self._check(response)
         return response.json() if response.content else None
 
@@ -107,9 +128,7 @@ class ServerClient:
                             raise ApplianceError(item["error"])
                         yield item
         except httpx.ConnectError:
-            raise ApplianceError(
-                f"could not reach the server at {self.base}; start it with `appliance serve`"
-            ) from None
+            raise ApplianceError(self._unreachable()) from None
 
 
 # --- server --------------------------------------------------------------------------------------
@@ -118,10 +137,10 @@ def cmd_serve(settings: Settings, args) -> int:
 
     from web.app import create_app
 
-    if args.host:
-        settings.server.host = args.host
-    if args.port:
-        settings.server.port = args.port
+    try:
+        settings.server.set_address(args.host, args.port)
+    except ValueError as exc:
+        raise BadRequest(f"--host {exc}") from None
     from appliance import logs
 
     logs.configure(settings.log_level, settings.log_format)
@@ -1313,8 +1332,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="start the server")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--host", help="address to bind, as APPLIANCE_HOST: host, host:port, [::1]:port, http://host:port")
+    p.add_argument("--port", type=int, help="TCP port (wins over a port in --host)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("create", help="create a model from a Modelfile or a GGUF file")
@@ -1524,10 +1543,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setting_errors(exc: ValidationError) -> str:
+    """A setting's validation errors in one line, each named by its environment variable."""
+    problems = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        loc = "_".join(str(part) for part in error["loc"]).upper()
+        problems.append(message if not loc or message.startswith("APPLIANCE_") else f"APPLIANCE_{loc}: {message}")
+    return "invalid setting: " + "; ".join(problems)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
+    except ValidationError as exc:
+        print(f"error: {_setting_errors(exc)}", file=sys.stderr)
+        return 1
+    try:
         return int(args.func(settings, args) or 0)
     except ApplianceError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -6,11 +6,13 @@ Every field has a description and bounds; environment variables use the `APPLIAN
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "APPLIANCE_"
@@ -20,16 +22,86 @@ def _group_config() -> SettingsConfigDict:
     return SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
 
+def split_host(value: str) -> tuple[str, int | None]:
+    """(host, port or None) of an address written as OLLAMA_HOST is: `host`, `host:port`, `[::1]:port`, `::1`,
+    or any of these after `http://` (and before an optional `/`); an empty host is 127.0.0.1."""
+    text = value.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        rest = text
+    elif scheme.lower() == "https":
+        raise ValueError(
+            f"{value!r}: the server itself speaks plain HTTP; give a TLS proxy's https:// address to the CLI "
+            "as APPLIANCE_URL"
+        )
+    elif scheme.lower() != "http":
+        raise ValueError(f"{value!r}: write host, host:port or http://host:port")
+    hostport, _, path = rest.partition("/")
+    if path:
+        raise ValueError(f"{value!r}: an address has no path")
+    if hostport.startswith("["):
+        host, bracket, tail = hostport[1:].partition("]")
+        if not bracket or (tail and not tail.startswith(":")):
+            raise ValueError(f"{value!r}: write an IPv6 address with a port as [::1]:11434")
+        port_text = tail[1:]
+    elif hostport.count(":") == 1:
+        host, _, port_text = hostport.partition(":")
+    else:  # a name, an IPv4 address, or an IPv6 address without a port
+        host, port_text = hostport, ""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not an IPv6 address") from None
+    if not port_text:
+        return host or "127.0.0.1", None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r}: the port must be a number from 1 to 65535")
+    return host or "127.0.0.1", int(port_text)
+
+
+def _normal_url(value: str) -> str:
+    """An http(s) URL, `http://` added when no scheme is given, without a trailing slash; ValueError if malformed."""
+    text = value.strip().rstrip("/")
+    if not text:
+        return ""
+    url = text if "://" in text else f"http://{text}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r}: write http://host:port or https://host")
+    return url
+
+
 class ServerSettings(BaseSettings):
     model_config = _group_config()
 
-    host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
+    host: str = Field(
+        "127.0.0.1",
+        description=(
+            "Address the HTTP server binds to, written as for OLLAMA_HOST: host, host:port, [::1]:port or "
+            "http://host:port (a port here wins over APPLIANCE_PORT)."
+        ),
+    )
     port: int = Field(11434, ge=1, le=65535, description="TCP port of the HTTP server.")
+    url: str = Field(
+        "",
+        max_length=1024,
+        description=(
+            "Where the CLI's run, ps and stop reach the server (http://host:port, or a TLS proxy's https:// "
+            "address); empty: the address the server of this home wrote in its run directory at start, else "
+            "APPLIANCE_HOST and APPLIANCE_PORT."
+        ),
+    )
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description=(
-            "Host header values accepted besides loopback names (bound to loopback); when set, the only "
-            "ones accepted on other addresses (as a JSON list)."
+            "Host header names (without port) accepted besides this machine's own (bound to loopback: localhost, "
+            "its hostname, names ending .localhost, .local or .internal, loopback and private addresses); when "
+            "set, the only ones accepted on other addresses (as a JSON list)."
         ),
     )
     max_request_bytes: int = Field(1_048_576 * 16, ge=1024, description="Largest JSON request body accepted, in bytes.")
@@ -44,6 +116,38 @@ class ServerSettings(BaseSettings):
             "('600/minute', several joined by ';'); 429 with Retry-After beyond it; empty disables."
         ),
     )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        try:
+            return _normal_url(value)
+        except ValueError as exc:
+            raise ValueError(f"APPLIANCE_URL={exc}") from None
+
+    @model_validator(mode="after")
+    def _host_port(self) -> ServerSettings:
+        try:
+            self.host, port = split_host(self.host)
+        except ValueError as exc:
+            raise ValueError(f"APPLIANCE_HOST={exc}") from None
+        if port is not None:
+            self.port = port
+        return self
+
+    def set_address(self, host: str | None, port: int | None) -> None:
+        """Override the address (`appliance serve --host ... --port ...`): host as in APPLIANCE_HOST, then port."""
+        if host:
+            self.host, host_port = split_host(host)
+            self.port = host_port or self.port
+        if port:
+            self.port = port
+
+    @property
+    def local_url(self) -> str:
+        """http://host:port at which a client on this machine reaches the server (0.0.0.0 and :: as loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)  # noqa: S104
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
 
 class SchedulerSettings(BaseSettings):
@@ -396,6 +500,11 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.home / "run"
+
+    @property
+    def server_url_file(self) -> Path:
+        """Where a running server leaves the URL it listens at, for the local CLI."""
+        return self.run_dir / "server.url"
 
     def ensure_dirs(self) -> None:
         for path in (self.home, self.models_dir, self.chroma_dir, self.run_dir):

@@ -71,7 +71,15 @@ _DELIMITER = re.compile(r"<{2,}|>{2,}")
 
 @dataclass
 class AnswerDone:
-    """The final event of an answer."""
+    """The final event of an answer.
+
+    `done_reason` is "length" when the model's generation was cut by its token limit (`num_predict`, an OpenAI
+    client's `max_tokens`), else "stop". It says how the model's generation ended, not how the shown text
+    reads: only verified sentences are shown (the one the limit cut off, only if it verifies as it stands), and
+    when none verified the passages are quoted instead, so a larger limit may give a fuller answer, or a
+    generated one in place of the quotes. An answer made without the model (extractive, or refused as not
+    found) is a "stop".
+    """
 
     answer: str
     citations: list[Citation]
@@ -82,6 +90,7 @@ class AnswerDone:
     retrieved: list[str]  # chunk ids, in rank order
     question: str  # the standalone question that was searched
     timings: dict[str, int] = field(default_factory=dict)
+    done_reason: str = "stop"  # stop | length
 
     def public(self) -> dict[str, Any]:
         return {
@@ -92,6 +101,7 @@ class AnswerDone:
             "flagged": [f.__dict__ for f in self.flags],
             "retrieved": self.retrieved,
             "question": self.question,
+            "done_reason": self.done_reason,
             "prompt_cache_count": self.timings.get("prompt_cache_count", 0),
             "timings": self.timings,  # nanoseconds (Ollama's convention) and token counts
         }
@@ -342,6 +352,7 @@ class Answerer:
             retrieved,
             searched,
             finished.timings() | {"prompt_cache_count": finished.prompt_cache_count} if finished else {},
+            done_reason="length" if finished and finished.done_reason == "length" else "stop",
         )
 
     @staticmethod

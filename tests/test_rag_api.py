@@ -234,10 +234,12 @@ def test_openai_client_chats_with_a_collection(world):
     assert "rag/hospital:latest" in {m.id for m in client.models.list()}
     messages = [{"role": "user", "content": "How are hospital records destroyed?"}]
     completion = client.chat.completions.create(model="rag/hospital", messages=messages, max_tokens=16)
-    assert completion.choices[0].message.content and completion.choices[0].finish_reason == "stop"
+    assert completion.choices[0].message.content
+    cut = completion.usage.completion_tokens == 16  # the model's generation hit max_tokens
+    assert completion.choices[0].finish_reason == ("length" if cut else "stop")
     stream = client.chat.completions.create(model="rag/hospital", messages=messages, stream=True, max_tokens=8)
     chunks = list(stream)
-    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")  # no usage chunk unless asked for
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="rag/lawfirm", messages=messages)
 
@@ -386,3 +388,94 @@ def test_every_question_is_audited_without_its_text(world):
     assert question not in exported and "maternity" not in exported.lower()
     assert "twenty-five" not in exported  # no passage text
     assert run_cli(world.server.home, "audit", "verify").stdout.startswith("OK: ")
+
+
+def _openai_client(world: World, key: str):
+    import openai
+
+    return openai.OpenAI(base_url=f"{world.server.url}/v1", api_key=key, max_retries=0)
+
+
+def test_rag_models_answer_only_through_chat_completions(world):
+    """/v1/completions and /v1/embeddings refuse a readable rag model with a 400 that says where it answers; a
+    collection the caller may not read gets exactly the 404 of a missing one (audited as a refusal)."""
+    from datetime import UTC, datetime
+
+    import openai
+
+    since = datetime.now(UTC).isoformat()
+
+    calls = {
+        "completions": lambda client, model: client.completions.create(model=model, prompt="Records?", max_tokens=4),
+        "embeddings": lambda client, model: client.embeddings.create(model=model, input="records"),
+    }
+    alice, walled = _openai_client(world, world.alice), _openai_client(world, world.walled)
+    for call in calls.values():
+        for model in ("rag/hospital", "rag/hospital:latest"):
+            with pytest.raises(openai.BadRequestError) as refused:
+                call(alice, model)
+            assert refused.value.body["message"] == "rag/hospital answers through /v1/chat/completions only"
+        hidden = {}
+        for client, model in ((alice, "rag/lawfirm"), (walled, "rag/hospital"), (alice, "rag/no-such-collection")):
+            with pytest.raises(openai.NotFoundError) as error:
+                call(client, model)
+            hidden[model] = error.value.body
+        missing = hidden["rag/no-such-collection"]
+        assert missing["code"] == "model_not_found" and "not found" in missing["message"]
+        for model in ("rag/lawfirm", "rag/hospital"):
+            assert hidden[model] == {**missing, "message": missing["message"].replace("no-such-collection", model[4:])}
+    refusals = _audit(world, since, "--action", "access_refused")
+    assert sorted((r["actor"], r["target"]) for r in refusals) == [
+        ("alice", "POST /v1/completions"),
+        ("alice", "POST /v1/embeddings"),
+        ("walled", "POST /v1/completions"),
+        ("walled", "POST /v1/embeddings"),
+    ]
+
+
+def test_a_rag_answer_cut_at_max_tokens_finishes_with_length(world):
+    """finish_reason is "length" when the model's generation hit max_tokens, streamed or not; the stream ends
+    with the usage chunk when asked for; a refusal made without the model is a "stop"."""
+    client = _openai_client(world, world.alice)
+    messages = [{"role": "user", "content": "How long are maternity records kept?"}]
+    cut = client.chat.completions.create(model="rag/hospital", messages=messages, max_tokens=1)
+    assert cut.usage.completion_tokens == 1 and cut.choices[0].finish_reason == "length"
+    assert cut.choices[0].message.content
+    stream = client.chat.completions.create(
+        model="rag/hospital", messages=messages, max_tokens=1, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finishing] == ["length"] and finishing[0] is chunks[-2]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 1
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 1 and chunks[-1].usage.prompt_tokens > 0
+    unanswerable = [{"role": "user", "content": "How many operating theatres does St. Brigid's General Hospital have?"}]
+    refused = client.chat.completions.create(model="rag/hospital", messages=unanswerable, max_tokens=1)
+    assert refused.choices[0].finish_reason == "stop" and refused.usage.completion_tokens == 0
+    status, lines = _ask(world, world.alice, question=messages[0]["content"], options={"num_predict": 1})
+    assert status == 200 and lines[-1]["done_reason"] == "length"
+    import ollama
+
+    ollama_client = ollama.Client(host=world.server.url, headers=world.server.auth(world.alice))
+    answered = ollama_client.chat(model="rag/hospital", messages=messages, options={"num_predict": 1})
+    assert answered.done_reason == "length" and answered.eval_count == 1
+
+
+def test_rag_models_are_dated_by_their_collection(world):
+    """`created` of a rag model is its collection's creation time (what /api/tags dates it by too)."""
+    from datetime import UTC, datetime
+
+    from sqlmodel import select
+
+    from appliance.db import Collection, create_db_engine, session
+
+    engine = create_db_engine(f"sqlite:///{world.server.home / 'appliance.db'}")
+    with session(engine) as db:
+        hospital = db.exec(select(Collection).where(Collection.name == "hospital")).one()
+        hospital.created_at = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+        db.add(hospital)
+        db.commit()
+    engine.dispose()
+    client = _openai_client(world, world.alice)
+    assert client.models.retrieve("rag/hospital").created == 1704164645
+    assert {m.id: m.created for m in client.models.list()}["rag/hospital:latest"] == 1704164645

@@ -7,6 +7,7 @@ Heavy things start in the lifespan. Domain errors are translated here, once: Oll
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from appliance import __version__
 from appliance.cluster.coordinator import Cluster
@@ -46,7 +48,7 @@ from web import (
     sessions,
     signin,
 )
-from web.auth import host_allowed, issue_cli_token
+from web.auth import host_allowed, host_name, issue_cli_token
 from web.rate_limits import RateLimits
 from web.rendering import SignInRequired, error_page, is_page
 from web.security import CsrfRefused, add_security_headers, audit, audit_refusal
@@ -91,6 +93,55 @@ def _log_failure(what: str):
     return check
 
 
+def _remove_server_url(settings: Settings) -> None:
+    """Remove the run directory's server.url, unless another server of this home has written its own since."""
+    path = settings.server_url_file
+    if path.is_file() and path.read_text().strip() == settings.server.local_url:
+        path.unlink(missing_ok=True)
+
+
+def _refused_host(request: Request, settings: Settings) -> Response:
+    """403 for a Host header the server does not answer to, saying how to allow it."""
+    name = host_name(request.headers.get("host", ""))[:200]
+    allowed = json.dumps([*settings.server.allowed_hosts, name])
+    message = (
+        f"forbidden host header: this server does not answer to {name!r}; to accept it, set "
+        f"APPLIANCE_ALLOWED_HOSTS='{allowed}' (deploy/README.md, 'Host names')"
+    )
+    return _error_response(request, 403, message)
+
+
+class HeadAsGet:
+    """HEAD on every GET route, as HTTP asks and Ollama does on /, /api/version and /api/tags: the GET route runs
+    (authentication, limits and all) and its body is dropped. Routes that declare HEAD keep their own."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD" or not _get_only(scope):
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message):
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+def _get_only(scope) -> bool:
+    """Whether no route takes HEAD at this path and one takes GET."""
+    routes = scope["app"].router.routes
+    if any(route.matches(scope)[0] is Match.FULL for route in routes):
+        return False
+    as_get = {**scope, "method": "GET"}
+    return any(route.matches(as_get)[0] is Match.FULL for route in routes)
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -114,6 +165,7 @@ def create_app(settings: Settings) -> FastAPI:
         await asyncio.to_thread(state.jobs.recover)
         worker = asyncio.create_task(state.jobs.run_forever())
         state.cli_token_hash = issue_cli_token(settings.run_dir)
+        settings.server_url_file.write_text(settings.server.local_url + "\n")  # where the local CLI finds us
         state.form_key = secrets.token_bytes(32)  # signs the sign-in forms' CSRF tokens (per process)
         state.oidc = oidc.Provider(settings.oidc) if settings.oidc.enabled else None  # read on first use
         state.started_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
@@ -138,6 +190,7 @@ def create_app(settings: Settings) -> FastAPI:
             state.ingestor.parser.stop()
             await state.scheduler.shutdown()
             (settings.run_dir / "cli.token").unlink(missing_ok=True)
+            _remove_server_url(settings)
 
     app = FastAPI(
         title="Knowledge appliance",
@@ -149,11 +202,13 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.rate_limits = RateLimits(settings.server.api_rate_limit)  # a bad setting stops the start here
 
+    app.add_middleware(HeadAsGet)  # added first, so innermost: the Host check and metrics see the HEAD
+
     @app.middleware("http")
     async def check_host(request: Request, call_next):
         host = request.headers.get("host", "")
         if not host_allowed(host, settings.server.host, settings.server.allowed_hosts):
-            response = _error_response(request, 403, "forbidden host header")
+            response = _refused_host(request, settings)
         else:
             response = await call_next(request)
         add_security_headers(response, request.url.path)

@@ -9,8 +9,10 @@ import hmac
 import ipaddress
 import os
 import secrets
+import socket
 from pathlib import Path
 
+import psutil
 from fastapi import Request
 
 from appliance.errors import Forbidden, Unauthorized
@@ -86,6 +88,17 @@ def require_admin(request: Request) -> Principal:
     return principal
 
 
+LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
+
+
+def host_name(host_header: str) -> str:
+    """The name (or address, IPv6 without brackets) a Host header gives, without its port, lower-cased."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.split(":", 1)[0] if host.count(":") == 1 else host
+
+
 def _is_loopback(host: str) -> bool:
     if host in LOOPBACK_NAMES:
         return True
@@ -95,16 +108,36 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _own_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether one of this machine's network interfaces has this address."""
+    return any(
+        item.address.split("%")[0] == str(address)
+        for items in psutil.net_if_addrs().values()
+        for item in items
+        if item.family in (socket.AF_INET, socket.AF_INET6)
+    )
+
+
+def _names_this_machine(host: str) -> bool:
+    """Ollama's rule for a loopback server: localhost, this machine's hostname, *.localhost, *.local, *.internal,
+    or a loopback, private, unspecified or own address. None of these is a name an outside site's DNS answers
+    for, and a DNS rebinding attack needs one (an address typed in the URL involves no DNS at all)."""
+    if host in ("", "localhost") or host == socket.gethostname().lower() or host.endswith(LOCAL_SUFFIXES):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_private or address.is_unspecified or _own_address(address)
+
+
 def host_allowed(host_header: str, bind_host: str, extra: list[str]) -> bool:
-    """Against DNS rebinding: when bound to loopback, only loopback names may appear in Host."""
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        host = host[: host.find("]") + 1] if "]" in host else host
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    allowed = {h.lower() for h in extra}
+    """Against DNS rebinding: bound to loopback, Host must name this machine (`_names_this_machine`) or be in
+    APPLIANCE_ALLOWED_HOSTS; bound elsewhere, APPLIANCE_ALLOWED_HOSTS, when set, is the list of names."""
+    host = host_name(host_header)
+    allowed = {host_name(h) for h in extra}
     if host in allowed:
         return True
-    if not _is_loopback(bind_host) and bind_host != "localhost":
+    if not _is_loopback(bind_host.strip("[]")) and bind_host != "localhost":
         return not allowed  # on a LAN address the reverse proxy / allowed_hosts decide
-    return _is_loopback(host.strip("[]")) or host in LOOPBACK_NAMES or host.endswith(".localhost")
+    return _names_this_machine(host)

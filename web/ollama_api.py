@@ -13,10 +13,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from sqlalchemy import func
+from sqlmodel import select
 
 from appliance import __version__
+from appliance.db import Document, session
 from appliance.embeddings import DEFAULT_EMBEDDING_MODEL
-from appliance.errors import BadRequest, Forbidden
+from appliance.errors import BadRequest, Forbidden, NotFound, Withheld
 from appliance.inference.engine import Finished, GenerationRequest, Token
 from appliance.models.create import create_model, modelfile_from_api
 from appliance.models.modelfile import parse_modelfile, render_modelfile
@@ -95,7 +98,7 @@ async def _generation(request: Request, chat: bool, body: dict[str, Any], princi
     generation.user = principal.requester
     stream = bool(get(body, "stream", bool, True))
     engine = _state(request).engine
-    model = parse_name(generation.model).display
+    model = generation.model  # echoed as the request named it, as Ollama does
     events = await primed(engine.generate(generation))
 
     def shape(text: str) -> dict[str, Any]:
@@ -150,6 +153,9 @@ async def chat(request: Request, principal: Principal = Depends(require_user)):
     collection = rag_collection(model_name(body))
     if collection is None:
         return await _generation(request, True, body, principal)
+    if get(body, "tools", list):
+        await _readable_rag_model(request, principal, collection)  # a hidden collection stays a missing model
+        raise BadRequest(f"rag/{collection}:latest does not support tools")
     return await _rag_chat(request, principal, body, collection)
 
 
@@ -158,7 +164,7 @@ _RAG_TIMINGS = ("load_duration", "prompt_eval_count", "prompt_eval_duration", "e
 
 async def _rag_chat(request: Request, principal: Principal, body: dict[str, Any], collection: str):
     """`rag/<collection>` as a chat model: the answer, a Sources block, and structured `citations`."""
-    model = f"rag/{collection}:latest"
+    model = model_name(body)
     messages = _messages(body.get("messages") or [])
     started = time.perf_counter_ns()
     events = await rag_chat_events(request, principal, collection, messages, get(body, "options", dict))
@@ -176,7 +182,7 @@ async def _rag_chat(request: Request, principal: Principal, body: dict[str, Any]
         item["message"]["citations"] = [c.public() for c in done.citations]
         item.update(
             done=True,
-            done_reason="stop",
+            done_reason=done.done_reason,
             grounded=done.grounded,
             citations=item["message"]["citations"],
             total_duration=time.perf_counter_ns() - started,
@@ -209,7 +215,7 @@ async def embed(request: Request, principal: Principal = Depends(require_user)):
     total = int((datetime.now(UTC) - started).total_seconds() * 1e9)
     return json_response(
         {
-            "model": parse_name(name).display,
+            "model": name,
             "embeddings": result.vectors,
             "total_duration": total,
             "load_duration": load_ns,
@@ -266,31 +272,73 @@ def _tag_entry(record: ModelRecord) -> dict[str, Any]:
     }
 
 
-def _rag_entry(collection: str) -> dict[str, Any]:
+_RAG_DETAILS = {
+    "parent_model": "",
+    "format": "rag",
+    "family": "rag",
+    "families": ["rag"],
+    "parameter_size": "",
+    "quantization_level": "",
+}
+
+
+def _rag_entry(collection: str, modified_at: str) -> dict[str, Any]:
     name = f"rag/{collection}:latest"
     return {
         "name": name,
         "model": name,
-        "modified_at": now_iso(),
+        "modified_at": modified_at,
         "size": 0,
         "digest": hashlib.sha256(name.encode()).hexdigest(),
-        "details": {
-            "parent_model": "",
-            "format": "rag",
-            "family": "rag",
-            "families": ["rag"],
-            "parameter_size": "",
-            "quantization_level": "",
-        },
+        "details": dict(_RAG_DETAILS),
     }
+
+
+def _collections_changed_at(request: Request) -> dict[str, str]:
+    """When each collection with indexed documents last gained one: its rag model's stable modified_at."""
+    query = (
+        select(Document.collection, func.max(Document.created_at))
+        .where(Document.status == "indexed")
+        .group_by(Document.collection)
+    )
+    with session(_state(request).db) as db:
+        return {collection: _iso(added) for collection, added in db.exec(query).all()}
+
+
+def _iso(moment: datetime) -> str:
+    """A database time (stored without a zone, in UTC) as Ollama writes times."""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat().replace("+00:00", "Z")
+
+
+def _readable_rag_models(request: Request, principal: Principal) -> dict[str, str]:
+    """The caller's `rag/<collection>` models (what /api/tags lists), collection -> modified_at."""
+    changed = _collections_changed_at(request)
+    readable = readable_collections(request, caller_access(request, principal))
+    return {c: changed.get(c, _state(request).started_at) for c in readable}
+
+
+async def _readable_rag_model(request: Request, principal: Principal, collection: str) -> str:
+    """The modified_at of `rag/<collection>`; a collection the caller may not read is answered like a missing
+    model (and audited as a refusal)."""
+
+    def lookup() -> str:
+        models = _readable_rag_models(request, principal)
+        if collection in models:
+            return models[collection]
+        refusal = Withheld if collection in _collections_changed_at(request) else NotFound
+        raise refusal(f"model 'rag/{collection}:latest' not found")
+
+    return await asyncio.to_thread(lookup)
 
 
 @router.get("/tags")
 async def tags(request: Request, principal: Principal = Depends(require_user)):
     records = await asyncio.to_thread(_state(request).store.list)
-    collections = await asyncio.to_thread(readable_collections, request, caller_access(request, principal))
+    rag_models = await asyncio.to_thread(_readable_rag_models, request, principal)
     return {
-        "models": [_tag_entry(r) for r in records] + [_embedding_entry(request)] + [_rag_entry(c) for c in collections]
+        "models": [_tag_entry(r) for r in records]
+        + [_embedding_entry(request)]
+        + [_rag_entry(c, modified_at) for c, modified_at in rag_models.items()]
     }
 
 
@@ -303,10 +351,13 @@ def _parameters_text(parameters: dict[str, Any]) -> str:
 
 
 @router.post("/show")
-async def show(request: Request, _: Principal = Depends(require_user)):
+async def show(request: Request, principal: Principal = Depends(require_user)):
     body = await read_json(request)
     name = model_name(body)
     state = _state(request)
+    collection = rag_collection(name)
+    if collection is not None:
+        return await _show_rag(request, principal, collection)
     if parse_name(name).display == EMBEDDING_DISPLAY:
         await state.embedder.aload()
         entry = _embedding_entry(request)
@@ -327,9 +378,7 @@ async def show(request: Request, _: Principal = Depends(require_user)):
     record = await asyncio.to_thread(state.store.resolve, name)
     info = await asyncio.to_thread(state.store.gguf_info, record.model_digest)
     template = state.store.chat_template(record) or ""
-    capabilities = ["embedding"] if info.is_embedding_model else ["completion"]
-    if "tools" in template:
-        capabilities.append("tools")
+    capabilities = state.engine.capabilities(record)
     result = {
         "modelfile": render_modelfile(
             record.name.display,
@@ -351,6 +400,39 @@ async def show(request: Request, _: Principal = Depends(require_user)):
     if record.license:
         result["license"] = record.license
     return result
+
+
+async def _show_rag(request: Request, principal: Principal, collection: str) -> dict[str, Any]:
+    """`rag/<collection>` described by the model that writes its answers (LlamaIndex reads the context length
+    from model_info before every request); it completes chats, with citations, and takes no tools."""
+    modified_at = await _readable_rag_model(request, principal, collection)
+    state = _state(request)
+    name = f"rag/{collection}:latest"
+    record = await asyncio.to_thread(state.answerer.generation_model, None)
+    if record is None:  # no generation model: answers quote the passages themselves
+        writer = "no generation model is installed: answers quote the passages that answer the question"
+        details = dict(_RAG_DETAILS)
+        model_info = {"general.architecture": "rag", "rag.context_length": state.settings.scheduler.num_ctx}
+    else:
+        writer = f"answers are written by {record.name.display}"
+        details = {**record.details, "parent_model": record.name.display}
+        model_info = (await asyncio.to_thread(state.store.gguf_info, record.model_digest)).model_info()
+    modelfile = (
+        f"# {name}: answers from the documents of collection '{collection}' that the caller may read,\n"
+        f"# with a Sources block and structured citations; {writer}.\n"
+        f"# The appliance's own grounded prompt replaces any template; tools are not supported.\n"
+    )
+    if record is not None:
+        modelfile += f"FROM {record.name.display}\n"
+    return {
+        "modelfile": modelfile,
+        "parameters": "",
+        "template": "",
+        "details": details,
+        "model_info": model_info,
+        "capabilities": ["completion"],
+        "modified_at": modified_at,
+    }
 
 
 @router.get("/ps")

@@ -20,7 +20,14 @@ from appliance.rag import AnswerDone
 from appliance.users import Principal
 from web.auth import require_user
 from web.body import get, read_json
-from web.rag_api import caller_access, rag_chat_events, rag_collection, readable_collections
+from web.rag_api import (
+    caller_access,
+    created_at,
+    rag_chat_events,
+    rag_collection,
+    readable_collections,
+    refuse_outside_chat,
+)
 from web.responses import json_response, primed, sse_response
 
 router = APIRouter(prefix="/v1")
@@ -102,12 +109,26 @@ def _finish_reason(done: Finished) -> str:
     return "length" if done.done_reason == "length" else "stop"
 
 
-def _usage(done: Finished) -> dict[str, int]:
+def _usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
-        "prompt_tokens": done.prompt_eval_count,
-        "completion_tokens": done.eval_count,
-        "total_tokens": done.prompt_eval_count + done.eval_count,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def _usage(done: Finished) -> dict[str, int]:
+    return _usage_of(done.prompt_eval_count, done.eval_count)
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    """`stream_options.include_usage`: end the stream with a chunk of no choices that carries the usage."""
+    return bool((get(body, "stream_options", dict) or {}).get("include_usage"))
+
+
+def _usage_chunk(chunk: dict[str, Any], usage: dict[str, int]) -> dict[str, Any]:
+    """The stream's last chunk when usage was asked for: `chunk`'s envelope, no choices, the usage."""
+    return {**chunk, "choices": [], "usage": usage}
 
 
 def _openai_tool_calls(done: Finished) -> list[dict[str, Any]]:
@@ -150,7 +171,7 @@ async def chat_completions(request: Request, principal: Principal = Depends(requ
     display = parse_name(model).display
 
     if get(body, "stream", bool, False):
-        include_usage = bool((get(body, "stream_options", dict) or {}).get("include_usage"))
+        include_usage = _include_usage(body)
 
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
             return {
@@ -175,15 +196,7 @@ async def chat_completions(request: Request, principal: Principal = Depends(requ
                         delta["tool_calls"] = _openai_tool_calls(event)
                     yield chunk(delta, _finish_reason(event))
                     if include_usage:
-                        yield {
-                            "id": completion_id,
-                            "object": "chat.completion.chunk",
-                            "created": created,
-                            "model": display,
-                            "system_fingerprint": FINGERPRINT,
-                            "choices": [],
-                            "usage": _usage(event),
-                        }
+                        yield _usage_chunk(chunk({}, None), _usage(event))
 
         return sse_response(items(), error_body)
 
@@ -212,7 +225,10 @@ async def chat_completions(request: Request, principal: Principal = Depends(requ
 async def _rag_completion(
     request: Request, principal: Principal, body: dict[str, Any], collection: str, messages: list[dict[str, Any]]
 ):
-    """`rag/<collection>` as a chat model: the answer with a Sources block; `citations` on the last chunk."""
+    """`rag/<collection>` as a chat model: the answer with a Sources block; `citations` on the last chunk.
+
+    `finish_reason` is the answer's `done_reason` ("length" when the model's generation hit `max_tokens`); the
+    usage counts the tokens of the answer's generation (none for an answer made without the model)."""
     events = await rag_chat_events(request, principal, collection, messages, _options(body))
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
@@ -229,11 +245,10 @@ async def _rag_completion(
         }
 
     def usage(done: AnswerDone) -> dict[str, int]:
-        prompt = done.timings.get("prompt_eval_count", 0)
-        completion = done.timings.get("eval_count", 0)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return _usage_of(done.timings.get("prompt_eval_count", 0), done.timings.get("eval_count", 0))
 
     if get(body, "stream", bool, False):
+        include_usage = _include_usage(body)
 
         async def items() -> AsyncIterator[dict[str, Any]]:
             first = True
@@ -243,9 +258,12 @@ async def _rag_completion(
                     first = False
                     yield envelope("chat.completion.chunk", {"index": 0, "delta": delta, "finish_reason": None})
                 elif isinstance(event, AnswerDone):
-                    item = envelope("chat.completion.chunk", {"index": 0, "delta": {}, "finish_reason": "stop"})
+                    finish = {"index": 0, "delta": {}, "finish_reason": event.done_reason}
+                    item = envelope("chat.completion.chunk", finish)
                     item.update(citations=[c.public() for c in event.citations], grounded=event.grounded)
                     yield item
+                    if include_usage:
+                        yield _usage_chunk(envelope("chat.completion.chunk", finish), usage(event))
 
         return sse_response(items(), error_body)
     pieces: list[str] = []
@@ -255,7 +273,7 @@ async def _rag_completion(
         elif isinstance(event, AnswerDone):
             citations = [c.public() for c in event.citations]
             message = {"role": "assistant", "content": "".join(pieces), "citations": citations}
-            item = envelope("chat.completion", {"index": 0, "message": message, "finish_reason": "stop"})
+            item = envelope("chat.completion", {"index": 0, "message": message, "finish_reason": event.done_reason})
             item.update(usage=usage(event), citations=citations, grounded=event.grounded)
             return json_response(item)
     raise BadRequest("no answer was produced")
@@ -270,6 +288,7 @@ async def completions(request: Request, principal: Principal = Depends(require_u
     if not isinstance(prompt, str):
         raise BadRequest("prompt must be a string (or a list of one string)")
     model = get(body, "model", str, required=True)
+    await asyncio.to_thread(refuse_outside_chat, request, principal, model, "/v1/chat/completions")
     generation = GenerationRequest(
         model=model, prompt=prompt, raw=True, options=_options(body, 16), user=principal.requester
     )
@@ -289,7 +308,7 @@ async def completions(request: Request, principal: Principal = Depends(require_u
         }
 
     if get(body, "stream", bool, False):
-        include_usage = bool((get(body, "stream_options", dict) or {}).get("include_usage"))
+        include_usage = _include_usage(body)
 
         async def items() -> AsyncIterator[dict[str, Any]]:
             async for event in events:
@@ -298,7 +317,7 @@ async def completions(request: Request, principal: Principal = Depends(require_u
                 else:
                     yield shaped("", _finish_reason(event))
                     if include_usage:
-                        yield {**shaped("", None), "choices": [], "usage": _usage(event)}
+                        yield _usage_chunk(shaped("", None), _usage(event))
 
         return sse_response(items(), error_body)
     pieces: list[str] = []
@@ -321,6 +340,7 @@ async def embeddings(request: Request, principal: Principal = Depends(require_us
     if encoding not in ("float", "base64"):
         raise BadRequest("encoding_format must be float or base64")
     model = get(body, "model", str, required=True)
+    await asyncio.to_thread(refuse_outside_chat, request, principal, model, "/v1/chat/completions")
     result, _load = await request.app.state.engine.embed(
         model, inputs, dimensions=get(body, "dimensions", int), user=principal.requester
     )
@@ -343,6 +363,7 @@ async def embeddings(request: Request, principal: Principal = Depends(require_us
 async def _model_entries(request: Request, principal: Principal) -> list[dict[str, Any]]:
     records = await asyncio.to_thread(request.app.state.store.list)
     collections = await asyncio.to_thread(readable_collections, request, caller_access(request, principal))
+    dates = await asyncio.to_thread(created_at, request, collections)
     entries = [
         {
             "id": r.name.display,
@@ -355,9 +376,9 @@ async def _model_entries(request: Request, principal: Principal) -> list[dict[st
     entries.append(
         {"id": f"{DEFAULT_EMBEDDING_MODEL}:latest", "object": "model", "created": 0, "owned_by": "appliance"}
     )
-    entries += [
-        {"id": f"rag/{c}:latest", "object": "model", "created": 0, "owned_by": "appliance"} for c in collections
-    ]
+    for c in collections:  # dated by the collection's creation (0 for a collection with no record of it)
+        created = int(dates[c].timestamp()) if c in dates else 0
+        entries.append({"id": f"rag/{c}:latest", "object": "model", "created": created, "owned_by": "appliance"})
     return entries
 
 

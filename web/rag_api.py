@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from sqlmodel import select
 
 from appliance import audit, conversations
-from appliance.db import Document, session
-from appliance.errors import ApplianceError, BadRequest, Forbidden, NotFound
+from appliance.db import Collection, Document, session
+from appliance.errors import ApplianceError, BadRequest, Forbidden, NotFound, Withheld
 from appliance.inference.engine import Token
+from appliance.models.names import parse_name
 from appliance.rag import AnswerDone, require_collections
 from appliance.rbac import Access, access_for
 from appliance.retrieve import check_query
@@ -47,11 +49,36 @@ def rag_collection(model: str) -> str | None:
     return name
 
 
+def _indexed_collections(request: Request) -> set[str]:
+    """Collections that hold indexed documents: those that exist as `rag/<collection>` models."""
+    with session(request.app.state.db) as db:
+        return set(db.exec(select(Document.collection).where(Document.status == "indexed").distinct()))
+
+
 def readable_collections(request: Request, access: Access) -> list[str]:
     """Collections that hold documents and that the caller may read (what /api/tags lists as rag/...)."""
+    return sorted(c for c in _indexed_collections(request) if access.everything or access.can_read_collection(c))
+
+
+def created_at(request: Request, collections: list[str]) -> dict[str, datetime]:
+    """When each named collection was created (UTC): the date of its `rag/<collection>` model."""
     with session(request.app.state.db) as db:
-        existing = set(db.exec(select(Document.collection).where(Document.status == "indexed").distinct()))
-    return sorted(c for c in existing if access.everything or access.can_read_collection(c))
+        rows = db.exec(select(Collection.name, Collection.created_at).where(Collection.name.in_(collections)))  # type: ignore[attr-defined]
+        dates = dict(rows.all())
+    return {name: date if date.tzinfo else date.replace(tzinfo=UTC) for name, date in dates.items()}
+
+
+def refuse_outside_chat(request: Request, principal: Principal, model: str, chat_route: str) -> None:
+    """Refuse a `rag/<collection>` model on a route other than chat: a 400 that names `chat_route` when the
+    caller may read the collection, else the 404 of a missing model (which collections exist is not revealed;
+    a hidden one is audited as a refusal)."""
+    collection = rag_collection(model)
+    if collection is None:
+        return
+    if collection in readable_collections(request, caller_access(request, principal)):
+        raise BadRequest(f"rag/{collection} answers through {chat_route} only")
+    refusal = Withheld if collection in _indexed_collections(request) else NotFound
+    raise refusal(f"model '{parse_name(model).display}' not found")
 
 
 def _options(body: dict[str, Any]) -> dict[str, Any] | None:

@@ -10,6 +10,13 @@ keeps the tokens of its last request in the cache, so a follow-up turn of the sa
 any prompt sharing a prefix with what a slot holds (the system prompt), only processes what is new;
 a prefix held by another slot is shared into the new one with `llama_memory_seq_cp` (no copy of the
 cells). A cancelled or failed request's cells are freed at once.
+
+Greedy output is reproducible on a freshly loaded runner, not always on a warm one (measured with
+SmolLM2 Q4_1 on CPU): llama.cpp's CPU attention tiles the KV cells in blocks of 64 when a decode holds
+64 tokens or more, walks them one by one below that, and splits them across threads for a single token
+once 512 cells are in use; the 8-bit activation quantization then amplifies the rounding difference
+(logits moved by up to 0.8). So a prompt decoded whole versus after a cached prefix, placed at other
+cells, or a generation step shared with another request's prompt, can change a later greedy token.
 """
 
 from __future__ import annotations
@@ -210,11 +217,10 @@ class BatchedGenerator:
         if running or any(waiting[0] == request_id for waiting in self.waiting):
             self.cancelled.add(request_id)
 
-    def _tokens(self, prompt: str, truncate: bool, num_predict: int) -> list[int]:
+    def _tokens(self, prompt: str, truncate: bool, num_predict: int, n_ctx: int) -> list[int]:
         tokens = self.model.tokenize(prompt.encode(), add_bos=self.add_bos, special=True)
         if not tokens:
             raise RequestError(400, "the prompt is empty after tokenization")
-        n_ctx = self.n_ctx_seq
         if len(tokens) < n_ctx:
             return tokens
         if not truncate:
@@ -223,14 +229,20 @@ class BatchedGenerator:
         return tokens[-(n_ctx - room) :]
 
     def _start(self, request_id: str, request: dict[str, Any], received_at: int, free: list[Slot]) -> None:
-        """Begin a request in the free slot that already holds most of its prompt."""
+        """Begin a request in the free slot that already holds most of its prompt.
+
+        A request that states a smaller num_ctx than the runner's (the scheduler lets a larger runner serve
+        it) is truncated and limited as if the runner had been loaded with its num_ctx.
+        """
         options = request.get("options") or {}
         num_predict = int(options.get("num_predict", -1))
-        tokens = self._tokens(str(request.get("prompt", "")), bool(request.get("truncate", True)), num_predict)
+        n_ctx = min(self.n_ctx_seq, int(options.get("num_ctx") or self.n_ctx_seq))
+        prompt, truncate = str(request.get("prompt", "")), bool(request.get("truncate", True))
+        tokens = self._tokens(prompt, truncate, num_predict, n_ctx)
         slot = max(free, key=lambda s: (common_prefix(s.cached, tokens), -s.last_used))
-        room = self.n_ctx_seq - len(tokens)
+        room = n_ctx - len(tokens)
         limit = room if num_predict < 0 else min(num_predict, room)
-        sampler = build_sampler(self.vocab, self.n_vocab, self.n_ctx_seq, options, request.get("grammar"), tokens)
+        sampler = build_sampler(self.vocab, self.n_vocab, n_ctx, options, request.get("grammar"), tokens)
         sequence = Sequence(
             request_id=request_id,
             prompt=tokens,

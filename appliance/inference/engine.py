@@ -10,11 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
+
+import jinja2
+from jinja2 import meta
 
 from appliance.embeddings import DEFAULT_EMBEDDING_MODEL, EmbeddingResult, SentenceEmbedder, shorten
 from appliance.errors import BadRequest
@@ -22,7 +27,7 @@ from appliance.inference.scheduler import Scheduler, parse_keep_alive
 from appliance.models.modelfile import PARAMETER_TYPES, coerce_parameter
 from appliance.models.names import parse_name
 from appliance.models.store import ModelRecord, ModelStore
-from appliance.models.template import parse_tool_calls, render_chat, render_chat_isolated
+from appliance.models.template import is_go_template, parse_tool_calls, render_chat, render_chat_isolated
 
 log = logging.getLogger(__name__)
 # Prompts are rendered on threads of their own, never on the shared default pool that file reads,
@@ -105,6 +110,27 @@ def grammar_for(output_format: Any) -> str | None:
     raise BadRequest('format must be "json" or a JSON schema object')
 
 
+_GO_TOOLS = re.compile(r"\.Tools\b")
+
+
+@lru_cache(maxsize=256)
+def template_supports_tools(template: str) -> bool:
+    """Whether a chat template shows the model its tools, Ollama's test for the `tools` capability: a Go
+    template reads `.Tools`, a Jinja template the variable `tools` (found by parsing, never rendering)."""
+    if is_go_template(template):
+        return bool(_GO_TOOLS.search(template))
+    try:
+        parsed = jinja2.Environment(autoescape=True).parse(template)  # parsed only: escaping never applies
+        return "tools" in meta.find_undeclared_variables(parsed)
+    except jinja2.TemplateError:
+        return False
+
+
+def _not_supported(request: GenerationRequest) -> BadRequest:
+    """Ollama's refusal of a chat or generate request to a model that cannot write text."""
+    return BadRequest(f'"{request.model}" does not support {"chat" if request.messages is not None else "generate"}')
+
+
 @dataclass
 class TokenUsage:
     """Tokens of finished generations since the process started, per model (read by /metrics)."""
@@ -128,6 +154,23 @@ class Engine:
         if parse_name(name).display == f"{DEFAULT_EMBEDDING_MODEL}:latest":
             raise BadRequest(f"'{DEFAULT_EMBEDDING_MODEL}' is an embedding model and does not generate text")
         return self.store.resolve(name)
+
+    def capabilities(self, record: ModelRecord, template: str | None = None) -> list[str]:
+        """What a model can do, in Ollama's words: "embedding" for an embedding GGUF, else "completion", and
+        "tools" when its chat template (or `template`, sent with a request) shows the model its tools."""
+        if self.store.gguf_info(record.model_digest).is_embedding_model:
+            return ["embedding"]
+        if template_supports_tools(template or self.store.chat_template(record) or ""):
+            return ["completion", "tools"]
+        return ["completion"]
+
+    def _check_capabilities(self, record: ModelRecord, request: GenerationRequest) -> None:
+        """Refuse, as Ollama does, text from an embedding model and tools to a model that cannot see them."""
+        capabilities = self.capabilities(record, request.template)
+        if "completion" not in capabilities:
+            raise _not_supported(request)
+        if request.tools and "tools" not in capabilities:
+            raise BadRequest(f"{record.name.display} does not support tools")
 
     def _prompt(self, record: ModelRecord, request: GenerationRequest) -> str:
         info = self.store.gguf_info(record.model_digest)
@@ -157,7 +200,9 @@ class Engine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Token | Finished]:
         """Stream tokens, then one Finished. An empty prompt/message list only loads (or unloads)."""
         started = time.perf_counter_ns()
-        record = self.resolve(request.model)
+        if parse_name(request.model).display == f"{DEFAULT_EMBEDDING_MODEL}:latest":
+            raise _not_supported(request)
+        record = self.store.resolve(request.model)
         options = merge_options(record.parameters, request.options)
         grammar = request.grammar or grammar_for(request.format)
         empty = (request.messages is not None and not request.messages) or (
@@ -168,9 +213,12 @@ class Engine:
                 await self.scheduler.unload(record.name.display)  # every runner of the model, chat and embedding
                 yield Finished("unload", time.perf_counter_ns() - started, 0)
                 return
-            model = await self.scheduler.load_only(record, options, request.keep_alive)
-            yield Finished("load", time.perf_counter_ns() - started, model.load_duration_ns)
+            self._check_capabilities(record, request)
+            await self.scheduler.load_only(record, options, request.keep_alive)
+            load_duration = time.perf_counter_ns() - started  # this request's wait for the model, not an old load
+            yield Finished("load", time.perf_counter_ns() - started, load_duration)
             return
+        self._check_capabilities(record, request)
         threads = _REQUEST_TEMPLATE_THREADS if request.template else _MODEL_TEMPLATE_THREADS
         prompt = await asyncio.get_running_loop().run_in_executor(threads, self._prompt, record, request)
         async with self.scheduler.use(record, options, request.keep_alive, user=request.user) as model:

@@ -5,7 +5,8 @@ value keeps it), bounds the number of loaded models and their estimated memory (
 used idle model unloads first), lets up to `n_parallel` requests share a generation runner (which
 decodes them together) with the waiting ones admitted fairly across users (`FairQueue`), and answers
 `Busy` (503 with Retry-After) once more than `max_queue` requests are waiting. A runner that crashes
-is discarded; the next request for that model starts a new one.
+is discarded; the next request for that model starts a new one. A request reloads its model only
+when its effective load options (defaults filled in) need another runner; see `_obtain`.
 
 Sharding: a model larger than the memory budget, or one whose options ask for `num_nodes` workers,
 is split across this machine and the paired workers (`appliance.cluster`): the workers are probed
@@ -32,7 +33,6 @@ from appliance.errors import BadRequest, Busy, InsufficientMemory, RunnerFailed
 from appliance.inference.fair_queue import FairQueue
 from appliance.inference.hardware import Hardware, gpu_layers_for
 from appliance.inference.runner_process import RunnerProcess
-from appliance.models.modelfile import LOAD_OPTIONS
 from appliance.models.store import ModelRecord, ModelStore
 
 log = logging.getLogger(__name__)
@@ -193,12 +193,38 @@ class Scheduler:
                 await self._unload_locked(model)
 
     # --- loading ---------------------------------------------------------------------------------
+    def _num_ctx(self, record: ModelRecord, options: dict[str, Any]) -> int:
+        """The effective context: num_ctx (a model PARAMETER is merged into `options`), else the setting;
+        at most the length the model was trained on."""
+        n_ctx = int(options.get("num_ctx") or self.settings.num_ctx)
+        n_ctx_train = self.store.gguf_info(record.model_digest).context_length or 0
+        return min(n_ctx, n_ctx_train) if n_ctx_train else n_ctx
+
+    def _num_thread(self, options: dict[str, Any]) -> int:
+        return int(options.get("num_thread") or self.settings.num_thread or self.hardware.physical_cores)
+
+    def _num_gpu(self, options: dict[str, Any]) -> int:
+        return int(options["num_gpu"]) if "num_gpu" in options else self.settings.num_gpu
+
+    def _runner_key(self, record: ModelRecord, options: dict[str, Any], embedding: bool) -> tuple:
+        """The effective load options a loaded runner must match to serve a request (num_ctx aside).
+
+        Defaults are filled in first, so stating an option at the value it would take anyway changes
+        nothing. `main_gpu` is not compared: the runner does not use it.
+        """
+        return (
+            record.model_digest,
+            embedding,
+            int(options.get("num_batch") or 512),
+            self._num_thread(options),
+            self._num_gpu(options),
+            bool(options.get("use_mmap", True)),
+            int(options.get("num_nodes") or 0),
+        )
+
     def _load_config(self, record: ModelRecord, options: dict[str, Any], embedding: bool) -> tuple[dict, int]:
         info = self.store.gguf_info(record.model_digest)
-        n_ctx_train = info.context_length or 0
-        n_ctx = int(options.get("num_ctx") or self.settings.num_ctx)
-        if n_ctx_train:
-            n_ctx = min(n_ctx, n_ctx_train)
+        n_ctx = self._num_ctx(record, options)
         n_layers = int(info.arch_value("block_count", 0) or 0)
         n_embd = int(info.arch_value("embedding_length", 0) or 0)
         n_head = int(info.arch_value("attention.head_count", 1) or 1)
@@ -207,14 +233,12 @@ class Scheduler:
         weights = record.model_path.stat().st_size + 64 * 1024 * 1024
         n_parallel = EMBEDDING_PARALLEL if embedding else self._parallel_for(weights, kv_bytes)
         size = weights + kv_bytes * (1 if embedding else n_parallel)
-        threads = int(options.get("num_thread") or self.settings.num_thread or self.hardware.physical_cores)
-        requested_gpu = int(options["num_gpu"]) if "num_gpu" in options else self.settings.num_gpu
         config = {
             "model_path": str(record.model_path),
             "n_ctx": n_ctx,
             "n_batch": int(options.get("num_batch") or 512),
-            "n_threads": threads,
-            "n_gpu_layers": gpu_layers_for(self.hardware, size, n_layers, requested_gpu),
+            "n_threads": self._num_thread(options),
+            "n_gpu_layers": gpu_layers_for(self.hardware, size, n_layers, self._num_gpu(options)),
             "use_mmap": bool(options.get("use_mmap", True)),
             "cpu_extra_buffers": self.settings.cpu_extra_buffers,
             "embedding": embedding,
@@ -234,12 +258,20 @@ class Scheduler:
         return 1
 
     async def _obtain(self, record: ModelRecord, options: dict[str, Any], embedding: bool) -> LoadedModel:
+        """The loaded runner that can serve `options`, or a new one once the old one is idle.
+
+        A runner serves a request when the effective load options match (`_runner_key`) and its context
+        is at least the request's effective num_ctx: a smaller num_ctx is served by the larger runner
+        (the generation runner still limits that request to its own num_ctx), a larger one reloads.
+        So clients that state num_ctx and clients that do not reload the model at most once between them.
+        """
         slot = (record.name.display, embedding)
-        key = (record.model_digest, embedding, tuple((k, options.get(k)) for k in LOAD_OPTIONS))
+        key = self._runner_key(record, options, embedding)
+        n_ctx = self._num_ctx(record, options)
         async with self._changed:
             while True:
                 current = self._models.get(slot)
-                if current is not None and current.key == key and current.runner.alive:
+                if current is not None and current.key == key and current.n_ctx >= n_ctx and current.runner.alive:
                     current.unload_requested = False  # a new request's keep_alive decides again
                     current.users += 1
                     return current

@@ -4,6 +4,7 @@ optional TEMPLATE/SYSTEM/PARAMETER overlay and optional re-quantization."""
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,20 @@ from appliance.models.template import check_template
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
+# A file in /api/create's `files` is named as a plain file: no directories, no hidden names, no control characters.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9 _.+-]{0,254}")
+
+
+def check_file_names(files: dict[str, str]) -> None:
+    """Refuse `files` entries whose names are paths (`../x.gguf`, `/x.gguf`, `dir/x.gguf`) or not text."""
+    for filename, digest in files.items():
+        if not isinstance(filename, str) or not _FILE_NAME.fullmatch(filename) or ".." in filename:
+            raise BadRequest(
+                f"invalid file name {filename!r} in files: use a plain file name such as model.gguf "
+                "(letters, digits, space and _.+-; no directories and no '..')"
+            )
+        if not isinstance(digest, str):
+            raise BadRequest(f"files[{filename!r}] must be a digest string (sha256:...)")
 
 
 def _looks_like_path(value: str) -> bool:
@@ -43,6 +58,7 @@ def create_model(
     parameters = {key: coerce_parameter(key, value) for key, value in spec.parameters.items()}
     base: ModelRecord | None = None
     if files:
+        check_file_names(files)
         ggufs = [digest for filename, digest in files.items() if str(filename).lower().endswith(".gguf")]
         if len(ggufs) != 1:
             raise BadRequest("files must name exactly one .gguf file (split GGUFs are not supported)")
