@@ -65,8 +65,6 @@ PARAMETER_BOUNDS: dict[str, tuple[float, float]] = {
     "mirostat_eta": (0.0, 100.0),
     "num_nodes": (0, 64),
 }
-# Options that change how the runner loads the model (a different value means a reload).
-LOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "num_nodes")
 
 
 def coerce_parameter(name: str, value: Any) -> Any:
