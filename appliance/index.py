@@ -8,6 +8,9 @@
                ACL principals as metadata (embeddings always passed in; Chroma never picks an embedding
                function)
 
+The collection's metadata records which embedder built the vectors (`require_embedder`): vectors of another
+kind are refused rather than mixed in.
+
 Writes go database first (document marked `indexing`, then `indexed` once Chroma holds its vectors);
 removal marks the document `deleting`, empties Chroma, then deletes the rows. A crash in between
 leaves a status that `check` reports and a re-run repairs.
@@ -15,6 +18,8 @@ leaves a status that `check` reports and a re-run repairs.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -26,9 +31,22 @@ from sqlmodel import col, select
 
 from appliance.config import Settings
 from appliance.db import FTS_TABLE, Chunk, ChunkVector, Document, DocumentText, session
-from appliance.errors import NotFound
+from appliance.errors import Conflict, NotFound
+
+log = logging.getLogger(__name__)
 
 VECTOR_COLLECTION = "chunks"
+
+
+def describe_embedder(record: dict | None) -> str:
+    if not record:
+        return "not recorded"
+    return f"{record['backend']} ({record['vectors']} vectors, model {record['model_digest'][:12]})"
+
+
+def same_vectors(a: dict, b: dict) -> bool:
+    """Whether two embedders make the same vectors: same model files, same kind (torch and ONNX fp32 agree)."""
+    return a["model_digest"] == b["model_digest"] and a["vectors"] == b["vectors"]
 
 
 def open_vector_store(settings: Settings):
@@ -81,6 +99,7 @@ class IndexReport:
     missing_vectors: list[str] = field(default_factory=list)  # chunks without a stored vector in the database
     orphans_in_fts: list[str] = field(default_factory=list)
     orphans_in_chroma: list[str] = field(default_factory=list)
+    embedder: dict | None = None  # which embedder built the vectors, as recorded
 
     @property
     def clean(self) -> bool:
@@ -136,11 +155,45 @@ class ChunkIndex:
         self.engine = engine
         self.client = vector_client
         self.vectors = self._open_collection()
+        self.embedder: dict | None = None  # the fingerprint of the embedder writing here (require_embedder)
 
     def _open_collection(self):
         return self.client.get_or_create_collection(
             VECTOR_COLLECTION, embedding_function=None, metadata={"hnsw:space": "cosine"}
         )
+
+    def embedder_record(self) -> dict | None:
+        """Which embedder built the vectors, as recorded; None when nothing is recorded."""
+        raw = (self.client.get_collection(VECTOR_COLLECTION).metadata or {}).get("embedder")
+        return json.loads(raw) if raw else None
+
+    def _record_embedder(self, fingerprint: dict) -> None:
+        self.vectors.modify(metadata={"embedder": json.dumps(fingerprint)})
+
+    def require_embedder(self, fingerprint: dict) -> None:
+        """Refuse an embedder whose vectors differ from those indexed (Conflict, saying how to re-embed); record
+        it where nothing is recorded. Later writes through this index check again."""
+        recorded = self.embedder_record()
+        if recorded is None or not self._has_vectors():
+            if recorded is None and self._has_vectors():
+                # Indexed before embedders were recorded, when torch was the only backend.
+                recorded = {**fingerprint, "backend": "torch", "vectors": "fp32"}
+                log.info("the index records no embedder: taking it as built by %s", describe_embedder(recorded))
+            else:
+                recorded = fingerprint
+            self._record_embedder(recorded)
+        if not same_vectors(recorded, fingerprint):
+            raise Conflict(
+                f"the index was built by the {describe_embedder(recorded)} embedder, whose vectors differ from "
+                f"those of APPLIANCE_EMBEDDING_BACKEND={fingerprint['backend']} "
+                f"({describe_embedder(fingerprint)}): set APPLIANCE_EMBEDDING_BACKEND={recorded['backend']} again, "
+                "or re-embed every chunk with the new one by running `appliance index rebuild` with it"
+            )
+        self.embedder = fingerprint
+
+    def _has_vectors(self) -> bool:
+        with session(self.engine) as db:
+            return db.exec(select(ChunkVector.chunk_id).limit(1)).first() is not None
 
     def add(self, document: Document, text: str, chunks: list[Chunk], embeddings: np.ndarray) -> None:
         """Index a new document version (its id must not be indexed yet)."""
@@ -149,6 +202,8 @@ class ChunkIndex:
     def add_many(self, entries: list[tuple[Document, str, list[Chunk], np.ndarray]]) -> None:
         """Index several new document versions with one write to each store; each entry is a document,
         its text, its chunks and their embeddings. Until all are in Chroma, all stay `indexing`."""
+        if self.embedder is not None:
+            self.require_embedder(self.embedder)  # another process may have rebuilt with another embedder
         for document, _text, chunks, embeddings in entries:
             if len(chunks) != len(embeddings):
                 raise ValueError("one embedding per chunk")
@@ -217,14 +272,18 @@ class ChunkIndex:
             metadata = {"document_id": document_id, "collection": document.collection, "acl": list(acl)}
             self.vectors.update(ids=chunk_ids, metadatas=[dict(metadata) for _ in chunk_ids])
 
-    def rebuild(self, embed: Callable[[list[str]], np.ndarray], batch: int = 256) -> int:
-        """Rebuild FTS5 and Chroma from the chunk table (the database is the record of truth).
+    def rebuild(self, embed: Callable[[list[str]], np.ndarray], batch: int = 256, embedder: dict | None = None) -> int:
+        """Rebuild FTS5 and Chroma from the chunk table (the database is the record of truth), re-embedding
+        every chunk; `embedder`, the fingerprint of `embed`'s embedder, is recorded as the index's.
 
         Returns the number of chunks indexed. Documents left half-indexed are not touched: the job
         recovery or a new ingestion of the file finishes them.
         """
         self.client.delete_collection(VECTOR_COLLECTION)
         self.vectors = self._open_collection()
+        if embedder is not None:
+            self._record_embedder(embedder)
+            self.embedder = embedder
         with session(self.engine) as db:
             if has_fts(db):
                 db.exec(sql(f"DELETE FROM {FTS_TABLE}"))  # noqa: S608
@@ -261,8 +320,11 @@ class ChunkIndex:
 
         Returns the number of chunks loaded; chunks without a stored vector are left for `index check`
         to report (and `index rebuild` to re-embed)."""
+        recorded = self.embedder_record()
         self.client.delete_collection(VECTOR_COLLECTION)
         self.vectors = self._open_collection()
+        if recorded is not None:
+            self._record_embedder(recorded)
         with session(self.engine) as db:
             documents = {d.id: d for d in db.exec(select(Document).where(Document.status == "indexed"))}
             rows = list(
@@ -341,4 +403,5 @@ class ChunkIndex:
             orphans_in_fts=sorted(fts_ids - chunk_ids),
             orphans_in_chroma=sorted(chroma_ids - chunk_ids),
             missing_vectors=sorted(chunk_ids - vector_ids),
+            embedder=self.embedder_record(),
         )
