@@ -223,27 +223,36 @@ def launch_server(home: Path, admin_key: str, reader_key: str, **env: str) -> Se
         [APPLIANCE, "serve"], env=server_env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
+    wait_until_serving(process, url, log_path)
+    return Server(home, url, port, admin_key, reader_key, process, netguard_log, log_path)
+
+
+def wait_until_serving(process: subprocess.Popen, url: str, log_path: Path) -> None:
+    """Return once the server at `url` answers /api/version; AssertionError with its log if it exits or not."""
     deadline = time.time() + 120
     while time.time() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"server exited: {log_path.read_text()}")
         try:
             if httpx.get(f"{url}/api/version", timeout=2).status_code == 200:
-                break
+                return
         except httpx.HTTPError:
             time.sleep(0.3)
-    else:
+    process.kill()
+    raise AssertionError(f"server did not answer at {url} in time: {log_path.read_text()}")
+
+
+def end_process(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 30 s."""
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
         process.kill()
-        raise AssertionError("server did not start in time")
-    return Server(home, url, port, admin_key, reader_key, process, netguard_log, log_path)
 
 
 def stop_server(server: Server) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(30)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
+    end_process(server.process)
     attempts = server.netguard_log.read_text()
     assert attempts == "", f"the server tried to reach the network:\n{attempts}"
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import APPLIANCE, HERE, cli_env, free_port, run_cli
+from tests.conftest import APPLIANCE, HERE, cli_env, end_process, free_port, run_cli, wait_until_serving
 
 # --- HEAD ----------------------------------------------------------------------------------------
 
@@ -117,24 +116,10 @@ class _Serve:
         self.process = subprocess.Popen(
             [APPLIANCE, "serve"], env=server_env, stdout=log.open("ab"), stderr=subprocess.STDOUT
         )
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited: {log.read_text()}")
-            try:
-                if httpx.get(f"{url}/api/version", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        self.process.kill()
-        raise AssertionError(f"server did not answer at {url}: {log.read_text()}")
+        wait_until_serving(self.process, url, log)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        end_process(self.process)
         assert self.netguard_log.read_text() == ""
 
 
