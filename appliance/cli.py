@@ -748,10 +748,11 @@ def _chunk_index(settings: Settings):
 
 
 def _ingestor(settings: Settings):
-    from appliance.embeddings import SentenceEmbedder
+    from appliance.embeddings import open_embedder
     from ingest.pipeline import Ingestor
 
-    return Ingestor(settings, _chunk_index(settings), SentenceEmbedder(settings.embeddings, home=settings.home))
+    index = _chunk_index(settings)
+    return Ingestor(settings, index, open_embedder(settings, index))
 
 
 def _walk(paths: list[str]) -> list[Path]:
@@ -780,7 +781,6 @@ def cmd_ingest(settings: Settings, args) -> int:
     # not spin, or they take the time parsing needs (set before torch is imported).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ingestor = _ingestor(settings)
-    ingestor.index.require_embedder(ingestor.embedder.fingerprint)
     results = []
     console = Console(stderr=True)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -921,21 +921,35 @@ def cmd_index_check(settings: Settings, args) -> int:
 
 
 def cmd_index_rebuild(settings: Settings, args) -> int:
-    ingestor = _ingestor(settings)
-    embedder = ingestor.embedder
-    count = ingestor.index.rebuild(lambda texts: embedder.encode(texts).vectors, embedder=embedder.fingerprint)
+    """Re-embed every chunk with the configured backend ('auto': the fastest for a new index) and record it."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from appliance.embeddings import SentenceEmbedder, bundled_model_path, choose_backend
+
+    index = _chunk_index(settings)
+    model_dir = Path(settings.embeddings.embedding_model_path or bundled_model_path())
+    backend = choose_backend(settings.embeddings.embedding_backend, model_dir, None)
+    embedder = SentenceEmbedder(settings.embeddings, home=settings.home, backend=backend)
+    columns = [TextColumn("re-embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("chunks", total=None)
+        count = index.rebuild(
+            lambda texts: embedder.encode(texts).vectors,
+            embedder=embedder.fingerprint,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
     print(f"rebuilt the keyword and vector indexes: {count} chunks, embedded by {embedder.backend}")
     return cmd_index_check(settings, argparse.Namespace(json=False))
 
 
 # --- search and ask ------------------------------------------------------------------------------
 def _retriever(settings: Settings):
-    from appliance.embeddings import SentenceEmbedder
+    from appliance.embeddings import open_embedder
     from appliance.retrieve import Retriever
 
-    index, embedder = _chunk_index(settings), SentenceEmbedder(settings.embeddings, home=settings.home)
-    index.require_embedder(embedder.fingerprint)
-    return Retriever(index, embedder, settings.retrieval)
+    index = _chunk_index(settings)
+    return Retriever(index, open_embedder(settings, index), settings.retrieval)
 
 
 def _cli_access(settings: Settings, as_user: str | None):

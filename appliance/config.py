@@ -213,13 +213,22 @@ class EmbeddingSettings(BaseSettings):
     embedding_threads: int = Field(
         0, ge=0, le=1024, description="Threads for embedding batches (torch or ONNX Runtime); 0 = default."
     )
-    embedding_backend: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "torch",
+    embedding_backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto",
         description=(
-            "Runtime of the default embedding model: 'torch' (sentence-transformers), 'onnx' (ONNX Runtime, same "
-            "vectors) or 'onnx-int8' (ONNX Runtime, int8 weights: faster, slightly different vectors, so an index "
-            "built with another backend must be re-embedded with `appliance index rebuild`). The ONNX files are "
-            "exported once into the home directory's embeddings/ folder."
+            "Runtime of the embedding model: 'torch' (sentence-transformers), 'onnx' (ONNX Runtime, the same "
+            "vectors as torch, ~1.5x faster) or 'onnx-int8' (ONNX Runtime with int8 weights, ~2x faster, slightly "
+            "different vectors: an index built with another backend must be re-embedded with `appliance index "
+            "rebuild`). 'auto' takes the fastest one whose vectors match the index: onnx-int8 for a new index, "
+            "onnx for one built by torch; torch for a model the ONNX export does not suit. The ONNX files are "
+            "exported once (on first use) into APPLIANCE_EMBEDDING_EXPORT_DIR."
+        ),
+    )
+    embedding_export_dir: str = Field(
+        "",
+        description=(
+            "Where the ONNX exports of the embedding model are kept (each file checked against its recorded "
+            "sha256 before it is loaded); empty: the home directory's embeddings/ folder. Homes may share one."
         ),
     )
 

@@ -263,6 +263,8 @@ class IndexState(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     generation: int = 0
     rebuilds: int = 0  # `index rebuild` re-embeds everything: a holder of a copy reads it all again
+    # Which embedder built the vectors (JSON: backend, model digest, kind of vectors); see index.require_embedder.
+    embedder: str | None = Field(default=None, max_length=1000)
 
 
 # The FTS5 table for BM25 lives beside these (created by migration 0002, outside the ORM).

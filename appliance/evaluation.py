@@ -195,19 +195,24 @@ def throwaway_home(settings: Settings, keep: Path | None = None) -> Iterator[Set
 
 
 def _home_settings(settings: Settings, home: Path) -> Settings:
-    scoped = settings.model_copy(update={"home": home.resolve(), "database_url": "", "chroma_url": ""})
+    # The user's ONNX export of the embedding model is reused (checked before it is loaded), not made again.
+    exports = settings.embeddings.embedding_export_dir or str(settings.home / "embeddings")
+    embeddings = settings.embeddings.model_copy(update={"embedding_export_dir": exports})
+    scoped = settings.model_copy(
+        update={"home": home.resolve(), "database_url": "", "chroma_url": "", "embeddings": embeddings}
+    )
     scoped.ensure_dirs()
     return scoped
 
 
 def open_retriever(settings: Settings):
     from appliance.db import create_db_engine
-    from appliance.embeddings import SentenceEmbedder
+    from appliance.embeddings import open_embedder
     from appliance.index import ChunkIndex, open_vector_store
     from appliance.retrieve import Retriever
 
     index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings))
-    return Retriever(index, SentenceEmbedder(settings.embeddings), settings.retrieval)
+    return Retriever(index, open_embedder(settings, index), settings.retrieval)
 
 
 def document_key(doc_id: str) -> str:

@@ -8,8 +8,8 @@
                ACL principals as metadata (embeddings always passed in; Chroma never picks an embedding
                function)
 
-The collection's metadata records which embedder built the vectors (`require_embedder`): vectors of another
-kind are refused rather than mixed in.
+The database records which embedder built the vectors (`require_embedder`; indexes from before migration 0011
+kept it in the Chroma collection's metadata): vectors of another kind are refused rather than mixed in.
 
 Writes go database first (document marked `indexing`, then `indexed` once Chroma holds its vectors);
 removal marks the document `deleting`, empties Chroma, then deletes the rows. A crash in between
@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from appliance.config import Settings
-from appliance.db import FTS_TABLE, Chunk, ChunkVector, Document, DocumentText, session
+from appliance.db import FTS_TABLE, Chunk, ChunkVector, Document, DocumentText, IndexState, session
 from appliance.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
@@ -163,19 +163,30 @@ class ChunkIndex:
         )
 
     def embedder_record(self) -> dict | None:
-        """Which embedder built the vectors, as recorded; None when nothing is recorded."""
-        raw = (self.client.get_collection(VECTOR_COLLECTION).metadata or {}).get("embedder")
-        return json.loads(raw) if raw else None
+        """Which embedder built the vectors, as the database records it; None when nothing is recorded. An index
+        from before the database kept it has it in Chroma's collection metadata: that record is moved over."""
+        with session(self.engine) as db:
+            raw = db.exec(select(IndexState.embedder).where(IndexState.id == 1)).first()
+        if raw:
+            return json.loads(raw)
+        legacy = (self.client.get_collection(VECTOR_COLLECTION).metadata or {}).get("embedder")
+        if not legacy:
+            return None
+        record = json.loads(legacy)
+        self._record_embedder(record)
+        return record
 
     def _record_embedder(self, fingerprint: dict) -> None:
-        self.vectors.modify(metadata={"embedder": json.dumps(fingerprint)})
+        with session(self.engine) as db:
+            db.exec(sql("UPDATE indexstate SET embedder = :e WHERE id = 1"), params={"e": json.dumps(fingerprint)})
+            db.commit()
 
     def require_embedder(self, fingerprint: dict) -> None:
         """Refuse an embedder whose vectors differ from those indexed (Conflict, saying how to re-embed); record
         it where nothing is recorded. Later writes through this index check again."""
         recorded = self.embedder_record()
-        if recorded is None or not self._has_vectors():
-            if recorded is None and self._has_vectors():
+        if recorded is None or not self.has_vectors():
+            if recorded is None and self.has_vectors():
                 # Indexed before embedders were recorded, when torch was the only backend.
                 recorded = {**fingerprint, "backend": "torch", "vectors": "fp32"}
                 log.info("the index records no embedder: taking it as built by %s", describe_embedder(recorded))
@@ -191,7 +202,7 @@ class ChunkIndex:
             )
         self.embedder = fingerprint
 
-    def _has_vectors(self) -> bool:
+    def has_vectors(self) -> bool:
         with session(self.engine) as db:
             return db.exec(select(ChunkVector.chunk_id).limit(1)).first() is not None
 
@@ -272,9 +283,16 @@ class ChunkIndex:
             metadata = {"document_id": document_id, "collection": document.collection, "acl": list(acl)}
             self.vectors.update(ids=chunk_ids, metadatas=[dict(metadata) for _ in chunk_ids])
 
-    def rebuild(self, embed: Callable[[list[str]], np.ndarray], batch: int = 256, embedder: dict | None = None) -> int:
+    def rebuild(
+        self,
+        embed: Callable[[list[str]], np.ndarray],
+        batch: int = 256,
+        embedder: dict | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
         """Rebuild FTS5 and Chroma from the chunk table (the database is the record of truth), re-embedding
-        every chunk; `embedder`, the fingerprint of `embed`'s embedder, is recorded as the index's.
+        every chunk; `embedder`, the fingerprint of `embed`'s embedder, is recorded as the index's; `progress`
+        is told (chunks done, chunks in all) after each batch.
 
         Returns the number of chunks indexed. Documents left half-indexed are not touched: the job
         recovery or a new ingestion of the file finishes them.
@@ -310,6 +328,8 @@ class ChunkIndex:
             with session(self.engine) as db:
                 db.add_all(_vector_rows([c.id for c in part], vectors))
                 db.commit()
+            if progress is not None:
+                progress(begin + len(part), len(chunks))
         with session(self.engine) as db:
             _bump_generation(db, rebuilt=True)
             db.commit()
@@ -320,11 +340,8 @@ class ChunkIndex:
 
         Returns the number of chunks loaded; chunks without a stored vector are left for `index check`
         to report (and `index rebuild` to re-embed)."""
-        recorded = self.embedder_record()
         self.client.delete_collection(VECTOR_COLLECTION)
         self.vectors = self._open_collection()
-        if recorded is not None:
-            self._record_embedder(recorded)
         with session(self.engine) as db:
             documents = {d.id: d for d in db.exec(select(Document).where(Document.status == "indexed"))}
             rows = list(

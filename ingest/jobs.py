@@ -1,7 +1,9 @@
 """Persistent ingestion jobs and the worker that runs them inside the server.
 
-An upload becomes a `job` row plus its bytes under `<home>/incoming/`. The worker takes jobs one at
-a time, oldest first; several server processes sharing one PostgreSQL database each run a worker, and
+An upload becomes a `job` row plus its bytes under `<home>/incoming/`. The worker runs jobs one at a
+time, oldest first, and parses the next one while the one before is embedded and indexed (parse-ahead;
+an e-mail, or content the job before holds, is not started early); several server processes sharing one
+PostgreSQL database each run a worker, and
 each job is claimed by exactly one of them (`FOR UPDATE SKIP LOCKED`, then a run lock held while it
 runs). After a crash or `kill -9`, `recover()` puts jobs that were running back in the queue and
 finishes interrupted deletions; the pipeline itself removes a half-indexed document before indexing it
@@ -19,6 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import text as sql
@@ -30,7 +33,7 @@ from appliance.db import Document, Job, User, session, utcnow
 from appliance.errors import NotFound
 from appliance.rbac import NOBODY, OPERATOR, Access, access_for, allowed, may_delete
 from appliance.users import Principal
-from ingest.pipeline import Ingestor, IngestResult
+from ingest.pipeline import ContentInFlight, Ingestor, IngestResult, Started
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,28 @@ _TRY_RUN_LOCK = sql(f"SELECT pg_try_advisory_lock({_RUN_LOCK_CLASS}, hashtext(:i
 _RUN_UNLOCK = sql(f"SELECT pg_advisory_unlock({_RUN_LOCK_CLASS}, hashtext(:id))")
 
 
+@dataclass
+class _Claimed:
+    """A job this worker has claimed: its uploader's rights as they were when it was claimed, and its file once
+    started through the pipeline."""
+
+    job: Job
+    lock: Connection | None
+    access: Access
+    actor: str
+    actor_id: int
+    denied: bool  # the uploader may no longer upload to the job's collection
+    serial: bool  # run through the whole pipeline at its turn (an e-mail, or content the job before it holds)
+    started: Started | None = None
+
+    @property
+    def source(self) -> str:
+        return f"upload:{self.job.collection}/{self.job.filename}"
+
+    def may_replace(self, document: Document) -> bool:
+        return may_delete(self.access, document)
+
+
 class JobWorker:
     def __init__(self, engine: Engine, ingestor: Ingestor, incoming: Path):
         self.engine = engine
@@ -51,17 +76,18 @@ class JobWorker:
         self.incoming = incoming
         self.incoming.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._wake = asyncio.Event()
-        self._stage: tuple[str, str] | None = None  # (job id, stage) of the running job, for progress
+        self._stages: dict[str, str] = {}  # job id -> what it is doing (the running job, and the one parsed ahead)
+        self._current: str | None = None  # the job being embedded and indexed
+        self._ahead: _Claimed | None = None  # the next job: claimed, and parsing while the current one finishes
         ingestor.on_stage = self._on_stage
 
     def _on_stage(self, stage: str, subject: str) -> None:
-        if self._stage is not None:
-            self._stage = (self._stage[0], stage)
+        if self._current is not None:
+            self._stages[self._current] = stage
 
     def stage(self, job_id: str) -> str | None:
-        """What the running job is doing now (parsing, embedding, indexing); None when it is not running."""
-        current = self._stage
-        return current[1] if current and current[0] == job_id else None
+        """What a running job is doing now (parsing, embedding, indexing); None when it is not running."""
+        return self._stages.get(job_id)
 
     def new_upload_path(self, suffix: str) -> tuple[str, Path]:
         job_id = uuid.uuid4().hex
@@ -170,16 +196,55 @@ class JobWorker:
             connection.close()
 
     def run_next(self) -> bool:
-        """Run the oldest queued job; False when there is none."""
+        """Run the oldest queued job; False when there is none. While it is embedded and indexed, the next job is
+        claimed and parsed (parse-ahead, as `appliance ingest` does), and runs on the next call."""
+        current = self._ahead or self._take()
+        self._ahead = None
+        if current is None:
+            return False
+        try:
+            self._begin(current)
+            if current.started is not None and not current.serial:
+                self._ahead = self._take()
+                if self._ahead is not None:
+                    self._begin(self._ahead, in_flight={current.started.document_id} - {None})
+            self._run(current)
+        finally:
+            self._release(current.job.id, current.lock)
+        return True
+
+    def _take(self) -> _Claimed | None:
+        """Claim the oldest queued job, with its uploader's rights as they are now."""
         claimed = self._claim()
         if claimed is None:
-            return False
+            return None
         job, lock = claimed
+        access, actor, actor_id = self._uploader(job)
+        serial = Path(job.filename).suffix.lower() == ".eml"  # its attachments follow it through the pipeline
+        return _Claimed(job, lock, access, actor, actor_id, not allowed(access, "edit", job.collection), serial)
+
+    def _begin(self, claimed: _Claimed, in_flight: set[str] | None = None) -> None:
+        """Check, store and start parsing the job's upload (not an e-mail's, nor content that `in_flight` holds:
+        those go through the whole pipeline when they run)."""
+        if claimed.denied or claimed.serial or claimed.started is not None:
+            return
+        job = claimed.job
+        self._stages[job.id] = "parsing"
         try:
-            self._run(job)
-        finally:
-            self._release(job.id, lock)
-        return True
+            claimed.started = self.ingestor.start(
+                Path(job.upload_path),
+                job.collection,
+                job.acl,
+                source=claimed.source,
+                filename=job.filename,
+                may_replace=claimed.may_replace,
+                in_flight=in_flight or set(),
+            )
+        except ContentInFlight:
+            claimed.serial = True  # the same content is being indexed by the job before it
+        except Exception:  # an unexpected failure ends this job clearly when it runs; the worker goes on
+            log.exception("starting ingestion job %s failed unexpectedly", job.id)
+            claimed.serial = True
 
     def _uploader(self, job: Job) -> tuple[Access, str, int]:
         """The uploader's access now, and their name and id for the audit log (no user: the local operator)."""
@@ -191,28 +256,34 @@ class JobWorker:
             return NOBODY, f"user #{job.user_id}", job.user_id
         return access_for(self.engine, Principal(job.user_id, user.name, user.role)), user.name, job.user_id
 
-    def _run(self, job: Job) -> None:
+    def _run(self, claimed: _Claimed) -> None:
+        job = claimed.job
         upload = Path(job.upload_path)
-        source = f"upload:{job.collection}/{job.filename}"
-        self._stage = (job.id, "parsing")
-        access, actor, actor_id = self._uploader(job)
-        denied = not allowed(access, "edit", job.collection)
-        if denied:  # the grant was revoked, a wall put up or the account disabled since the upload
-            results = [IngestResult(source, "failed", reason=f"uploading to '{job.collection}' is no longer allowed")]
+        self._current = job.id
+        self._stages[job.id] = "parsing"
+        if claimed.denied:  # the grant was revoked, a wall put up or the account disabled since the upload
+            reason = f"uploading to '{job.collection}' is no longer allowed"
+            results = [IngestResult(claimed.source, "failed", reason=reason)]
         else:
             try:
-                results = self.ingestor.ingest_with_attachments(
-                    upload,
-                    job.collection,
-                    job.acl,
-                    source=source,
-                    filename=job.filename,
-                    may_replace=lambda document: may_delete(access, document),
-                )
+                if claimed.started is not None:
+                    results = [self.ingestor.complete(claimed.started, job.collection, claimed.may_replace)]
+                else:
+                    results = self.ingestor.ingest_with_attachments(
+                        upload,
+                        job.collection,
+                        job.acl,
+                        source=claimed.source,
+                        filename=job.filename,
+                        may_replace=claimed.may_replace,
+                    )
             except Exception:  # an unexpected failure ends this job clearly; the worker goes on
                 log.exception("ingestion job %s failed unexpectedly", job.id)
-                results = [IngestResult(source, "failed", reason="internal error while ingesting (see the log)")]
-        self._stage = None
+                results = [
+                    IngestResult(claimed.source, "failed", reason="internal error while ingesting (see the log)")
+                ]
+        self._current = None
+        self._stages.pop(job.id, None)
         result, *attachments = results
         state, outcome, document_id, reason = (
             ("failed", None, None, result.reason)
@@ -221,7 +292,8 @@ class JobWorker:
         )
         if attachments:
             log.info("job %s: %d attachment(s) ingested as documents of their own", job.id, len(attachments))
-        self._audit(job, actor, actor_id, results, "denied" if denied else "ok" if state == "done" else "failed")
+        outcome_word = "denied" if claimed.denied else "ok" if state == "done" else "failed"
+        self._audit(job, claimed.actor, claimed.actor_id, results, outcome_word)
         with session(self.engine) as db:
             stored = db.get(Job, job.id)
             stored.state, stored.result, stored.document_id, stored.reason = state, outcome, document_id, reason

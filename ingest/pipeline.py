@@ -111,8 +111,8 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-class _InFlight(Exception):
-    """The same content is already on its way through this `ingest_many` run."""
+class ContentInFlight(Exception):
+    """The same content is already on its way through the pipeline (started and not yet indexed)."""
 
 
 @dataclass
@@ -125,6 +125,21 @@ class _Work:
     previous_known: bool = False
     text: str = ""
     chunks: list[Chunk] = field(default_factory=list)
+
+
+@dataclass
+class Started:
+    """A file checked, stored and handed to the parser (`Ingestor.start`); `Ingestor.complete` embeds and indexes
+    it. `result` is set when it was decided without parsing (unchanged content, a refused file)."""
+
+    source: str
+    result: IngestResult | None = None
+    work: _Work | None = None
+    parsed: Future | None = None
+
+    @property
+    def document_id(self) -> str | None:
+        return self.work.document.id if self.work is not None else None
 
 
 @dataclass
@@ -145,6 +160,8 @@ class Ingestor:
         self.index = index
         self.embedder = embedder
         self.parser = ParserPool(settings.ingest, settings.ingest.parser_count)
+        # `start` hands parsing to this thread (the parse itself runs in a parser process).
+        self._parse_ahead = ThreadPoolExecutor(1, thread_name_prefix="parse-ahead")
         # Progress: stage (parsing, embedding, indexing) and what it works on (a file name, "12 files").
         self.on_stage: Callable[[str, str], None] = lambda stage, subject: None
         self.timings: dict[str, float] = {}  # seconds spent per stage (parse, chunk, embed, index), summed
@@ -179,18 +196,49 @@ class Ingestor:
         """Ingest one file. `source` identifies it across versions (default: its path); `filename` is the
         name people see (default: the file's own name); `may_replace` (default: anything) limits what it
         may replace or count as the same content."""
+        started = self.start(path, collection, acl, source, filename, may_replace)
+        return self.complete(started, collection, may_replace)
+
+    def start(
+        self,
+        path: Path,
+        collection: str,
+        acl: list[str],
+        source: str | None = None,
+        filename: str | None = None,
+        may_replace: MayReplace = _anything,
+        in_flight: set[str] | frozenset[str] = frozenset(),
+    ) -> Started:
+        """Check and store one file and start parsing it on the parse-ahead thread, so that the caller can embed
+        and index an earlier file meanwhile (the server's job worker). Raises `ContentInFlight` when the same
+        content is among `in_flight` (document ids started and not yet completed): start it after those."""
         source = source or str(path.resolve())
+        started = Started(source)
         try:
-            work = self._prepare(path, collection, acl, source, filename or path.name, may_replace=may_replace)
-            if isinstance(work, IngestResult):
-                return work
+            work = self._prepare(path, collection, acl, source, filename or path.name, in_flight, may_replace)
+        except ContentInFlight:
+            raise
+        except (ApplianceError, OSError) as exc:
+            started.result = _failed(source, exc)
+            return started
+        if isinstance(work, IngestResult):
+            started.result = work
+        else:
+            started.work = work
+            started.parsed = self._parse_ahead.submit(self._parse, work)
+        return started
+
+    def complete(self, started: Started, collection: str, may_replace: MayReplace = _anything) -> IngestResult:
+        """Wait for a started file's parse, then embed and index it (`start`)."""
+        if started.result is not None:
+            return started.result
+        work = started.work
+        try:
             self.on_stage("parsing", work.document.filename)
-            self._parse(work)
+            started.parsed.result()
             return self._finish([work], collection, may_replace)[0]
-        except ApplianceError as exc:
-            return IngestResult(source, "failed", reason=exc.message)
-        except OSError as exc:
-            return IngestResult(source, "failed", reason=_unreadable(exc))
+        except (ApplianceError, OSError) as exc:
+            return _failed(started.source, exc)
 
     def ingest_with_attachments(
         self,
@@ -280,7 +328,7 @@ class Ingestor:
             return entry
         try:
             work = self._prepare(entry.path, collection, acl, entry.source, entry.path.name, in_flight)
-        except _InFlight:
+        except ContentInFlight:
             entry.serial = True
             return entry
         except (ApplianceError, OSError) as exc:
@@ -326,7 +374,7 @@ class Ingestor:
         check_size(path, self.max_bytes)  # before copying anything (the parser checks again, in its process)
         new_id, existing = self._same_content(sha256_of(path), collection, may_replace)
         if new_id in in_flight:
-            raise _InFlight(new_id)
+            raise ContentInFlight(new_id)
         if existing is not None and existing.status == "indexed":
             return IngestResult(source, "unchanged", existing.id, existing.chunk_count)
         if existing is not None:  # left half-done by an interrupted run: start it again cleanly

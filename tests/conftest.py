@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,10 @@ HERE = Path(__file__).parent
 APPLIANCE = str(Path(sys.executable).with_name("appliance"))
 # Tests work with tiny generated models; only tests/test_real_model.py installs the bundled SmolLM2.
 os.environ["APPLIANCE_DEFAULT_MODEL"] = "0"
+# Every test home shares one ONNX export of the embedding model (checked by its sha256 before each load), made by
+# the first test that embeds, instead of one export per home.
+EMBEDDING_EXPORTS = str(Path(tempfile.gettempdir()) / f"appliance-test-embeddings-{os.getuid()}")
+os.environ["APPLIANCE_EMBEDDING_EXPORT_DIR"] = EMBEDDING_EXPORTS
 
 
 def network_namespace_command() -> list[str] | None:
@@ -53,7 +58,12 @@ STORES_ENV: dict[str, str] = {}
 
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "OLLAMA_"))}
-    env.update(APPLIANCE_HOME=str(home), HF_HUB_OFFLINE="1", APPLIANCE_DEFAULT_MODEL="0")
+    env.update(
+        APPLIANCE_HOME=str(home),
+        HF_HUB_OFFLINE="1",
+        APPLIANCE_DEFAULT_MODEL="0",
+        APPLIANCE_EMBEDDING_EXPORT_DIR=EMBEDDING_EXPORTS,
+    )
     env.update(**STORES_ENV, **extra)
     return env
 

@@ -38,17 +38,17 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def torch_embedder():
-    return SentenceEmbedder(EmbeddingSettings())
+    return SentenceEmbedder(EmbeddingSettings(embedding_backend="torch"))
 
 
 @pytest.fixture(scope="module")
 def onnx_embedder(home):
-    return SentenceEmbedder(EmbeddingSettings(embedding_backend="onnx"), home=home)
+    return SentenceEmbedder(EmbeddingSettings(embedding_backend="onnx", embedding_export_dir=""), home=home)
 
 
 @pytest.fixture(scope="module")
 def int8_embedder(home):
-    return SentenceEmbedder(EmbeddingSettings(embedding_backend="onnx-int8"), home=home)
+    return SentenceEmbedder(EmbeddingSettings(embedding_backend="onnx-int8", embedding_export_dir=""), home=home)
 
 
 def _cosines(a, b) -> np.ndarray:
@@ -79,7 +79,8 @@ def test_onnx_int8_vectors_stay_close_to_torchs(torch_embedder, int8_embedder):
 
 
 def test_the_backend_is_a_setting(monkeypatch):
-    assert Settings().embeddings.embedding_backend == "torch"
+    monkeypatch.delenv("APPLIANCE_EMBEDDING_BACKEND", raising=False)
+    assert Settings().embeddings.embedding_backend == "auto"
     monkeypatch.setenv("APPLIANCE_EMBEDDING_BACKEND", "onnx-int8")
     assert load_settings().embeddings.embedding_backend == "onnx-int8"
     with pytest.raises(ValidationError, match="embedding_backend"):
@@ -117,9 +118,14 @@ def test_a_model_the_export_does_not_suit_and_a_missing_runtime_are_refused(onnx
     assert not (tmp_path / "embeddings").exists()
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the package were not installed
-    embedder = SentenceEmbedder(EmbeddingSettings(embedding_backend="onnx"), home=tmp_path)
+    embedder = SentenceEmbedder(EmbeddingSettings(embedding_backend="onnx", embedding_export_dir=""), home=tmp_path)
     with pytest.raises(EmbedderUnavailable, match="APPLIANCE_EMBEDDING_BACKEND.*not installed"):
         embedder.encode(["x"])
+    # 'auto' falls back to torch where ONNX Runtime is missing, as it does for a model the export does not suit.
+    assert SentenceEmbedder(EmbeddingSettings()).backend == "torch"
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    assert SentenceEmbedder(EmbeddingSettings(embedding_model_path=str(model))).backend == "torch"
+    assert SentenceEmbedder(EmbeddingSettings()).backend == "onnx-int8"
 
 
 def _index(home) -> ChunkIndex:
@@ -167,3 +173,80 @@ def test_an_index_built_before_embedders_were_recorded_counts_as_torchs(tmp_path
     with pytest.raises(Conflict, match="built by the torch"):
         index.require_embedder(int8_embedder.fingerprint)
     assert index.embedder_record()["backend"] == "torch"
+
+
+def _settings(home, **embeddings) -> Settings:
+    settings = Settings(home=home)
+    settings.embeddings = EmbeddingSettings(**embeddings)
+    return settings
+
+
+def test_auto_takes_the_fastest_backend_whose_vectors_match_the_index(tmp_path, torch_embedder, int8_embedder):
+    from appliance.embeddings import open_embedder
+
+    # A new index: int8 weights, recorded as soon as it is opened.
+    fresh = _index(tmp_path / "new")
+    assert open_embedder(_settings(tmp_path / "new"), fresh).backend == "onnx-int8"
+    assert fresh.embedder_record()["vectors"] == "int8"
+
+    # An index of torch's vectors (recorded, or from before embedders were recorded): ONNX fp32, the same vectors.
+    for name, record in (("recorded", True), ("unrecorded", False)):
+        index = _index(tmp_path / name)
+        if record:
+            index.require_embedder(torch_embedder.fingerprint)
+        document, text, chunks, _random = _document("d" * 64)
+        index.add(document, text, chunks, torch_embedder.encode([c.text for c in chunks]).vectors)
+        embedder = open_embedder(_settings(tmp_path / name), index)
+        assert embedder.backend == "onnx", name
+        assert index.embedder_record()["backend"] == "torch"  # the record names what built the vectors
+        # A backend named outright is refused when its vectors differ, with what to do.
+        with pytest.raises(Conflict, match="appliance index rebuild"):
+            open_embedder(_settings(tmp_path / name, embedding_backend="onnx-int8"), index)
+
+
+def test_an_index_recorded_in_chroma_by_an_earlier_version_moves_its_record_to_the_database(tmp_path, int8_embedder):
+    index = _index(tmp_path)
+    document, text, chunks, _random = _document("e" * 64)
+    index.add(document, text, chunks, int8_embedder.encode([c.text for c in chunks]).vectors)
+    index.vectors.modify(metadata={"embedder": json.dumps(int8_embedder.fingerprint)})  # where 0.x kept it
+    assert index.embedder_record()["vectors"] == "int8"
+    index.client.delete_collection("chunks")  # Chroma emptied (a restore reloads it from the database)
+    index.vectors = index.client.get_or_create_collection("chunks", metadata={"hnsw:space": "cosine"})
+    again = _index(tmp_path)
+    assert again.embedder_record()["vectors"] == "int8"
+    again.reload_vectors()
+    assert _index(tmp_path).embedder_record()["backend"] == "onnx-int8"
+
+
+def test_index_rebuild_moves_a_torch_index_to_the_default_backend_with_progress(tmp_path, torch_embedder):
+    index = _index(tmp_path)
+    index.require_embedder(torch_embedder.fingerprint)
+    document, text, chunks, _random = _document("f" * 64)
+    index.add(document, text, chunks, torch_embedder.encode([c.text for c in chunks]).vectors)
+    seen = []
+    index.rebuild(
+        lambda texts: torch_embedder.encode(texts).vectors, batch=2, progress=lambda d, t: seen.append((d, t))
+    )
+    assert seen and seen[-1] == (len(chunks), len(chunks)) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+    named = subprocess.run(
+        [APPLIANCE, "index", "rebuild"],
+        env=cli_env(tmp_path, APPLIANCE_EMBEDDING_BACKEND="torch"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "embedded by torch" in named.stdout, named.stdout + named.stderr
+    moved = subprocess.run(
+        [APPLIANCE, "index", "rebuild"], env=cli_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert "embedded by onnx-int8" in moved.stdout and "vectors built by: onnx-int8 (int8 vectors" in moved.stdout
+    refused = subprocess.run(
+        [APPLIANCE, "search", "retention"],
+        env=cli_env(tmp_path, APPLIANCE_EMBEDDING_BACKEND="torch"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode != 0 and "APPLIANCE_EMBEDDING_BACKEND=onnx-int8 again" in refused.stderr, refused.stderr

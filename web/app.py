@@ -23,7 +23,7 @@ from appliance import __version__
 from appliance.cluster.coordinator import Cluster
 from appliance.config import RetrievalSettings, Settings
 from appliance.db import create_db_engine
-from appliance.embeddings import SentenceEmbedder
+from appliance.embeddings import open_embedder
 from appliance.errors import ApplianceError, Forbidden, Withheld
 from appliance.index import ChunkIndex, open_vector_store
 from appliance.inference import hardware
@@ -155,10 +155,15 @@ def create_app(settings: Settings) -> FastAPI:
         state.scheduler = Scheduler(
             settings.scheduler, state.store, state.hardware, cluster=Cluster(settings.home / "cluster")
         )
-        state.embedder = SentenceEmbedder(settings.embeddings)
-        state.engine = Engine(state.store, state.scheduler, state.embedder)
         state.vectors = await asyncio.to_thread(open_vector_store, settings)
-        state.ingestor = Ingestor(settings, ChunkIndex(state.db, state.vectors), state.embedder)
+        index = ChunkIndex(state.db, state.vectors)
+        try:  # 'auto' resolved against the index; a named backend whose vectors differ is refused
+            state.embedder = await asyncio.to_thread(open_embedder, settings, index)
+        except ApplianceError as exc:
+            log.error("cannot start: %s", exc.message)
+            raise
+        state.engine = Engine(state.store, state.scheduler, state.embedder)
+        state.ingestor = Ingestor(settings, index, state.embedder)
         state.retriever = Retriever(state.ingestor.index, state.embedder, settings.retrieval)
         state.answerer = Answerer(state.retriever, state.engine, settings.retrieval, settings.scheduler.num_ctx)
         state.jobs = JobWorker(state.db, state.ingestor, settings.home / "incoming")
