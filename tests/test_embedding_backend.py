@@ -250,3 +250,22 @@ def test_index_rebuild_moves_a_torch_index_to_the_default_backend_with_progress(
         timeout=300,
     )
     assert refused.returncode != 0 and "APPLIANCE_EMBEDDING_BACKEND=onnx-int8 again" in refused.stderr, refused.stderr
+
+
+def test_a_server_asked_for_a_backend_the_index_does_not_match_refuses_to_start(tmp_path, int8_embedder):
+    from tests.conftest import free_port
+
+    index = _index(tmp_path)
+    index.require_embedder(int8_embedder.fingerprint)
+    document, text, chunks, _random = _document("9" * 64)
+    index.add(document, text, chunks, int8_embedder.encode([c.text for c in chunks]).vectors)
+    started = subprocess.run(
+        [APPLIANCE, "serve", "--port", str(free_port())],
+        env=cli_env(tmp_path, APPLIANCE_EMBEDDING_BACKEND="torch"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert started.returncode != 0
+    assert "cannot start: the index was built by the onnx-int8" in started.stderr, started.stderr[-2000:]
+    assert "APPLIANCE_EMBEDDING_BACKEND=onnx-int8 again" in started.stderr
