@@ -317,6 +317,25 @@ class RetrievalSettings(BaseSettings):
             "holds one of the question's distinctive terms; 1 turns this way off."
         ),
     )
+    refusal: Literal["calibrated", "lexical"] = Field(
+        "calibrated",
+        description=(
+            "How a question no passage answers is told apart (refused 'Not found'): 'calibrated', a score per "
+            "passage combining the question's similarity to its closest sentence with the question's rarity-weighted "
+            "terms it holds, near-synonyms counting in part (weights fitted on public data, see docs/benchmarks.md; "
+            "with fewer than 8 readable documents in scope the lexical rule decides); 'lexical', the older rule of "
+            "`APPLIANCE_MIN_COVERAGE` and `APPLIANCE_CLOSE_SIMILARITY` alone."
+        ),
+    )
+    refusal_min_score: float = Field(
+        0.4,
+        ge=0,
+        le=1,
+        description=(
+            "Least calibrated score of a passage for it to answer the question (`APPLIANCE_REFUSAL=calibrated`); "
+            "higher refuses more."
+        ),
+    )
     reranker_model_path: str = Field(
         "", description="Directory of a local cross-encoder model to re-rank fused passages; empty: no re-ranking."
     )

@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlmodel import select
 
-from appliance.answerability import question_terms, support
+from appliance.answerability import Support, question_terms, support
 from appliance.attribution import supporting_passage
 from appliance.citations import Citation, Flag, best_sentence, sources_block, verify
 from appliance.config import RetrievalSettings
@@ -91,6 +91,9 @@ class AnswerDone:
     question: str  # the standalone question that was searched
     timings: dict[str, int] = field(default_factory=dict)
     done_reason: str = "stop"  # stop | length
+    # Why the question was refused (mode not_found): titles, section headings and scores, never passage text. It
+    # is shown to the asker, who may read those passages; not logged (a heading is document text).
+    reason: str = ""
 
     def public(self) -> dict[str, Any]:
         return {
@@ -102,6 +105,7 @@ class AnswerDone:
             "retrieved": self.retrieved,
             "question": self.question,
             "done_reason": self.done_reason,
+            "reason": self.reason,
             "prompt_cache_count": self.timings.get("prompt_cache_count", 0),
             "timings": self.timings,  # nanoseconds (Ollama's convention) and token counts
         }
@@ -214,11 +218,14 @@ class Answerer:
         started = time.perf_counter_ns()
         hits = await asyncio.to_thread(self.retriever.search, searched, access, collections, top_k)
         retrieved = [h.chunk_id for h in hits]
-        supporting = await asyncio.to_thread(self.supporting, searched, hits, access, collections)
+        found = await asyncio.to_thread(self.support, searched, hits, access, collections)
+        supporting = found.hits
         if not supporting:
             yield Token(NOT_FOUND)
             retrieval = {"retrieval_duration": time.perf_counter_ns() - started}
-            yield AnswerDone(NOT_FOUND, [], [], False, "not_found", None, retrieved, searched, retrieval)
+            yield AnswerDone(
+                NOT_FOUND, [], [], False, "not_found", None, retrieved, searched, retrieval, reason=found.reason
+            )
             return
         texts = await asyncio.to_thread(self._document_texts, hits)
         retrieval = {"retrieval_duration": time.perf_counter_ns() - started}
@@ -234,14 +241,13 @@ class Answerer:
             yield event
 
     def supporting(self, question: str, hits: list[Hit], access: Access, collections: list[str] | None) -> list[Hit]:
-        """The retrieved passages that answer the question, in rank order; none when no passage is similar
-        enough (`min_similarity`) or none holds most of what the question asks about (answerability.py)."""
-        if not any(h.similarity is not None and h.similarity >= self.settings.min_similarity for h in hits):
-            return []
-        settings = self.settings
-        return support(
-            self.retriever, question, hits, access, collections, settings.min_coverage, settings.close_similarity
-        ).hits
+        """The retrieved passages that answer the question, in rank order; none when none does
+        (answerability.py, as `APPLIANCE_REFUSAL` says)."""
+        return self.support(question, hits, access, collections).hits
+
+    def support(self, question: str, hits: list[Hit], access: Access, collections: list[str] | None) -> Support:
+        """`supporting`, with why the question is refused when no passage answers it."""
+        return support(self.retriever, question, hits, access, collections, self.settings)
 
     @staticmethod
     def _quotes(hits: list[Hit], texts: dict[str, str], searched: str) -> tuple[list[str], list[Citation]]:
@@ -270,7 +276,8 @@ class Answerer:
         answer = "\n".join([NO_MODEL_NOTE, "", *lines]) if citations else NOT_FOUND
         yield Token(answer)
         mode = "extractive" if citations else "not_found"
-        yield AnswerDone(answer, citations, [], bool(citations), mode, None, retrieved, searched)
+        reason = "" if citations else "no sentence of the passages that answer it could be quoted"
+        yield AnswerDone(answer, citations, [], bool(citations), mode, None, retrieved, searched, reason=reason)
 
     async def _generated(
         self,
@@ -353,6 +360,7 @@ class Answerer:
             searched,
             finished.timings() | {"prompt_cache_count": finished.prompt_cache_count} if finished else {},
             done_reason="length" if finished and finished.done_reason == "length" else "stop",
+            reason="" if citations else "no sentence of the answer or of the passages could be verified",
         )
 
     @staticmethod
