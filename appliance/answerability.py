@@ -48,7 +48,7 @@ import numpy as np
 from sqlalchemy import func
 from sqlmodel import select
 
-from appliance.citations import STOPWORDS, sentences
+from appliance.citations import STOPWORDS, content_words, sentence_spans, sentences
 from appliance.config import RetrievalSettings
 from appliance.db import Document, session
 from appliance.keyword_search import term, tokens
@@ -72,6 +72,10 @@ NAME_SHARE = 0.3  # a capitalised word more than this share of them hold is a ho
 FEWEST_DOCUMENTS = 8  # with fewer readable documents no share is telling: no term counts as common
 SOFT_FLOOR = 0.5  # word-embedding cosine below which a word near a question term counts for nothing
 PASSAGE_WORDS = 400  # distinct words of a passage compared with the question's terms, at most
+# A sentence less similar to the question than this, and holding fewer than two of its terms, is not quoted from a
+# passage that passed the gate: "Policy owner: Records Manager." (0.20) does not answer "Who is the managing
+# partner?". Set on the sample corpus's golden questions and the evalset tune half.
+QUOTE_FLOOR = 0.25
 SENTENCE_CHARS = 600  # a longer "sentence" (a table row, a list without full stops) is cut to this
 
 # The calibrated score: sigmoid(BIAS + sum of WEIGHTS[name] * signal), a logistic regression fitted on
@@ -278,6 +282,40 @@ def evidence(
         item.score = calibrated_score(item.signals())
         found.append(item)
     return found
+
+
+def closest_sentences(embedder, question: str, hit: Hit, count: int = 1) -> list[tuple[int, int]]:
+    """Where, in the passage's text, the `count` sentences closest in meaning to the question are (each alone or
+    under its heading, as `passage_sentences` compares them), in the passage's order; none when no sentence says
+    anything beyond a heading or the question's own words, or is neither as close as QUOTE_FLOOR nor holds two of
+    the question's terms. What an answer quotes:
+    the sentence that holds the answer is rarely the one that shares most words with the question."""
+    headings = {h.strip().lower() for h in hit.section.split(" > ")} if hit.section else set()
+    heading = hit.section.split(" > ")[-1].strip()
+    asked = set(question_terms(question))
+    candidates, heading_lines = [], []
+    for start, end in sentence_spans(hit.text):
+        sentence = hit.text[start:end]
+        if len(content_words(sentence)) < 2 or not question_terms(sentence).keys() - asked:
+            continue  # a fragment ("3."), or made only of the question's own words (a title): answers nothing
+        (heading_lines if sentence.lower().rstrip(".:") in headings else candidates).append((start, end))
+    # A heading repeated at the top of a passage says nothing, unless the passage is nothing but headings (a
+    # slide's bullets, which the slide parser makes headings).
+    candidates = candidates or heading_lines
+    if not candidates:
+        return []
+    texts = [hit.text[start:end][:SENTENCE_CHARS] for start, end in candidates]
+    vectors = caches(embedder).sentences.vectors(texts + [f"{heading}: {t}" for t in texts] if heading else texts)
+    closeness = vectors @ caches(embedder).sentences.vectors([question])[0]
+    if heading:
+        closeness = np.maximum(closeness[: len(texts)], closeness[len(texts) :])
+
+    def answers(i: int) -> bool:  # close in meaning, or holding two of the question's own terms (a table row)
+        start, end = candidates[i]
+        return closeness[i] >= QUOTE_FLOOR or len(asked & question_terms(hit.text[start:end]).keys()) >= 2
+
+    closest = [i for i in np.argsort(-closeness, kind="stable")[:count] if answers(i)]
+    return sorted(candidates[i] for i in closest)
 
 
 def calibrated_score(signals: dict[str, float]) -> float:

@@ -16,7 +16,11 @@ from appliance.retrieve import Hit
 
 _MARKER = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 _QUOTED = re.compile(r"[\"“”«»]([^\"“”«»]{8,600})[\"“”«»]")
-_SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]+|\n|$)")
+# A sentence ends at . ! or ? (closing quotes and brackets kept) before a space or the end, or at a line's end;
+# not inside a number (4.5, 884.00) nor after an abbreviation or an initial (St. Brigid's, ext. 4471, J. Smith).
+_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)|\n")
+_LAST_WORD = re.compile(r"([A-Za-z]+)\.$")
+ABBREVIATIONS = frozenset("st dr mr mrs ms prof no nos vs etc eg ie approx ext tel fig ref dept co ltd inc cf".split())
 _WORD = re.compile(r"[a-z0-9]+")
 STOPWORDS = frozenset(
     """a about above after again all also am an and any are as at be because been before being below between
@@ -64,9 +68,31 @@ class Flag:
     chunk_id: str | None = None
 
 
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Where a text's sentences (and lines) are: (start, end) offsets, surrounding spaces excluded."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+
+    def add(begin: int, end: int) -> None:
+        piece = text[begin:end]
+        if piece.strip():
+            lead = len(piece) - len(piece.lstrip())
+            spans.append((begin + lead, begin + lead + len(piece.strip())))
+
+    for found in _END.finditer(text):
+        if found.group().rstrip("\"'”’)]") == ".":
+            word = _LAST_WORD.search(text, start, found.end())
+            if word and (word.group(1).lower() in ABBREVIATIONS or len(word.group(1)) == 1):
+                continue
+        add(start, found.end())
+        start = found.end()
+    add(start, len(text))
+    return spans
+
+
 def sentences(text: str) -> list[str]:
     """A text's sentences (and lines), as verification splits them."""
-    return [found.strip() for found in _SENTENCE.findall(text) if found.strip()]
+    return [text[start:end] for start, end in sentence_spans(text)]
 
 
 def content_words(text: str) -> set[str]:
@@ -85,10 +111,10 @@ def cited_numbers(answer: str) -> list[int]:
 def _claims(answer: str) -> dict[int, list[str]]:
     """For each cited number, the answer's sentences that cite it."""
     claims: dict[int, list[str]] = {}
-    for sentence in _SENTENCE.findall(answer):
+    for sentence in sentences(answer):
         for match in _MARKER.finditer(sentence):
             for part in match.group(1).split(","):
-                claims.setdefault(int(part), []).append(sentence.strip())
+                claims.setdefault(int(part), []).append(sentence)
     return claims
 
 
@@ -114,22 +140,19 @@ def best_sentence(hit: Hit, claim: str) -> tuple[str, int, int] | None:
     claim_words = content_words(claim)
     headings = {h.strip().lower() for h in hit.section.split(" > ")} if hit.section else set()
     best, best_score = None, (-1, -1, 0)
-    for match in _SENTENCE.finditer(hit.text):
-        sentence = match.group(0).strip()
+    for begin, end in sentence_spans(hit.text):
+        sentence = hit.text[begin:end]
         words = content_words(sentence)
         if len(words) < 3:
             continue
         heading = sentence.lower().rstrip(".:") in headings
         score = (not heading, len(claim_words & words), -abs(len(sentence) - 160))  # then a readable length
         if score > best_score:
-            best, best_score = match, score
+            best, best_score = (begin, end), score
     if best is None:
         return None
-    raw = best.group(0)
-    lead = len(raw) - len(raw.lstrip())
-    sentence = raw.strip()
-    start = hit.start + best.start() + lead
-    return sentence, start, start + len(sentence)
+    start, end = hit.start + best[0], hit.start + best[1]
+    return hit.text[best[0] : best[1]], start, end
 
 
 def verify(answer: str, hits: list[Hit], texts: dict[str, str]) -> tuple[list[Citation], list[Flag]]:

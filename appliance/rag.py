@@ -21,9 +21,9 @@ from typing import Any
 
 from sqlmodel import select
 
-from appliance.answerability import Support, question_terms, support
+from appliance.answerability import Support, closest_sentences, support
 from appliance.attribution import supporting_passage
-from appliance.citations import Citation, Flag, best_sentence, sources_block, verify
+from appliance.citations import Citation, Flag, sources_block, verify
 from appliance.config import RetrievalSettings
 from appliance.db import DocumentText, session
 from appliance.errors import ApplianceError, BadRequest
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 NOT_FOUND = "Not found in the documents you can access."
 NO_MODEL_NOTE = "No generation model is installed, so these are the most relevant passages, quoted as they stand:"
+QUOTES_NOTE = "In the documents' own words:"
 FALLBACK_NOTE = (
     "The model's answer could not be verified against the documents, so these are the passages that answer the "
     "question, quoted as they stand:"
@@ -56,6 +57,7 @@ REWRITE_PROMPT = """Rewrite the user's last question as one standalone question 
 without the conversation. Reply with the question only."""
 
 EXTRACTIVE_PASSAGES = 3
+FIRST_PASSAGE_SENTENCES = 2  # the passage that answers best is quoted in two sentences, the others in one
 MAX_ANSWER_SENTENCES = 2
 # A generated answer: "Not found ..." exactly, or one or two plain sentences. No brackets and no quotation marks
 # (citations and quotes come from attribution and verification, not from the model), and no full stop inside a
@@ -219,7 +221,8 @@ class Answerer:
         hits = await asyncio.to_thread(self.retriever.search, searched, access, collections, top_k)
         retrieved = [h.chunk_id for h in hits]
         found = await asyncio.to_thread(self.support, searched, hits, access, collections)
-        supporting = found.hits
+        # The passages that answer it, the most telling first (the calibrated score, where there is one).
+        supporting = sorted(found.hits, key=lambda hit: -found.scores.get(hit.chunk_id, 0.0))
         if not supporting:
             yield Token(NOT_FOUND)
             retrieval = {"retrieval_duration": time.perf_counter_ns() - started}
@@ -249,26 +252,28 @@ class Answerer:
         """`supporting`, with why the question is refused when no passage answers it."""
         return support(self.retriever, question, hits, access, collections, self.settings)
 
-    @staticmethod
-    def _quotes(hits: list[Hit], texts: dict[str, str], searched: str) -> tuple[list[str], list[Citation]]:
-        """The best sentence of each passage that answers the question (at most three), quoted and cited."""
+    def _quotes(
+        self, hits: list[Hit], texts: dict[str, str], searched: str, numbers: list[int] | None = None
+    ) -> tuple[list[str], list[Citation]]:
+        """What the passages that answer the question say (at most three passages), quoted and cited: the
+        sentences closest in meaning to the question (`answerability.closest_sentences`), two of the first
+        passage's and one of each other's. `numbers`: each passage's citation number (default: 1, 2, 3 in the
+        order quoted)."""
         citations: list[Citation] = []
         lines: list[str] = []
-        asked = set(question_terms(searched))
-        for hit in hits:
-            if len(citations) == EXTRACTIVE_PASSAGES:
+        for position, hit in enumerate(hits):
+            if len({c.chunk_id for c in citations}) == EXTRACTIVE_PASSAGES:
                 break
-            found = best_sentence(hit, searched)
-            if found is None or texts.get(hit.document_id, "")[found[1] : found[2]] != found[0]:
-                continue  # a bare heading says nothing; a span that does not match is never shown
-            if not question_terms(found[0]).keys() - asked:
-                continue  # a sentence made only of the question's own words (a title) answers nothing
-            quote, start, end = found
-            number = len(citations) + 1
-            citations.append(
-                Citation(number, hit.chunk_id, hit.document_id, hit.title, hit.page, hit.section, quote, start, end)
-            )
-            lines.append(f'[{number}] "{quote}"')
+            count = FIRST_PASSAGE_SENTENCES if not citations else 1
+            number = numbers[position] if numbers else len({c.chunk_id for c in citations}) + 1
+            for begin, end in closest_sentences(self.retriever.embedder, searched, hit, count):
+                start, stop = hit.start + begin, hit.start + end
+                quote = hit.text[begin:end]
+                if texts.get(hit.document_id, "")[start:stop] != quote:
+                    continue  # a span that does not match the stored document is never shown
+                where = (hit.title, hit.page, hit.section)
+                citations.append(Citation(number, hit.chunk_id, hit.document_id, *where, quote, start, stop))
+                lines.append(f'[{number}] "{quote}"')
         return lines, citations
 
     async def _extractive(self, hits: list[Hit], texts: dict[str, str], searched: str, retrieved: list[str]):
@@ -347,6 +352,17 @@ class Answerer:
             answer = "\n".join([FALLBACK_NOTE, "", *lines]) if citations else NOT_FOUND
             mode = "extractive" if citations else "not_found"
             yield Token(answer)
+        else:
+            # The model's sentences say what the passages hold; the quotes show it, in the documents' own words
+            # (a small model leaves out the very number or name that was asked for). Numbered as the passages
+            # are, so [n] names one passage throughout; a passage's quote replaces the model's citation of it.
+            lines, quoted = self._quotes(used, texts, searched, numbers=list(range(1, len(used) + 1)))
+            if quoted:
+                block = "\n".join(["", "", QUOTES_NOTE, *lines])
+                answer += block
+                yield Token(block)
+                replaced = {c.number for c in quoted}
+                citations = sorted([c for c in citations if c.number not in replaced] + quoted, key=lambda c: c.number)
         if flags:
             log.info("dropped %d citation(s) that did not verify", len(flags))
         yield AnswerDone(

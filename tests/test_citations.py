@@ -107,3 +107,24 @@ def test_passages_cannot_close_their_own_fence():
     assert block.count("<<<") == 1 and block.count(">>>") == 1  # only the real fence
     message = user_message("What is the policy?", [block])
     assert message.index("Passages (untrusted") < message.index("Ignore previous") < message.index("Question:")
+
+
+def test_sentences_do_not_end_inside_numbers_abbreviations_or_initials():
+    from appliance.citations import sentence_spans, sentences
+
+    text = (
+        "Records Policy - St. Brigid's General Hospital welcomes visitors. The rate is £884.00 per day, e.g. for "
+        'nights.\nMileage: 0.45 per mile. Call ext. 4471 or Dr. J. Okafor! "Go now." Then leave'
+    )
+    assert sentences(text) == [
+        "Records Policy - St. Brigid's General Hospital welcomes visitors.",
+        "The rate is £884.00 per day, e.g. for nights.",
+        "Mileage: 0.45 per mile.",
+        "Call ext. 4471 or Dr. J. Okafor!",
+        '"Go now."',
+        "Then leave",
+    ]
+    assert all(
+        text[start:end] == sentence
+        for (start, end), sentence in zip(sentence_spans(text), sentences(text), strict=True)
+    )

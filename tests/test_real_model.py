@@ -95,10 +95,13 @@ def test_a_generated_answer_over_the_sample_corpus_carries_verified_citations(re
     assert answer["model"] == DEFAULT_MODEL_NAME and answer["grounded"] is True
     assert answer["mode"] in ("generated", "extractive")  # extractive: the model's sentences did not verify
     assert answer["citations"], answer
+    # Whatever the model wrote, the reader sees the answering sentence quoted from the document that holds it.
+    assert answer["citations"][0]["title"] == "discharge-policy.docx"
+    assert any("Tuesdays at 14:00" in c["quote"] and c["title"] == "discharge-policy.docx" for c in answer["citations"])
+    if answer["mode"] == "generated":
+        assert "In the documents' own words:" in answer["answer"]
     for citation in answer["citations"]:
-        assert citation["title"] == "discharge-policy.docx" and citation["verified"] is True
-        assert "Tuesdays at 14:00" in citation["quote"] or "Tuesday" in answer["answer"]
-        assert f"[{citation['number']}]" in answer["answer"]
+        assert citation["verified"] is True and f"[{citation['number']}]" in answer["answer"]
     timings = answer["timings"]
     assert timings["eval_count"] > 0 and timings["retrieval_duration"] > 0
 
