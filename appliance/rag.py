@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlmodel import select
 
-from appliance.answerability import Support, closest_sentences, support
+from appliance.answerability import Support, closest_sentences, question_terms, support
 from appliance.attribution import supporting_passage
 from appliance.citations import Citation, Flag, sources_block, verify
 from appliance.config import RetrievalSettings
@@ -444,10 +444,16 @@ class Answerer:
             log.warning("question rewriting failed (%s); searching with the conversation's last question", exc)
             return fallback
         rewritten = " ".join("".join(pieces).split())
-        # A rewrite that shares nothing with the conversation is not trusted for retrieval.
         if not rewritten or len(rewritten) > 1000:
             return fallback
-        return rewritten if set(rewritten.lower().split()) & set(fallback.lower().split()) else fallback
+        # Trusted for retrieval only when it keeps a term of the follow-up (if it has any) and one of the question
+        # before it: a small model often answers, or rambles, instead of rewriting.
+        held = set(question_terms(rewritten))
+        asked, before = set(question_terms(question)), set(question_terms(previous[-1]))
+        if (asked and not held & asked) or (before and not held & before):
+            log.info("the rewritten follow-up lost the conversation's terms; searching with the last two questions")
+            return fallback
+        return rewritten
 
     def _document_texts(self, hits: list[Hit]) -> dict[str, str]:
         ids = sorted({h.document_id for h in hits})
