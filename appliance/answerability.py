@@ -286,7 +286,7 @@ def evidence(
 
 def closest_sentences(embedder, question: str, hit: Hit, count: int = 1) -> list[tuple[int, int]]:
     """Where, in the passage's text, the `count` sentences closest in meaning to the question are (each alone or
-    under its heading, as `passage_sentences` compares them), in the passage's order; none when no sentence says
+    under its heading, as `passage_sentences` compares them), closest first; none when no sentence says
     anything beyond a heading or the question's own words, or is neither as close as QUOTE_FLOOR nor holds two of
     the question's terms. What an answer quotes:
     the sentence that holds the answer is rarely the one that shares most words with the question."""
@@ -314,8 +314,7 @@ def closest_sentences(embedder, question: str, hit: Hit, count: int = 1) -> list
         start, end = candidates[i]
         return closeness[i] >= QUOTE_FLOOR or len(asked & question_terms(hit.text[start:end]).keys()) >= 2
 
-    closest = [i for i in np.argsort(-closeness, kind="stable")[:count] if answers(i)]
-    return sorted(candidates[i] for i in closest)
+    return [candidates[i] for i in np.argsort(-closeness, kind="stable")[:count] if answers(i)]
 
 
 def calibrated_score(signals: dict[str, float]) -> float:

@@ -57,7 +57,7 @@ REWRITE_PROMPT = """Rewrite the user's last question as one standalone question 
 without the conversation. Reply with the question only."""
 
 EXTRACTIVE_PASSAGES = 3
-FIRST_PASSAGE_SENTENCES = 2  # the passage that answers best is quoted in two sentences, the others in one
+QUOTE_SPAN = 500  # characters: the best passage's two closest sentences are quoted together when this spans both
 MAX_ANSWER_SENTENCES = 2
 # A generated answer: "Not found ..." exactly, or one or two plain sentences. No brackets and no quotation marks
 # (citations and quotes come from attribution and verification, not from the model), and no full stop inside a
@@ -255,25 +255,29 @@ class Answerer:
     def _quotes(
         self, hits: list[Hit], texts: dict[str, str], searched: str, numbers: list[int] | None = None
     ) -> tuple[list[str], list[Citation]]:
-        """What the passages that answer the question say (at most three passages), quoted and cited: the
-        sentences closest in meaning to the question (`answerability.closest_sentences`), two of the first
-        passage's and one of each other's. `numbers`: each passage's citation number (default: 1, 2, 3 in the
-        order quoted)."""
+        """What the passages that answer the question say (at most three passages), quoted and cited once each: the
+        sentence closest in meaning to the question (`answerability.closest_sentences`); for the first passage,
+        from there to the next closest too when both fit in QUOTE_SPAN characters. `numbers`: each passage's
+        citation number (default: 1, 2, 3 in the order quoted)."""
         citations: list[Citation] = []
         lines: list[str] = []
         for position, hit in enumerate(hits):
-            if len({c.chunk_id for c in citations}) == EXTRACTIVE_PASSAGES:
+            if len(citations) == EXTRACTIVE_PASSAGES:
                 break
-            count = FIRST_PASSAGE_SENTENCES if not citations else 1
-            number = numbers[position] if numbers else len({c.chunk_id for c in citations}) + 1
-            for begin, end in closest_sentences(self.retriever.embedder, searched, hit, count):
-                start, stop = hit.start + begin, hit.start + end
-                quote = hit.text[begin:end]
-                if texts.get(hit.document_id, "")[start:stop] != quote:
-                    continue  # a span that does not match the stored document is never shown
-                where = (hit.title, hit.page, hit.section)
-                citations.append(Citation(number, hit.chunk_id, hit.document_id, *where, quote, start, stop))
-                lines.append(f'[{number}] "{quote}"')
+            closest = closest_sentences(self.retriever.embedder, searched, hit, 1 if citations else 2)
+            if not closest:
+                continue
+            begin, end = closest[0]
+            if len(closest) == 2 and max(end, closest[1][1]) - min(begin, closest[1][0]) <= QUOTE_SPAN:
+                begin, end = min(begin, closest[1][0]), max(end, closest[1][1])
+            start, stop = hit.start + begin, hit.start + end
+            quote = hit.text[begin:end]
+            if texts.get(hit.document_id, "")[start:stop] != quote:
+                continue  # a span that does not match the stored document is never shown
+            number = numbers[position] if numbers else len(citations) + 1
+            where = (hit.title, hit.page, hit.section)
+            citations.append(Citation(number, hit.chunk_id, hit.document_id, *where, quote, start, stop))
+            lines.append(f'[{number}] "{quote}"')
         return lines, citations
 
     async def _extractive(self, hits: list[Hit], texts: dict[str, str], searched: str, retrieved: list[str]):
