@@ -281,7 +281,7 @@ class Answerer:
         return lines, citations
 
     async def _extractive(self, hits: list[Hit], texts: dict[str, str], searched: str, retrieved: list[str]):
-        lines, citations = self._quotes(hits, texts, searched)
+        lines, citations = await asyncio.to_thread(self._quotes, hits, texts, searched)  # embeds: off the loop
         answer = "\n".join([NO_MODEL_NOTE, "", *lines]) if citations else NOT_FOUND
         yield Token(answer)
         mode = "extractive" if citations else "not_found"
@@ -352,7 +352,7 @@ class Answerer:
         flags += [Flag(0, "a sentence the model wrote is supported by no passage; it was not shown")] * dropped
         mode = "generated"
         if not citations:
-            lines, citations = self._quotes(used, texts, searched)
+            lines, citations = await asyncio.to_thread(self._quotes, used, texts, searched)
             answer = "\n".join([FALLBACK_NOTE, "", *lines]) if citations else NOT_FOUND
             mode = "extractive" if citations else "not_found"
             yield Token(answer)
@@ -360,7 +360,8 @@ class Answerer:
             # The model's sentences say what the passages hold; the quotes show it, in the documents' own words
             # (a small model leaves out the very number or name that was asked for). Numbered as the passages
             # are, so [n] names one passage throughout; a passage's quote replaces the model's citation of it.
-            lines, quoted = self._quotes(used, texts, searched, numbers=list(range(1, len(used) + 1)))
+            numbers = list(range(1, len(used) + 1))
+            lines, quoted = await asyncio.to_thread(self._quotes, used, texts, searched, numbers)
             if quoted:
                 block = "\n".join(["", "", QUOTES_NOTE, *lines])
                 answer += block
