@@ -205,9 +205,12 @@ class JobWorker:
         try:
             self._begin(current)
             if current.started is not None and not current.serial:
-                self._ahead = self._take()
-                if self._ahead is not None:
-                    self._begin(self._ahead, in_flight={current.started.document_id} - {None})
+                try:
+                    self._ahead = self._take()
+                    if self._ahead is not None:
+                        self._begin(self._ahead, in_flight={current.started.document_id} - {None})
+                except Exception:  # no parse-ahead this time; the job in hand still runs (and the next one later)
+                    log.exception("claiming the next ingestion job ahead failed")
             self._run(current)
         finally:
             self._release(current.job.id, current.lock)
