@@ -288,33 +288,33 @@ def closest_sentences(embedder, question: str, hit: Hit, count: int = 1) -> list
     """Where, in the passage's text, the `count` sentences closest in meaning to the question are (each alone or
     under its heading, as `passage_sentences` compares them), closest first; none when no sentence says
     anything beyond a heading or the question's own words, or is neither as close as QUOTE_FLOOR nor holds two of
-    the question's terms. What an answer quotes:
-    the sentence that holds the answer is rarely the one that shares most words with the question."""
+    the question's terms. What an answer quotes: the sentence that holds the answer is rarely the one that shares
+    most words with the question."""
     headings = {h.strip().lower() for h in hit.section.split(" > ")} if hit.section else set()
     heading = hit.section.split(" > ")[-1].strip()
     asked = set(question_terms(question))
-    candidates, heading_lines = [], []
+    candidates, heading_lines = [], []  # (start, end, how many of the question's terms the sentence holds)
     for start, end in sentence_spans(hit.text):
         sentence = hit.text[start:end]
-        if len(content_words(sentence)) < 2 or not question_terms(sentence).keys() - asked:
+        held = question_terms(sentence).keys()
+        if len(content_words(sentence)) < 2 or not held - asked:
             continue  # a fragment ("3."), or made only of the question's own words (a title): answers nothing
-        (heading_lines if sentence.lower().rstrip(".:") in headings else candidates).append((start, end))
+        lines = heading_lines if sentence.lower().rstrip(".:") in headings else candidates
+        lines.append((start, end, len(asked & held)))
     # A heading repeated at the top of a passage says nothing, unless the passage is nothing but headings (a
     # slide's bullets, which the slide parser makes headings).
     candidates = candidates or heading_lines
     if not candidates:
         return []
-    texts = [hit.text[start:end][:SENTENCE_CHARS] for start, end in candidates]
-    vectors = caches(embedder).sentences.vectors(texts + [f"{heading}: {t}" for t in texts] if heading else texts)
-    closeness = vectors @ caches(embedder).sentences.vectors([question])[0]
+    cache = caches(embedder).sentences
+    texts = [hit.text[start:end][:SENTENCE_CHARS] for start, end, _shared in candidates]
+    vectors = cache.vectors(texts + [f"{heading}: {t}" for t in texts] if heading else texts)
+    closeness = vectors @ cache.vectors([question])[0]
     if heading:
         closeness = np.maximum(closeness[: len(texts)], closeness[len(texts) :])
-
-    def answers(i: int) -> bool:  # close in meaning, or holding two of the question's own terms (a table row)
-        start, end = candidates[i]
-        return closeness[i] >= QUOTE_FLOOR or len(asked & question_terms(hit.text[start:end]).keys()) >= 2
-
-    return [candidates[i] for i in np.argsort(-closeness, kind="stable")[:count] if answers(i)]
+    # Close in meaning, or holding two of the question's own terms (a table row).
+    closest = np.argsort(-closeness, kind="stable")[:count]
+    return [candidates[i][:2] for i in closest if closeness[i] >= QUOTE_FLOOR or candidates[i][2] >= 2]
 
 
 def calibrated_score(signals: dict[str, float]) -> float:

@@ -925,12 +925,10 @@ def cmd_index_rebuild(settings: Settings, args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from appliance.embeddings import SentenceEmbedder, bundled_model_path, choose_backend
+    from appliance.embeddings import SentenceEmbedder
 
     index = _chunk_index(settings)
-    model_dir = Path(settings.embeddings.embedding_model_path or bundled_model_path())
-    backend = choose_backend(settings.embeddings.embedding_backend, model_dir, None)
-    embedder = SentenceEmbedder(settings.embeddings, home=settings.home, backend=backend)
+    embedder = SentenceEmbedder(settings.embeddings, home=settings.home)  # 'auto' as for a new index
     columns = [TextColumn("re-embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("chunks", total=None)

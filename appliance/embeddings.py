@@ -92,12 +92,16 @@ def open_embedder(settings, index) -> SentenceEmbedder:
     """The embedder for a home's chunk index (`settings`: the whole Settings): 'auto' resolved against the vectors
     the index holds (an index with vectors but no record was built by torch, the only backend then). Raises
     Conflict, saying how to re-embed, when a named backend's vectors differ from the index's."""
-    model_dir = Path(settings.embeddings.embedding_model_path or bundled_model_path())
     indexed = (index.embedder_record() or {"vectors": "fp32"}) if index.has_vectors() else None
-    backend = choose_backend(settings.embeddings.embedding_backend, model_dir, indexed)
+    backend = choose_backend(settings.embeddings.embedding_backend, model_path(settings.embeddings), indexed)
     embedder = SentenceEmbedder(settings.embeddings, home=settings.home, backend=backend)
     index.require_embedder(embedder.fingerprint)
     return embedder
+
+
+def model_path(settings: EmbeddingSettings) -> Path:
+    """The directory of the embedding model: the configured one, else the bundled MiniLM."""
+    return Path(settings.embedding_model_path) if settings.embedding_model_path else bundled_model_path()
 
 
 def bundled_model_path() -> Path:
@@ -120,7 +124,7 @@ class SentenceEmbedder:
         says otherwise); without either they export into a temporary folder at every load. `backend`: the one
         `open_embedder` resolved for an index; else the setting's ('auto': the fastest for a new index)."""
         self.settings = settings
-        self.path = Path(settings.embedding_model_path) if settings.embedding_model_path else bundled_model_path()
+        self.path = model_path(settings)
         self.backend = backend or choose_backend(settings.embedding_backend, self.path, None)
         if settings.embedding_export_dir:
             self.export_dir: Path | None = Path(settings.embedding_export_dir).expanduser()

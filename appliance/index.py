@@ -184,9 +184,9 @@ class ChunkIndex:
     def require_embedder(self, fingerprint: dict) -> None:
         """Refuse an embedder whose vectors differ from those indexed (Conflict, saying how to re-embed); record
         it where nothing is recorded. Later writes through this index check again."""
-        recorded = self.embedder_record()
-        if recorded is None or not self.has_vectors():
-            if recorded is None and self.has_vectors():
+        recorded, indexed = self.embedder_record(), self.has_vectors()
+        if recorded is None or not indexed:
+            if recorded is None and indexed:
                 # Indexed before embedders were recorded, when torch was the only backend.
                 recorded = {**fingerprint, "backend": "torch", "vectors": "fp32"}
                 log.info("the index records no embedder: taking it as built by %s", describe_embedder(recorded))
