@@ -1,9 +1,12 @@
 """Many requests on one model: continuous batching, prefix reuse, cancellation, fair admission."""
 
 import asyncio
+import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import llama_cpp
 import ollama
 import pytest
@@ -24,7 +27,7 @@ def batch_server(tmp_path_factory, tiny_gguf, tiny_long_gguf):
         tmp_path_factory.mktemp("batching"),
         {"tiny": tiny_gguf, "tiny-long": tiny_long_gguf},
         APPLIANCE_NUM_PARALLEL="4",
-        APPLIANCE_NUM_CTX="2048",
+        APPLIANCE_NUM_CTX="16384",  # a stream without num_predict runs for many seconds: until it is closed
         APPLIANCE_NUM_THREAD="1",  # a model this small decodes faster on one thread, and a busy machine slows it less
     )
     yield srv
@@ -215,16 +218,59 @@ def test_fair_queue_cancelled_waiter_does_not_keep_a_place():
     asyncio.run(scenario())
 
 
+def _wait_for_scheduler(server, queued: int, running: int, timeout: float = 60) -> None:
+    """Poll /metrics until the scheduler holds exactly `queued` waiting and `running` running requests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(f"{server.url}/metrics", timeout=30).text
+        found = {
+            name: float(number)
+            for name, number in re.findall(r"^(appliance_queue_depth|appliance_requests_running) (\S+)$", text, re.M)
+        }
+        if found == {"appliance_queue_depth": queued, "appliance_requests_running": running}:
+            return
+        assert time.monotonic() < deadline, f"scheduler never reached {queued} queued, {running} running: {found}"
+        time.sleep(0.01)
+
+
+def _wait_for_scheduler(server, queued: int, running: int, timeout: float = 60) -> None:
+    """Poll /metrics until the scheduler holds exactly `queued` waiting and `running` running requests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(f"{server.url}/metrics", timeout=30).text
+        found = {
+            name: float(number)
+            for name, number in re.findall(r"^(appliance_queue_depth|appliance_requests_running) (\S+)$", text, re.M)
+        }
+        if found == {"appliance_queue_depth": queued, "appliance_requests_running": running}:
+            return
+        assert time.monotonic() < deadline, f"scheduler never reached {queued} queued, {running} running: {found}"
+        time.sleep(0.02)
+
+
 def test_one_users_many_requests_do_not_starve_another(batch_server):
     """Twelve requests from the admin fill the four sequences and the queue; the reader's one is next in.
 
     In arrival order the reader would wait until at least four of the admin's queued requests had
     finished; admitted fairly it takes the first place that frees and is done two tokens later.
+    The four streams would run to the end of the context (16k tokens, several seconds) and are closed
+    once the server holds the admin's eight and the reader's request in its queue. (A fixed sleep with
+    1500-token streams failed on CI: the runner had finished them, unread, before the reader asked.)
     """
     admin = _client(batch_server)
-    streams = [admin.generate(model="tiny-long", prompt=LONG_PROMPT, stream=True, options=LONG) for _ in range(4)]
-    for stream in streams:
-        assert not next(stream).done  # four are running, each for 1500 tokens
+    until_closed = {**LONG, "num_predict": -1}
+    stop = threading.Event()
+    ended_early: list[str] = []
+
+    def stream_until_stopped(index: int) -> None:
+        stream = admin.generate(model="tiny-long", prompt=LONG_PROMPT, stream=True, options=until_closed)
+        for chunk in stream:
+            if stop.is_set():
+                stream.close()
+                return
+            if chunk.done:
+                ended_early.append(f"stream {index}: {chunk.done_reason} after {chunk.eval_count} tokens")
+
     finished_at: dict[str, float] = {}
 
     def request(key: str | None, label: str, num_predict: int) -> None:
@@ -234,15 +280,16 @@ def test_one_users_many_requests_do_not_starve_another(batch_server):
         assert reply.eval_count == num_predict
         finished_at[label] = time.monotonic()
 
-    with ThreadPoolExecutor(9) as pool:
+    with ThreadPoolExecutor(13) as pool:
+        streams = [pool.submit(stream_until_stopped, i) for i in range(4)]
+        _wait_for_scheduler(batch_server, queued=0, running=4)
         waiting = [pool.submit(request, None, f"admin {i}", 1500) for i in range(8)]
-        time.sleep(1.0)  # the admin's eight are queued before the reader asks
+        _wait_for_scheduler(batch_server, queued=8, running=4)
         reader = pool.submit(request, batch_server.reader_key, "reader", 2)
-        for stream in streams:
-            for _chunk in stream:
-                pass
-        reader.result(300)
-        for future in waiting:
+        _wait_for_scheduler(batch_server, queued=9, running=4)
+        stop.set()  # the streams close at their next token, freeing the four places one by one
+        for future in [*streams, reader, *waiting]:
             future.result(300)
+    assert ended_early == [], "a stream ended before the queue was full: the test proved nothing"
     before_reader = sorted(label for label, at in finished_at.items() if at < finished_at["reader"])
     assert before_reader == []
