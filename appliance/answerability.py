@@ -76,6 +76,7 @@ PASSAGE_WORDS = 400  # distinct words of a passage compared with the question's 
 # passage that passed the gate: "Policy owner: Records Manager." (0.20) does not answer "Who is the managing
 # partner?". Set on the sample corpus's golden questions and the evalset tune half.
 QUOTE_FLOOR = 0.25
+SENTENCE_HEADING_WORDS = 6  # content words from which a heading reads as a sentence, not a title
 SENTENCE_CHARS = 600  # a longer "sentence" (a table row, a list without full stops) is cut to this
 
 # The calibrated score: sigmoid(BIAS + sum of WEIGHTS[name] * signal), a logistic regression fitted on
@@ -299,7 +300,9 @@ def closest_sentences(embedder, question: str, hit: Hit, count: int = 1) -> list
         held = question_terms(sentence).keys()
         if len(content_words(sentence)) < 2 or not held - asked:
             continue  # a fragment ("3."), or made only of the question's own words (a title): answers nothing
-        lines = heading_lines if sentence.lower().rstrip(".:") in headings else candidates
+        # A heading as long as a sentence is one (a slide's bullet, which the slide parser makes a heading).
+        title = sentence.lower().rstrip(".:") in headings and len(content_words(sentence)) < SENTENCE_HEADING_WORDS
+        lines = heading_lines if title else candidates
         lines.append((start, end, len(asked & held)))
     # A heading repeated at the top of a passage says nothing, unless the passage is nothing but headings (a
     # slide's bullets, which the slide parser makes headings).

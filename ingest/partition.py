@@ -4,14 +4,16 @@ Wraps `unstructured` with the fast strategy. Before it is imported, its analytic
 access are switched off, and the spaCy model it wants must be the local stand-in
 (`ingest.spacy_standin`), so that nothing ever reaches for the network. The file's real format
 comes from its bytes (magic numbers, the parts inside an OOXML zip), and must agree with its
-extension. A PDF with no text layer goes through OCR (Tesseract) when it is installed. A document
-that yields no text is an error, never an empty document.
+extension. A PDF with no text layer goes through OCR (Tesseract) when it is installed. A PDF's running
+headers and footers (the same short line on several pages, page numbers aside) are left out: they answer
+nothing and would be quoted. A document that yields no text is an error, never an empty document.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -128,12 +130,19 @@ def _elements(raw: list, kind: str) -> list[Element]:
     """Non-empty elements with the heading path each one sits under (a spreadsheet's: its sheet name)."""
     elements: list[Element] = []
     headings: list[str] = []
+    titled_slides: set[int | None] = set()
     for item in raw:
         text = str(item.text or "").strip()
         if not text:
             continue
         if kind == "xlsx":
             headings = [item.metadata.page_name] if item.metadata.page_name else []
+        elif kind == "pptx" and item.category == "Title":
+            # unstructured calls any short line without a full stop a title, so a slide's bullets come as
+            # titles too: only the slide's first one heads it, and its bullets stay one section together.
+            if item.metadata.page_number not in titled_slides:
+                titled_slides.add(item.metadata.page_number)
+                headings = [text]
         elif item.category in ("Title", "Header") and kind != "csv":
             depth = item.metadata.category_depth or 0
             headings = headings[:depth] + [text]
@@ -141,6 +150,40 @@ def _elements(raw: list, kind: str) -> list[Element]:
             Element(text=text, category=item.category, page=item.metadata.page_number, headings=list(headings))
         )
     return elements
+
+
+RUNNING_LINE_CHARS = 200  # a running header or footer is at most this long
+
+
+def _without_running_lines(elements: list[Element]) -> list[Element]:
+    """Leave out page furniture: a short line at the top or the bottom of two or more pages, the same on each
+    but for its numbers, and either word for word the same ("Acme - Confidential") or holding its page's
+    number ("Acme - page 2 of 3"). A heading that starts each page ("Chapter 3") is kept."""
+
+    def shape(element: Element) -> str:
+        return re.sub(r"\d+", "#", " ".join(element.text.lower().split()))
+
+    edges: set[int] = set()  # the first and last element of each page
+    for index, element in enumerate(elements):
+        if index == 0 or elements[index - 1].page != element.page:
+            edges.add(index)
+        if index == len(elements) - 1 or elements[index + 1].page != element.page:
+            edges.add(index)
+    found: dict[str, list[Element]] = {}
+    for index in sorted(edges):
+        element = elements[index]
+        if element.page is not None and len(element.text) <= RUNNING_LINE_CHARS:
+            found.setdefault(shape(element), []).append(element)
+    furniture: set[int] = set()
+    for same in found.values():
+        if len({e.page for e in same}) < 2:
+            continue
+        verbatim = len({e.text for e in same}) == 1
+        numbered = all(str(e.page) in re.findall(r"\d+", e.text) for e in same)
+        if verbatim or numbered:
+            furniture.update(id(e) for e in same)
+    kept = [e for e in elements if id(e) not in furniture]
+    return kept or elements
 
 
 def _email_header(metadata) -> Element:
@@ -166,6 +209,8 @@ def partition_document(path: Path) -> tuple[str, list[Element]]:
     extra = {"process_attachments": False} if kind == "eml" else {}
     raw = partition(filename=str(path), strategy="fast", languages=["eng"], **extra)
     elements = _elements(raw, kind)
+    if kind == "pdf":
+        elements = _without_running_lines(elements)
     if kind == "eml" and elements:
         elements.insert(0, _email_header(raw[0].metadata))
     if not elements and kind == "pdf":
@@ -173,7 +218,9 @@ def partition_document(path: Path) -> tuple[str, list[Element]]:
             raise NoExtractableText("no extractable text (OCR not available)")
         from unstructured.partition.pdf import partition_pdf
 
-        elements = _elements(partition_pdf(filename=str(path), strategy="ocr_only", languages=["eng"]), kind)
+        elements = _without_running_lines(
+            _elements(partition_pdf(filename=str(path), strategy="ocr_only", languages=["eng"]), kind)
+        )
         if not elements:
             raise NoExtractableText("no extractable text (OCR found none)")
     if not elements:

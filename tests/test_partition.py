@@ -145,3 +145,63 @@ def test_spreadsheet_sheets_are_sections(partitioned):
     documents, results = partitioned
     elements = results[documents["xlsx"].name]["elements"]
     assert {tuple(e["headings"]) for e in elements} == {("On-call rota",)}
+
+
+def _write_pdf_with_furniture(path: Path, pages: int) -> Path:
+    """Each page: a running header (the same words), a heading naming its chapter, a body paragraph, and a
+    footer holding the page's number, as word processors print them."""
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.set_font("helvetica", size=12)
+    pdf.set_auto_page_break(False)  # the footer stays on its page
+    for page in range(1, pages + 1):
+        pdf.add_page()
+        pdf.cell(0, 10, "Harrow & Vale LLP - Privileged and confidential", new_x="LMARGIN", new_y="NEXT")
+        pdf.cell(0, 10, f"Chapter {page + 2}: file closure", new_x="LMARGIN", new_y="NEXT")
+        pdf.multi_cell(0, 8, f"Closed files are archived after review number {page * 11} by the records team.")
+        pdf.set_y(-20)
+        pdf.cell(0, 10, f"HV-2025-0417 - page {page} of {pages}")
+    pdf.output(str(path))
+    return path
+
+
+def test_running_headers_and_footers_of_a_pdf_are_left_out(tmp_path):
+    """They answer nothing and would be quoted as an answer; a one-page document keeps every line."""
+    three = _write_pdf_with_furniture(tmp_path / "memo.pdf", 3)
+    one = _write_pdf_with_furniture(tmp_path / "note.pdf", 1)
+    results = partition_offline([three, one], tmp_path)
+    text = _texts(results["memo.pdf"])
+    assert "Privileged and confidential" not in text and "HV-2025-0417" not in text
+    for page in (1, 2, 3):
+        assert f"Chapter {page + 2}: file closure" in text
+        assert f"review number {page * 11} by the records team" in text
+    single = _texts(results["note.pdf"])
+    assert "Privileged and confidential" in single and "HV-2025-0417 - page 1 of 1" in single
+
+
+def test_a_slides_bullets_stay_under_its_title(tmp_path):
+    """unstructured calls a short bullet without a full stop a title; read so, each bullet became a section
+    (and a passage) of its own, cut off from the slide it belongs to."""
+    import pptx
+
+    from ingest.chunking import chunk_document
+    from ingest.partition import partition_document
+
+    deck = pptx.Presentation()
+    for title, bullets in (
+        ("Choosing your next seat", ["Rank three preferred seats", "Send it by 31 July for September moves"]),
+        ("Who to ask", ["Training Principal: Lucinda Aymes-Foster", "Graduate Recruitment: extension 2301"]),
+    ):
+        slide = deck.slides.add_slide(deck.slide_layouts[1])
+        slide.shapes.title.text = title
+        body = slide.placeholders[1].text_frame
+        body.text = bullets[0]
+        for bullet in bullets[1:]:
+            body.add_paragraph().text = bullet
+    deck.save(tmp_path / "seats.pptx")
+    _kind, elements = partition_document(tmp_path / "seats.pptx")
+    assert {tuple(e.headings) for e in elements} == {("Choosing your next seat",), ("Who to ask",)}
+    _text, chunks = chunk_document(elements)
+    assert [c.headings for c in chunks] == [["Choosing your next seat"], ["Who to ask"]]
+    assert "31 July" in chunks[0].text and "extension 2301" in chunks[1].text
