@@ -52,8 +52,7 @@ from appliance.citations import STOPWORDS, content_words, sentence_spans, senten
 from appliance.config import RetrievalSettings
 from appliance.db import Document, session
 from appliance.keyword_search import term, tokens
-from appliance.rbac import Access
-from appliance.retrieve import Hit, Retriever
+from appliance.retrieve import Hit, Retriever, SearchScope
 
 # Words that frame a question without naming what it is about.
 FRAMING = frozenset(
@@ -154,13 +153,10 @@ def common_terms(total: int, holding: dict[str, int], share: float = COMMON_SHAR
     return {t for t, n in holding.items() if total >= FEWEST_DOCUMENTS and n > share * total}
 
 
-def document_frequencies(
-    retriever: Retriever, terms: dict[str, str], access: Access, collections: list[str] | None
-) -> tuple[int, dict[str, int]]:
+def document_frequencies(retriever: Retriever, terms: dict[str, str], scope: SearchScope) -> tuple[int, dict[str, int]]:
     """How many documents the caller may read in the searched collections, and how many of them hold each
     term (through the keyword index, which applies the caller's access)."""
-    scope = retriever.scope(access, collections)
-    permitted = retriever.permitted_documents(access, scope)
+    permitted = scope.permitted
     if permitted is None:
         with session(retriever.index.engine) as db:
             total = db.exec(select(func.count()).select_from(Document).where(Document.status == "indexed")).one()
@@ -168,7 +164,7 @@ def document_frequencies(
         total = len(permitted)
     holding: dict[str, int] = {}
     for stem, word in terms.items():
-        chunk_ids = retriever.keyword_search(word, access, scope, SEARCH_LIMIT, permitted=permitted)
+        chunk_ids = retriever.keyword_search_in(word, scope, SEARCH_LIMIT)
         holding[stem] = len({chunk_id.rsplit(":", 1)[0] for chunk_id in chunk_ids})  # ids are <document id>:<n>
     return total, holding
 
@@ -332,14 +328,10 @@ def passage_name(hit: Hit) -> str:
 
 
 def support(
-    retriever: Retriever,
-    question: str,
-    hits: list[Hit],
-    access: Access,
-    collections: list[str] | None,
-    settings: RetrievalSettings,
+    retriever: Retriever, question: str, hits: list[Hit], scope: SearchScope, settings: RetrievalSettings
 ) -> Support:
-    """The retrieved passages that support the question, in rank order, or why none does (module docstring)."""
+    """The retrieved passages that support the question, in rank order, or why none does (module docstring).
+    `scope`: the question's, as its search used it (`Retriever.scoped`)."""
     if not hits:
         return Support([], {}, "no passage you may read matches the question")
     terms = question_terms(question)
@@ -351,7 +343,7 @@ def support(
         return Support(
             [], {}, f"closest passage {passage_name(best)}, similarity {similarity} < {settings.min_similarity:.2f}"
         )
-    total, holding = document_frequencies(retriever, terms, access, collections)
+    total, holding = document_frequencies(retriever, terms, scope)
     common = common_terms(total, holding)
     if len(common) == len(terms) or not without_names(question, common_terms(total, holding, NAME_SHARE)):
         return Support([], {}, "the question names only what most of your documents name (no subject to look for)")

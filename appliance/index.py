@@ -202,6 +202,12 @@ class ChunkIndex:
             )
         self.embedder = fingerprint
 
+    def document_texts(self, document_ids: set[str]) -> dict[str, str]:
+        """The stored full text of each document, by id (what citations are verified against)."""
+        with session(self.engine) as db:
+            rows = db.exec(select(DocumentText).where(DocumentText.document_id.in_(sorted(document_ids))))  # type: ignore[attr-defined]
+            return {row.document_id: row.text for row in rows}
+
     def has_vectors(self) -> bool:
         with session(self.engine) as db:
             return db.exec(select(ChunkVector.chunk_id).limit(1)).first() is not None

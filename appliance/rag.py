@@ -19,19 +19,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlmodel import select
-
 from appliance.answerability import Support, closest_sentences, question_terms, support
 from appliance.attribution import supporting_passage
 from appliance.citations import Citation, Flag, sources_block, verify
 from appliance.config import RetrievalSettings
-from appliance.db import DocumentText, session
 from appliance.errors import ApplianceError, BadRequest
 from appliance.inference.engine import Engine, Finished, GenerationRequest, Token
 from appliance.models import default_model
 from appliance.models.store import ModelRecord
 from appliance.rbac import Access
-from appliance.retrieve import Hit, Retriever, check_query
+from appliance.retrieve import Hit, Retriever, SearchScope, check_query
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +210,15 @@ class Answerer:
     ) -> AsyncIterator[Token | AnswerDone]:
         """Stream the answer's text as Tokens, then one AnswerDone with the verified citations."""
         question = check_query(question)
+        scope = await asyncio.to_thread(self.retriever.scoped, access, collections)  # read once, for every step
         record = await asyncio.to_thread(self.generation_model, model)  # may hash the blob once: off the loop
         searched = question
         if history:
             searched = await self.standalone_question(question, history, record, access.requester)
         started = time.perf_counter_ns()
-        hits = await asyncio.to_thread(self.retriever.search, searched, access, collections, top_k)
+        hits = await asyncio.to_thread(self.retriever.search, searched, access, top_k=top_k, scope=scope)
         retrieved = [h.chunk_id for h in hits]
-        found = await asyncio.to_thread(self.support, searched, hits, access, collections)
+        found = await asyncio.to_thread(self.support, searched, hits, scope)
         # The passages that answer it, the most telling first (the calibrated score, where there is one).
         supporting = sorted(found.hits, key=lambda hit: -found.scores.get(hit.chunk_id, 0.0))
         if not supporting:
@@ -230,7 +228,7 @@ class Answerer:
                 NOT_FOUND, [], [], False, "not_found", None, retrieved, searched, retrieval, reason=found.reason
             )
             return
-        texts = await asyncio.to_thread(self._document_texts, hits)
+        texts = await asyncio.to_thread(self.retriever.document_texts, {h.document_id for h in hits})
         retrieval = {"retrieval_duration": time.perf_counter_ns() - started}
         if record is None:
             events = self._extractive(supporting, texts, searched, retrieved)
@@ -243,14 +241,14 @@ class Answerer:
                 event.timings = retrieval | event.timings
             yield event
 
-    def supporting(self, question: str, hits: list[Hit], access: Access, collections: list[str] | None) -> list[Hit]:
+    def supporting(self, question: str, hits: list[Hit], scope: SearchScope) -> list[Hit]:
         """The retrieved passages that answer the question, in rank order; none when none does
-        (answerability.py, as `APPLIANCE_REFUSAL` says)."""
-        return self.support(question, hits, access, collections).hits
+        (answerability.py, as `APPLIANCE_REFUSAL` says). `scope`: the question's (`Retriever.scoped`)."""
+        return self.support(question, hits, scope).hits
 
-    def support(self, question: str, hits: list[Hit], access: Access, collections: list[str] | None) -> Support:
+    def support(self, question: str, hits: list[Hit], scope: SearchScope) -> Support:
         """`supporting`, with why the question is refused when no passage answers it."""
-        return support(self.retriever, question, hits, access, collections, self.settings)
+        return support(self.retriever, question, hits, scope, self.settings)
 
     def _quotes(
         self, hits: list[Hit], texts: dict[str, str], searched: str, numbers: list[int] | None = None
@@ -459,12 +457,6 @@ class Answerer:
             log.info("the rewritten follow-up lost the conversation's terms; searching with the last two questions")
             return fallback
         return rewritten
-
-    def _document_texts(self, hits: list[Hit]) -> dict[str, str]:
-        ids = sorted({h.document_id for h in hits})
-        with session(self.retriever.index.engine) as db:
-            rows = db.exec(select(DocumentText).where(DocumentText.document_id.in_(ids)))  # type: ignore[attr-defined]
-            return {row.document_id: row.text for row in rows}
 
 
 def require_collections(raw: Any) -> list[str] | None:

@@ -20,6 +20,7 @@ import logging
 import re
 import threading
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 from sqlalchemy import String, bindparam
@@ -141,6 +142,31 @@ class Ranking:
         return sorted(self.fused, key=lambda c: self.fused[c], reverse=True)
 
 
+class SearchScope:
+    """One question's reach, worked out once and passed to every step that searches for it: the caller's
+    access, the collections searched (None: no limit), and, read when a step first needs them, the documents
+    the caller may read there (`permitted`) and those BM25's statistics count (`counted`)."""
+
+    def __init__(self, retriever: Retriever, access: Access, collections: list[str] | None):
+        self._retriever = retriever
+        self.access = access
+        self.collections = collections
+
+    @property
+    def empty(self) -> bool:
+        """Nothing can be found: no collection to search, or a caller who may read nothing."""
+        nowhere = self.collections is not None and not self.collections
+        return nowhere or (not self.access.everything and not self.access.principals)
+
+    @cached_property
+    def permitted(self) -> list[str] | None:
+        return self._retriever.permitted_documents(self.access, self.collections)
+
+    @cached_property
+    def counted(self) -> list[str] | None:
+        return self._retriever.counted_documents(self.access, self.collections, self.permitted)
+
+
 class Retriever:
     def __init__(self, index: ChunkIndex, embedder: SentenceEmbedder, settings: RetrievalSettings):
         self.index = index
@@ -173,19 +199,35 @@ class Retriever:
             return None
         return sorted(access.collections - access.walled)
 
+    def scoped(self, access: Access, requested: list[str] | None) -> SearchScope:
+        """`scope`, with the caller's access, as one object a question's steps share."""
+        return SearchScope(self, access, self.scope(access, requested))
+
+    def document_texts(self, document_ids: set[str]) -> dict[str, str]:
+        """The full text of each of these documents (ids the caller's search returned), by id."""
+        return self.index.document_texts(document_ids)
+
     def _existing_collections(self) -> set[str]:
         with session(self.index.engine) as db:
             return set(db.exec(select(Document.collection).distinct()))
 
     # --- search ------------------------------------------------------------------------------
     def search(
-        self, query: str, access: Access, collections: list[str] | None = None, top_k: int | None = None
+        self,
+        query: str,
+        access: Access,
+        collections: list[str] | None = None,
+        top_k: int | None = None,
+        *,
+        scope: SearchScope | None = None,
     ) -> list[Hit]:
+        """The top-k passages for `query` among those the caller may read. `scope`: the question's, when the
+        caller has worked it out already (`scoped`); else it is read here from `access` and `collections`."""
         query = check_query(query)
         top_k = top_k or self.settings.retrieval_top_k
         if not 1 <= top_k <= 100:
             raise BadRequest("top_k must be between 1 and 100")
-        ranking = self.rank(query, access, collections)
+        ranking = self._rank(query, self._scope_of(access, collections, scope))
         limit = max(top_k, self.settings.rerank_candidates) if self.settings.reranker_model_path else top_k
         hits = self._hits(ranking.ids[:limit], ranking.fused, dict(ranking.dense), ranking.keyword)
         if self.settings.reranker_model_path and hits:
@@ -204,18 +246,31 @@ class Retriever:
         """The vector, BM25 and fused rankings of all candidates (what `search` cuts to top-k; `appliance
         eval` reads all three). Candidate counts default to the settings."""
         query = check_query(query)
-        scope = self.scope(access, collections)
-        if (scope is not None and not scope) or (not access.everything and not access.principals):
+        return self._rank(query, self.scoped(access, collections), dense_candidates, keyword_candidates)
+
+    def _scope_of(self, access: Access, collections: list[str] | None, scope: SearchScope | None) -> SearchScope:
+        if scope is None:
+            return self.scoped(access, collections)
+        if scope.access is not access:
+            raise ValueError("a search scope belongs to one caller's access")  # a programming error, never input
+        return scope
+
+    def _rank(
+        self,
+        query: str,
+        scope: SearchScope,
+        dense_candidates: int | None = None,
+        keyword_candidates: int | None = None,
+    ) -> Ranking:
+        if scope.empty:
             return Ranking([], [], {})
         in_memory = "memory" in (self.settings.vector_search, self.settings.keyword_search)
-        permitted = self.permitted_documents(access, scope) if in_memory else _UNREAD
+        permitted = scope.permitted if in_memory else _UNREAD
         vector = self.embedder.encode([query]).vectors[0]
-        dense = self.dense_search(
-            vector, access, scope, dense_candidates or self.settings.dense_candidates, permitted=permitted
-        )
-        keyword = self.keyword_search(
-            query, access, scope, keyword_candidates or self.settings.keyword_candidates, permitted=permitted
-        )
+        access, collections = scope.access, scope.collections
+        dense_limit = dense_candidates or self.settings.dense_candidates
+        dense = self.dense_search(vector, access, collections, dense_limit, permitted=permitted)
+        keyword = self.keyword_search_in(query, scope, keyword_candidates or self.settings.keyword_candidates)
         fused = fuse(
             [([c for c, _ in dense], self.settings.dense_weight), (keyword, self.settings.keyword_weight)],
             self.settings.rrf_k,
@@ -248,15 +303,24 @@ class Retriever:
             return [row[0] for row in db.exec(statement, params=params)]
 
     def keyword_search(
-        self, query: str, access: Access, scope: list[str] | None, limit: int, *, permitted=_UNREAD
+        self,
+        query: str,
+        access: Access,
+        scope: list[str] | None,
+        limit: int,
+        *,
+        permitted=_UNREAD,
+        counted=_UNREAD,
     ) -> list[str]:
         """Chunk ids by BM25, best first, among the chunks the caller may read (`permitted` as for
         `dense_search`). Near-universal query words are left out (`_selective_words`). In memory, BM25's term
-        statistics count every chunk the caller may read and nothing else (`counted_documents`)."""
+        statistics count every chunk the caller may read and nothing else (`counted_documents`; `counted`:
+        what it gives, when the caller has read it already)."""
         if self.settings.keyword_search == "memory":
             if permitted is _UNREAD:
                 permitted = self.permitted_documents(access, scope)
-            counted = self.counted_documents(access, scope, permitted)
+            if counted is _UNREAD:
+                counted = self.counted_documents(access, scope, permitted)
             return self.keywords.search(
                 query_words(query), permitted, limit, self.settings.keyword_max_df, counted=counted
             )
@@ -271,6 +335,13 @@ class Retriever:
                 f"WHERE {FTS_TABLE} MATCH :match AND {' AND '.join(conditions)} ORDER BY f.rank LIMIT :limit"
             ).bindparams(*binds)
             return [row[0] for row in db.exec(statement, params=params)]
+
+    def keyword_search_in(self, query: str, scope: SearchScope, limit: int) -> list[str]:
+        """`keyword_search` within a question's scope, whose documents are read once for all its searches."""
+        if self.settings.keyword_search == "memory":
+            read = {"permitted": scope.permitted, "counted": scope.counted}
+            return self.keyword_search(query, scope.access, scope.collections, limit, **read)
+        return self.keyword_search(query, scope.access, scope.collections, limit)
 
     def counted_documents(
         self, access: Access, scope: list[str] | None, permitted: list[str] | None

@@ -140,8 +140,9 @@ class Bench:
             update={"answer_passages": passages, "answer_max_tokens": max_tokens}
         )
         collection = [item["document"].split("/")[0]]
-        hits = self.retriever.search(item["question"], self.access, collection, None)
-        supporting = self.answerer.supporting(item["question"], hits, self.access, collection)
+        scope = self.retriever.scoped(self.access, collection)
+        hits = self.retriever.search(item["question"], self.access, scope=scope)
+        supporting = self.answerer.supporting(item["question"], hits, scope)
         if not supporting:
             return None
         options = {"num_predict": max_tokens}

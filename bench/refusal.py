@@ -122,7 +122,8 @@ def _ingest(settings: Settings, folders: dict[str, list[Path]]) -> None:
 
 def _record(retriever, question: str, hits: list[Hit], scope: list[str] | None, **extra) -> dict:
     terms = answerability.question_terms(question)
-    total, holding = answerability.document_frequencies(retriever, terms, OPERATOR, scope) if terms else (0, {})
+    reach = retriever.scoped(OPERATOR, scope)
+    total, holding = answerability.document_frequencies(retriever, terms, reach) if terms else (0, {})
     passages = [
         {k: getattr(h, k) for k in ("chunk_id", "document_id", "title", "section", "text", "similarity", "score")}
         for h in hits

@@ -151,18 +151,20 @@ def test_terms_are_weighed_on_the_documents_the_caller_may_read(world):
     retriever = world.answerer.retriever
     question = "How much does St. Brigid's General Hospital charge visitors for car parking?"
     terms = question_terms(question)
-    documents, hospital = document_frequencies(retriever, terms, OPERATOR, ["hospital"])
+    documents, hospital = document_frequencies(retriever, terms, retriever.scoped(OPERATOR, ["hospital"]))
     assert hospital["brigid"] > documents / 2 and hospital["park"] <= 2  # the name is nearly everywhere
-    law_documents, lawfirm = document_frequencies(retriever, terms, OPERATOR, ["lawfirm"])
+    law_documents, lawfirm = document_frequencies(retriever, terms, retriever.scoped(OPERATOR, ["lawfirm"]))
     assert lawfirm["brigid"] == 0 and law_documents == 13  # 12 files and an e-mail's attachment
     engine = retriever.index.engine
     add_user(engine, "clerk", "reader")
     add_collection(engine, "lawfirm")
     add_grant(engine, "lawfirm", user="clerk")
     clerk = access_for_user(engine, "clerk")
-    assert document_frequencies(retriever, terms, clerk, None) == (law_documents, lawfirm)  # no hospital document
-    hits = retriever.search(question, OPERATOR, ["hospital"])
-    found = support(retriever, question, hits, OPERATOR, ["hospital"], world.answerer.settings)
+    # no hospital document
+    assert document_frequencies(retriever, terms, retriever.scoped(clerk, None)) == (law_documents, lawfirm)
+    hospital_scope = retriever.scoped(OPERATOR, ["hospital"])
+    hits = retriever.search(question, OPERATOR, scope=hospital_scope)
+    found = support(retriever, question, hits, hospital_scope, world.answerer.settings)
     assert hits and found.hits == [] and max(found.coverage.values()) < 0.5
     assert found.reason.startswith("closest passage '") and "score" in found.reason
 
@@ -292,3 +294,23 @@ def test_a_heading_as_long_as_a_sentence_is_quoted_but_a_title_is_not(world):
     text = f"{title}\n\nThe Library delivers mattresses within 4 hours of an order, 24 hours a day"
     quoted = closest_sentences(embedder, "How quickly does the equipment library deliver?", passage(title, text))
     assert [text[slice(*span)] for span in quoted] == [text.split("\n\n")[1]]
+
+
+def test_a_question_reads_the_documents_its_caller_may_read_once(world):
+    """The search and the refusal check share one scope: the permitted documents are one query per question, not
+    one per search and per question term."""
+    from sqlalchemy import event
+
+    engine = world.answerer.retriever.index.engine
+    statements: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args):
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        done = ask(world.answerer, "How long are maternity records kept after the birth?", "hospital")
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert done.mode == "extractive"
+    assert sum("SELECT d.id FROM document AS d" in s for s in statements) == 1
