@@ -230,21 +230,6 @@ def _wait_for_scheduler(server, queued: int, running: int, timeout: float = 60) 
         if found == {"appliance_queue_depth": queued, "appliance_requests_running": running}:
             return
         assert time.monotonic() < deadline, f"scheduler never reached {queued} queued, {running} running: {found}"
-        time.sleep(0.01)
-
-
-def _wait_for_scheduler(server, queued: int, running: int, timeout: float = 60) -> None:
-    """Poll /metrics until the scheduler holds exactly `queued` waiting and `running` running requests."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = httpx.get(f"{server.url}/metrics", timeout=30).text
-        found = {
-            name: float(number)
-            for name, number in re.findall(r"^(appliance_queue_depth|appliance_requests_running) (\S+)$", text, re.M)
-        }
-        if found == {"appliance_queue_depth": queued, "appliance_requests_running": running}:
-            return
-        assert time.monotonic() < deadline, f"scheduler never reached {queued} queued, {running} running: {found}"
         time.sleep(0.02)
 
 
