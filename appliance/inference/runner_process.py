@@ -9,8 +9,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 from appliance.errors import ApplianceError, RunnerFailed
 from appliance.inference.cpu_path import LIKELY_AMX_CRASH
@@ -30,6 +30,31 @@ def _exit_description(code: int | None) -> str:
             name = f"signal {-code}"
         return f"the model runner process died ({name})"
     return f"the model runner process exited with status {code}"
+
+
+class Runner(Protocol):
+    """What the scheduler and the engine use of a runner; `RunnerProcess` is the real one.
+
+    `start` loads the model and returns the runner's ready event (its `n_ctx` among others), or raises
+    `RunnerFailed`. `request` yields the events of one command ("token" ... "done", or "embeddings") and
+    raises `RunnerFailed` when the runner dies meanwhile; closing it early cancels the command. `alive`
+    turns false once the runner has died or stopped; `stop` may be called more than once.
+    """
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    async def start(self, timeout_s: float) -> dict[str, Any]: ...
+
+    def request(self, op: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def stop(self) -> None: ...
+
+
+RunnerFactory = Callable[[dict[str, Any]], Runner]  # a runner for one load config (not yet started)
 
 
 class RunnerProcess:

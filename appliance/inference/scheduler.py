@@ -32,7 +32,7 @@ from appliance.config import SchedulerSettings
 from appliance.errors import BadRequest, Busy, InsufficientMemory, RunnerFailed
 from appliance.inference.fair_queue import FairQueue
 from appliance.inference.hardware import Hardware, gpu_layers_for
-from appliance.inference.runner_process import RunnerProcess
+from appliance.inference.runner_process import Runner, RunnerFactory, RunnerProcess
 from appliance.models.store import ModelRecord, ModelStore
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class LoadedModel:
     slot: tuple[str, bool]  # (model name, embedding runner?)
     key: tuple
     record: ModelRecord
-    runner: RunnerProcess
+    runner: Runner
     size: int
     n_ctx: int
     gpu_layers: int
@@ -95,12 +95,19 @@ class LoadedModel:
 
 class Scheduler:
     def __init__(
-        self, settings: SchedulerSettings, store: ModelStore, hardware: Hardware, cluster: Cluster | None = None
+        self,
+        settings: SchedulerSettings,
+        store: ModelStore,
+        hardware: Hardware,
+        cluster: Cluster | None = None,
+        *,
+        runner_factory: RunnerFactory = RunnerProcess,
     ):
         self.settings = settings
         self.store = store
         self.hardware = hardware
         self.cluster = cluster
+        self.runner_factory = runner_factory
         self.memory_budget = settings.max_memory_bytes or int(hardware.available_memory * 0.9)
         self.default_keep_alive = parse_keep_alive(settings.keep_alive)
         self._models: dict[tuple[str, bool], LoadedModel] = {}
@@ -348,7 +355,7 @@ class Scheduler:
     async def _start(self, slot, key, record: ModelRecord, config: dict, size: int) -> LoadedModel:
         started = time.perf_counter_ns()
         await asyncio.to_thread(self.store.verify_blob, record.model_digest)
-        runner = RunnerProcess(config)
+        runner = self.runner_factory(config)
         info = await runner.start(self.settings.load_timeout_s)
         log.info(
             "loaded %s in runner pid %s (ctx %s, gpu layers %s)",
