@@ -1,9 +1,9 @@
 """Access control: groups, collections, grants and walls, and the one policy that decides who reads what.
 
 `access_for` turns a caller into an `Access`: the collections and ACL principals they hold. Pages, API
-routes and the retrieval filter all ask the same `Access` (`allowed`, `can_read`), so they cannot
-disagree. It is computed from the database on every call, never cached, so a grant revoked with the
-CLI takes effect on a running server's next request.
+routes and the retrieval filter all ask the same `Access` (`allowed`, `can_read` and its SQL form
+`read_rule_sql`), so they cannot disagree. It is computed from the database on every call, never cached,
+so a grant revoked with the CLI takes effect on a running server's next request.
 
 Rules: the global role says what kind of thing a user may do (admin: manage users and policy; editor:
 upload and delete; reader: ask and read); grants say where. The admin role reads nothing by itself.
@@ -72,6 +72,21 @@ class Access:
             return True
         return collection not in self.walled and not self.principals.isdisjoint(acl)
 
+    def may_upload_by_role(self) -> bool:
+        """Whether the global role lets the caller upload at all (the editor or admin role, or the operator);
+        where to is then up to `allowed(access, "edit", collection)` and `may_create_collection`."""
+        return self.everything or "edit" in self.actions
+
+    def may_create_collection(self) -> bool:
+        """Whether naming a collection that does not exist yet in an upload creates it (the operator; an admin,
+        who then gets an editor grant on it). An editor may not: see `appliance.documents.authorize_upload`."""
+        return allowed(self, "manage_policy")
+
+    def may_upload_somewhere(self) -> bool:
+        """Whether uploading is offered to the caller: an editor grant on some collection, or the right to
+        create one."""
+        return bool(self.editable) or self.may_create_collection()
+
 
 OPERATOR = Access(
     everything=True,
@@ -96,6 +111,22 @@ def allowed(access: Access, action: str, collection: str | None = None) -> bool:
     if action == "edit":
         return collection is not None and collection in access.editable
     return action in access.actions
+
+
+def read_rule_sql(access: Access, dialect: str, table: str = "d") -> tuple[list[str], dict, list]:
+    """`Access.can_read` as SQL conditions on the document table (named `table` in the query): the
+    document's collection is not walled off and its ACL names a principal the caller holds. Returns
+    (conditions, parameters, expanding bind parameters); no conditions for a caller who reads everything."""
+    if access.everything:
+        return [], {}, []
+    conditions = [acl_names_any(dialect, f"{table}.acl", "principals")]
+    params: dict = {"principals": sorted(access.principals)}
+    binds = [bindparam("principals", expanding=True, type_=String)]
+    if access.walled:
+        conditions.append(f"{table}.collection NOT IN :walled")
+        params["walled"] = sorted(access.walled)
+        binds.append(bindparam("walled", expanding=True, type_=String))
+    return conditions, params, binds
 
 
 def access_for(engine: Engine, principal: Principal) -> Access:

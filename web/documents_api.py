@@ -3,15 +3,14 @@
 Uploads are streamed to server-named files under `<home>/incoming/` and ingested by the job worker.
 The request body is counted as it arrives, whatever its transfer encoding: past one document's size
 limit (plus room for the form's fields) it is refused at once, and each file is held to that limit.
-Every decision asks the one policy (`rbac.access_for` / `allowed`): uploading needs `edit` on the
-target collection (an editor grant, and the editor or admin role; the admin role alone is not enough),
-except that an admin, who may list every collection anyway, who names a collection that does not exist
-yet creates it and gets an editor grant on it. An editor without a grant is refused alike whether the
-name exists or not, so refusals do not tell which collection names exist. Deleting follows
-`rbac.may_delete`, as replacing a document by a new upload does. The listing shows only
-the documents the caller may read, and a document the caller may not read is answered exactly like
-a missing one (404). A job is shown to its owner and to admins who may read its collection. Uploads
-(queued, then their job's end) and deletes, allowed or denied, leave audit records.
+Every decision asks the one policy (`rbac.access_for` / `allowed`). Who may upload where is
+`appliance.documents.authorize_upload` (uploading needs `edit` on the target collection, the admin role
+alone is not enough; an admin who names a collection that does not exist yet creates it and gets an editor
+grant on it), which also audits a refusal. Deleting follows `rbac.may_delete`, as replacing a document by a
+new upload does. The listing (`appliance.documents.readable_documents`) shows only the documents the
+caller may read, and a document the caller may not read is answered exactly like a missing one (404). A
+job is shown to its owner and to admins who may read its collection. Uploads (queued, then their job's
+end) and deletes, allowed or denied, leave audit records.
 """
 
 from __future__ import annotations
@@ -22,24 +21,13 @@ import shutil
 
 from fastapi import APIRouter, Depends, Request
 from python_multipart.multipart import parse_options_header
-from sqlmodel import select
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from appliance import audit
+from appliance import documents
 from appliance.db import Document, session
-from appliance.errors import BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Withheld
-from appliance.rbac import (
-    COLLECTION_NAME,
-    Access,
-    access_for,
-    add_collection,
-    add_grant,
-    allowed,
-    check_acl_subjects,
-    ensure_collection,
-    may_delete,
-)
+from appliance.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, Withheld
+from appliance.rbac import COLLECTION_NAME, access_for, allowed, check_acl_subjects, may_delete
 from appliance.users import Principal
 from ingest.filenames import allowed_suffix, display_name
 from ingest.pipeline import parse_acl
@@ -52,10 +40,7 @@ FORM_ROOM = 2**20  # bytes a request may carry beyond one document: its fields a
 
 
 def _record(request: Request, principal: Principal, action: str, target: str | None, outcome: str, **details) -> None:
-    actor, actor_id = audit.actor_of(principal)
-    audit.record(
-        request.app.state.db, actor, action, actor_id=actor_id, target=target, outcome=outcome, details=details
-    )
+    documents.record(request.app.state.db, principal, action, target, outcome, **details)
 
 
 async def _denied(request: Request, principal: Principal, action: str, target: str | None, error: Forbidden):
@@ -64,42 +49,21 @@ async def _denied(request: Request, principal: Principal, action: str, target: s
     return error
 
 
-def _may_upload(db, principal: Principal, access: Access, collection: str) -> bool:
-    """`edit` on the collection. An admin who names a new collection creates it and becomes its editor (the
-    local operator may do everything and needs no grant). An editor may not: whether their refusal meant
-    "it exists" would tell them which collection names exist."""
-    if access.everything:
-        ensure_collection(db, collection)
-        return True
-    if allowed(access, "edit", collection):  # an editor grant: the collection exists
-        return True
-    if not allowed(access, "manage_policy") or not _create(db, collection):
-        return False  # not an admin, or the collection exists: an editor grant on it is needed
-    add_grant(db, collection, user=principal.name, role="editor")
-    return True
-
-
-def _create(db, collection: str) -> bool:
-    """Create the collection; False if it exists already (perhaps created meanwhile by someone else)."""
+async def _authorized(request: Request, check, *args) -> None:
+    """Run an upload check of `appliance.documents`, which audits its own refusals: the error handler then
+    adds no generic record."""
     try:
-        add_collection(db, collection)
-    except Conflict:
-        return False
-    return True
+        await asyncio.to_thread(check, request.app.state.db, *args)
+    except Forbidden:
+        request.state.refusal_audited = True
+        raise
 
 
 @router.post("/documents")
 async def upload(request: Request, principal: Principal = Depends(require_user)):
     state = request.app.state
     access = await asyncio.to_thread(access_for, state.db, principal)
-    if not access.everything and "edit" not in access.actions:  # a reader never uploads: say so before reading
-        raise await _denied(
-            request,
-            principal,
-            "upload",
-            None,
-            Forbidden("uploading needs the editor (or admin) role and an editor grant on the collection"),
-        )
+    await _authorized(request, documents.check_upload_role, principal, access)  # a reader is refused before reading
     max_mb = state.settings.ingest.max_upload_mb
     form = await _read_form(request, max_mb * 2**20 + FORM_ROOM, max_mb)
     try:
@@ -111,9 +75,7 @@ async def upload(request: Request, principal: Principal = Depends(require_user))
         uploads = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
         if not uploads:
             raise BadRequest("no 'file' parts in the upload")
-        if not await asyncio.to_thread(_may_upload, state.db, principal, access, collection):
-            error = Forbidden(f"uploading to collection '{collection}' needs an editor grant on it")
-            raise await _denied(request, principal, "upload", collection, error)
+        await _authorized(request, documents.authorize_upload, principal, access, collection)
         await asyncio.to_thread(check_acl_subjects, state.db, acl, collection)  # only once allowed: names exist
         answers = []
         for item in uploads:
@@ -209,20 +171,12 @@ async def job_state(job_id: str, request: Request, principal: Principal = Depend
     return summary
 
 
-def _readable_documents(db, access: Access, collection: str | None) -> list[Document]:
-    with session(db) as s:
-        query = select(Document).order_by(Document.collection, Document.filename)
-        if collection:
-            query = query.where(Document.collection == collection)
-        return [d for d in s.exec(query) if access.can_read(d.collection, d.acl)]
-
-
 @router.get("/documents")
 async def list_documents(request: Request, collection: str | None = None, principal: Principal = Depends(require_user)):
     db = request.app.state.db
     access = await asyncio.to_thread(access_for, db, principal)
-    documents = await asyncio.to_thread(_readable_documents, db, access, collection)
-    return {"documents": [d.summary() for d in documents]}
+    readable = await asyncio.to_thread(documents.readable_documents, db, access, collection)
+    return {"documents": [d.summary() for d in readable]}
 
 
 def _document(db, document_id: str) -> Document | None:

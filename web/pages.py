@@ -1,10 +1,11 @@
 """The everyday pages: ask (chat with citations), documents (list, filter, open, delete), the document
 view with the cited passage highlighted, and upload.
 
-Each route authorizes through the caller's rbac Access: collections offered on the ask page are the
-readable ones, the document list shows only documents `can_read` allows, delete and upload are offered
-only where `allowed(access, "edit", collection)`. The pages' scripts call the JSON APIs with the
-session cookie and the session's CSRF token in a header. Document text is only ever rendered escaped.
+Each route authorizes through the caller's rbac Access, and reads through `appliance.documents`:
+collections offered on the ask page are the readable ones, the document list shows only documents
+`can_read` allows, delete and upload are offered only where `allowed(access, "edit", collection)`. The
+pages' scripts call the JSON APIs with the session cookie and the session's CSRF token in a header.
+Document text is only ever rendered escaped.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
-from sqlmodel import select
 
+from appliance import documents as documents_service
 from appliance.db import Chunk, Document, DocumentText, session
 from appliance.errors import NotFound, Withheld
-from appliance.rbac import allowed, list_collections, list_groups
+from appliance.rbac import allowed, list_groups
 from web.rendering import nav, render, serve_asset, signed_in, viewer_access
 
 router = APIRouter()
@@ -28,16 +29,10 @@ async def static_file(name: str):
     return serve_asset(name)
 
 
-def readable_collections(request: Request, access) -> list[str]:
-    with session(request.app.state.db) as db:
-        names = set(db.exec(select(Document.collection).where(Document.status == "indexed").distinct()))
-    return sorted(name for name in names if allowed(access, "read", name))
-
-
 async def ask_page(request: Request):
     signed = signed_in(request)
     access = viewer_access(request, signed)
-    collections = await asyncio.to_thread(readable_collections, request, access)
+    collections = await asyncio.to_thread(documents_service.readable_collections, request.app.state.db, access)
     return render(
         request,
         "ask.html",
@@ -48,24 +43,13 @@ async def ask_page(request: Request):
     )
 
 
-def _visible_documents(request: Request, access, collection: str, name: str) -> list[Document]:
-    with session(request.app.state.db) as db:
-        query = select(Document).order_by(Document.collection, Document.filename)
-        if collection:
-            query = query.where(Document.collection == collection)
-        documents = list(db.exec(query))
-    needle = name.strip().lower()
-    return [
-        d for d in documents if access.can_read(d.collection, d.acl) and (not needle or needle in d.filename.lower())
-    ]
-
-
 @router.get("/documents")
 async def documents_page(request: Request, collection: str = "", name: str = ""):
     signed = signed_in(request)
     access = viewer_access(request, signed)
-    documents = await asyncio.to_thread(_visible_documents, request, access, collection[:128], name[:200])
-    readable = sorted({d.collection for d in await asyncio.to_thread(_visible_documents, request, access, "", "")})
+    db = request.app.state.db
+    documents = await asyncio.to_thread(documents_service.readable_documents, db, access, collection[:128], name[:200])
+    readable = await asyncio.to_thread(documents_service.readable_document_collections, db, access)
     rows = [{"doc": d, "can_delete": allowed(access, "edit", d.collection)} for d in documents]
     return render(
         request,
@@ -135,10 +119,9 @@ async def upload_page(request: Request):
     signed = signed_in(request)
     access = viewer_access(request, signed)
     state = request.app.state
-    existing = {c["name"] for c in await asyncio.to_thread(list_collections, state.db)}
-    editable = sorted(c for c in existing if allowed(access, "edit", c))
-    # As the documents API does: an admin may name a new collection (and becomes its editor); an editor may not.
-    can_create = allowed(access, "manage_policy")
+    editable = await asyncio.to_thread(documents_service.editable_collections, state.db, access)
+    # As uploads do (documents.authorize_upload): an admin may name a new collection and becomes its editor.
+    can_create = access.may_create_collection()
     groups = [g["name"] for g in await asyncio.to_thread(list_groups, state.db)]
     return render(
         request,

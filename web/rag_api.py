@@ -16,8 +16,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from sqlmodel import select
 
-from appliance import audit, conversations
-from appliance.db import Collection, Document, session
+from appliance import audit, conversations, documents
+from appliance.db import Collection, session
 from appliance.errors import ApplianceError, BadRequest, Forbidden, NotFound, Withheld
 from appliance.inference.engine import Token
 from appliance.models.names import parse_name
@@ -49,15 +49,9 @@ def rag_collection(model: str) -> str | None:
     return name
 
 
-def _indexed_collections(request: Request) -> set[str]:
-    """Collections that hold indexed documents: those that exist as `rag/<collection>` models."""
-    with session(request.app.state.db) as db:
-        return set(db.exec(select(Document.collection).where(Document.status == "indexed").distinct()))
-
-
 def readable_collections(request: Request, access: Access) -> list[str]:
     """Collections that hold documents and that the caller may read (what /api/tags lists as rag/...)."""
-    return sorted(c for c in _indexed_collections(request) if access.everything or access.can_read_collection(c))
+    return documents.readable_collections(request.app.state.db, access)
 
 
 def created_at(request: Request, collections: list[str]) -> dict[str, datetime]:
@@ -77,7 +71,7 @@ def refuse_outside_chat(request: Request, principal: Principal, model: str, chat
         return
     if collection in readable_collections(request, caller_access(request, principal)):
         raise BadRequest(f"rag/{collection} answers through {chat_route} only")
-    refusal = Withheld if collection in _indexed_collections(request) else NotFound
+    refusal = Withheld if collection in documents.indexed_collections(request.app.state.db) else NotFound
     raise refusal(f"model '{parse_name(model).display}' not found")
 
 

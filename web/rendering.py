@@ -113,7 +113,7 @@ def nav(request: Request, signed: sessions.SignedIn) -> dict:
     return {
         "me": signed.user,
         "csrf": signed.csrf,
-        "can_upload": bool(access.editable) or access.everything or allowed(access, "manage_policy"),
+        "can_upload": access.may_upload_somewhere(),
         "can_admin": allowed(access, "manage_users") or allowed(access, "manage_policy"),
         "break_glass": access.break_glass,  # shown on every page while one is live
     }
