@@ -277,6 +277,13 @@ class RetrievalSettings(BaseSettings):
             "rarer words remain (they weigh almost nothing and make every chunk a match); 1 keeps every word."
         ),
     )
+    keyword_typos: bool = Field(
+        True,
+        description=(
+            "BM25 (keyword_search=memory) reads a question word that is in no dictionary and in no passage the "
+            "caller may read as the closest word those passages hold, one or two letters away ('expences')."
+        ),
+    )
     keyword_search: Literal["memory", "fts"] = Field(
         "memory",
         description=(

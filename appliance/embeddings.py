@@ -116,6 +116,16 @@ def prepare_offline_hub() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def dictionary_words(model_dir: Path) -> frozenset[str]:
+    """The whole words of a WordPiece model's vocabulary (`vocab.txt`: 20k or so common English words for
+    MiniLM), lower-cased; empty when the model has none. What tells a word from a typing error."""
+    vocabulary = model_dir / "vocab.txt"
+    if not vocabulary.is_file():
+        return frozenset()
+    lines = vocabulary.read_text(encoding="utf-8").split()
+    return frozenset(line.lower() for line in lines if line.isalpha() and not line.startswith("##"))
+
+
 class SentenceEmbedder:
     """Thread-safe wrapper; `encode` blocks, `aencode`/`aload` run it on the embedding thread."""
 

@@ -30,12 +30,14 @@ import math
 import re
 import threading
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
 import snowballstemmer
+from rapidfuzz import process
+from rapidfuzz.distance import OSA
 from sqlalchemy import String, bindparam
 from sqlalchemy import text as sql
 from sqlmodel import select
@@ -59,6 +61,11 @@ PLACE_POSTINGS = 1 << 20  # postings put in their place at a time when grouping 
 RECENT_SHARE = 0.05
 DEAD_SHARE = 0.1
 _DOCUMENTS = object()  # `KeywordMirror.search` counts its statistics over the documents it searches
+# A misspelt query word ("expences") stands for the closest term the caller's chunks hold, within one edit (two
+# for terms of TYPO_LONG_STEM letters or more; a swap of two letters is one edit), if its stem has at least
+# TYPO_MIN_STEM letters: shorter stems are one edit from too many other words.
+TYPO_MIN_STEM = 5
+TYPO_LONG_STEM = 8
 _TOKEN = re.compile(r"[^\W_]+")  # letters and digits (unicode61: categories L* and N*; '_' separates)
 
 _stemmer = snowballstemmer.stemmer("porter")
@@ -269,6 +276,7 @@ class KeywordMirror(IndexCopy):
         max_df: float = 1.0,
         *,
         counted: list[str] | None | object = _DOCUMENTS,
+        misspelt: Callable[[str], bool] | None = None,
     ) -> list[str]:
         """Chunk ids by BM25, best first, among the chunks of `documents` (None: all), scored with the term
         statistics (N, n) and average length of the chunks of `counted` alone (by default `documents`; None:
@@ -276,7 +284,11 @@ class KeywordMirror(IndexCopy):
 
         `query` is a text or its words (each word one FTS5 phrase: a term that two words share counts twice,
         as in FTS5). With `max_df` below 1, terms found in more than that fraction of the counted chunks and in
-        more than ten times `limit` of them are left out, as long as a rarer term remains."""
+        more than ten times `limit` of them are left out, as long as a rarer term remains.
+
+        `misspelt`: which query words may be typing errors (words of no dictionary, say). Such a word that no
+        counted chunk holds is searched as the closest term one does (`_nearest`); without it (FTS5's way) it
+        matches nothing."""
         snapshot = self.current()
         if not snapshot.live or limit <= 0:
             return []
@@ -286,8 +298,15 @@ class KeywordMirror(IndexCopy):
         if not total:
             return []
         words = tokens(query) if isinstance(query, str) else [t for word in query for t in tokens(word)]
-        terms = [snapshot.vocabulary.known(word) for word in dict.fromkeys(w.lower() for w in words)]
-        found = [snapshot.postings(t, among) for t in terms if t is not None]
+        found = []
+        for word in dict.fromkeys(w.lower() for w in words):
+            ident = snapshot.vocabulary.known(word)
+            postings = snapshot.postings(ident, among) if ident is not None else None
+            if (postings is None or not len(postings[0])) and misspelt is not None and misspelt(word):
+                nearest = self._nearest(snapshot, word, among)
+                postings = snapshot.postings(nearest, among) if nearest is not None else postings
+            if postings is not None:
+                found.append(postings)
         found = [(rows, counts) for rows, counts in found if len(rows)]
         if max_df < 1 and len(found) > 1:
             ceiling = max(max_df * total, 10 * limit)
@@ -312,6 +331,25 @@ class KeywordMirror(IndexCopy):
             matched, best = matched[keep], best[keep]
         order = np.lexsort((matched, -best))[:limit]  # ties: the row read first (indexed first)
         return [snapshot.ids[row] for row in matched[order]]
+
+    def _nearest(self, snapshot: _Snapshot, word: str, among: np.ndarray | None) -> int | None:
+        """The id of the term closest in spelling to `word`'s that the counted chunks hold (the most often held
+        among equally close ones), or None. Only the counted chunks decide: what the caller may not read
+        changes nothing."""
+        stem = term(word)
+        if len(stem) < TYPO_MIN_STEM or not stem.isalpha():
+            return None
+        with self._lock:  # the vocabulary grows under this lock
+            names = list(snapshot.vocabulary.terms)
+        cutoff = 1 if len(stem) < TYPO_LONG_STEM else 2
+        near = process.extract(stem, names, scorer=OSA.distance, score_cutoff=cutoff, limit=None)
+        best: tuple[int, int, str] | None = None  # (distance, -chunks holding it, term)
+        chosen = None
+        for name, distance, ident in near:
+            rows, _counts = snapshot.postings(ident, among)
+            if distance and len(rows) and (best is None or (distance, -len(rows), name) < best):
+                best, chosen = (distance, -len(rows), name), ident
+        return chosen
 
     def _patched(self, old: _Snapshot, generation: tuple[int, int]) -> _Snapshot:
         with session(self.index.engine) as db:

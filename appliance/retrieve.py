@@ -28,12 +28,12 @@ from sqlalchemy import text as sql
 from sqlmodel import select
 
 from appliance.config import RetrievalSettings
-from appliance.db import FTS_TABLE, Chunk, Document, acl_names_any, session
-from appliance.embeddings import SentenceEmbedder
+from appliance.db import FTS_TABLE, Chunk, Document, session
+from appliance.embeddings import SentenceEmbedder, dictionary_words
 from appliance.errors import ApplianceError, BadRequest, NotFound
 from appliance.index import ChunkIndex
 from appliance.keyword_search import KeywordMirror
-from appliance.rbac import Access
+from appliance.rbac import Access, read_rule_sql
 from appliance.vector_search import VectorMirror
 
 log = logging.getLogger(__name__)
@@ -321,9 +321,8 @@ class Retriever:
                 permitted = self.permitted_documents(access, scope)
             if counted is _UNREAD:
                 counted = self.counted_documents(access, scope, permitted)
-            return self.keywords.search(
-                query_words(query), permitted, limit, self.settings.keyword_max_df, counted=counted
-            )
+            words, max_df = query_words(query), self.settings.keyword_max_df
+            return self.keywords.search(words, permitted, limit, max_df, counted=counted, misspelt=self.misspelt)
         with session(self.index.engine) as db:
             words = self._selective_words(db, query_words(query), limit)
             if not words:
@@ -342,6 +341,20 @@ class Retriever:
             read = {"permitted": scope.permitted, "counted": scope.counted}
             return self.keyword_search(query, scope.access, scope.collections, limit, **read)
         return self.keyword_search(query, scope.access, scope.collections, limit)
+
+    @cached_property
+    def _dictionary(self) -> frozenset[str]:
+        path = getattr(self.embedder, "path", None)
+        return dictionary_words(path) if path is not None else frozenset()
+
+    def misspelt(self, word: str) -> bool:
+        """Whether a (lower-case) query word may be a typing error: a word of no dictionary the embedding model
+        knows, even with a plural or verb ending taken off. Never, when typo tolerance is off or there is none."""
+        if not self.settings.keyword_typos or not self._dictionary:
+            return False
+        forms = {word, word.removesuffix("s"), word.removesuffix("es"), word.removesuffix("ed")}
+        forms |= {word.removesuffix("ing"), word.removesuffix("ing") + "e"}
+        return not forms & self._dictionary
 
     def counted_documents(
         self, access: Access, scope: list[str] | None, permitted: list[str] | None
@@ -437,7 +450,7 @@ class Retriever:
 
 def _permission_sql(access: Access, scope: list[str] | None, dialect: str = "sqlite") -> tuple[list[str], dict, list]:
     """SQL conditions on `document AS d` that admit only indexed documents the caller may read within
-    `scope`: (conditions, parameters, expanding bind parameters)."""
+    `scope`: (conditions, parameters, expanding bind parameters). The read rule is `rbac.read_rule_sql`."""
     conditions = ["d.status = 'indexed'"]
     params: dict = {}
     binds = []
@@ -445,15 +458,8 @@ def _permission_sql(access: Access, scope: list[str] | None, dialect: str = "sql
         conditions.append("d.collection IN :collections")
         params["collections"] = scope
         binds.append(bindparam("collections", expanding=True, type_=String))
-    if not access.everything:
-        conditions.append(acl_names_any(dialect, "d.acl", "principals"))
-        params["principals"] = sorted(access.principals)
-        binds.append(bindparam("principals", expanding=True, type_=String))
-        if access.walled:
-            conditions.append("d.collection NOT IN :walled")
-            params["walled"] = sorted(access.walled)
-            binds.append(bindparam("walled", expanding=True, type_=String))
-    return conditions, params, binds
+    readable, read_params, read_binds = read_rule_sql(access, dialect, "d")
+    return conditions + readable, params | read_params, binds + read_binds
 
 
 def vector_filter(access: Access, scope: list[str] | None) -> dict | None:

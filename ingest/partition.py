@@ -6,7 +6,10 @@ access are switched off, and the spaCy model it wants must be the local stand-in
 comes from its bytes (magic numbers, the parts inside an OOXML zip), and must agree with its
 extension. A PDF with no text layer goes through OCR (Tesseract) when it is installed. A PDF's running
 headers and footers (the same short line on several pages, page numbers aside) are left out: they answer
-nothing and would be quoted. A document that yields no text is an error, never an empty document.
+nothing and would be quoted. A table (a spreadsheet, a CSV file, a table in a page or a Word file) is read
+row by row, one line a row, each cell under its column's name ("Step: 3; When: by the 20th of the month"):
+a row then reads as a sentence, which search can match and an answer can quote. A document that yields no
+text is an error, never an empty document.
 """
 
 from __future__ import annotations
@@ -135,6 +138,8 @@ def _elements(raw: list, kind: str) -> list[Element]:
         text = str(item.text or "").strip()
         if not text:
             continue
+        if item.category == "Table" and getattr(item.metadata, "text_as_html", None):
+            text = _table_text(item.metadata.text_as_html) or text
         if kind == "xlsx":
             headings = [item.metadata.page_name] if item.metadata.page_name else []
         elif kind == "pptx" and item.category == "Title":
@@ -184,6 +189,45 @@ def _without_running_lines(elements: list[Element]) -> list[Element]:
             furniture.update(id(e) for e in same)
     kept = [e for e in elements if id(e) not in furniture]
     return kept or elements
+
+
+def _table_rows(html: str) -> list[list[str]]:
+    """The rows of the table unstructured renders as HTML, each a list of its cells' text."""
+    import lxml.html
+
+    try:
+        table = lxml.html.fragment_fromstring(html, create_parent="div")
+    except (ValueError, lxml.etree.ParserError):
+        return []
+    rows = []
+    for row in table.iter("tr"):
+        cells = [" ".join(cell.text_content().split()) for cell in row if cell.tag in ("td", "th")]
+        if any(cells):
+            rows.append(cells)
+    return rows
+
+
+def _table_text(html: str) -> str | None:
+    """One line a row. When the first row names the columns (every cell filled, none a number, no two the
+    same), each later row's cells follow their column's name ("Limit: £180 per night; Conditions: ..."), so
+    a row carries its meaning on its own; else a row's cells are joined by " | ". None: no rows."""
+    rows = _table_rows(html)
+    if not rows:
+        return None
+    first = rows[0]
+    named = (
+        len(rows) > 1
+        and all(first)
+        and len(set(first)) == len(first)
+        and not any(re.fullmatch(r"[\d\s.,:/%£$€-]+", cell) for cell in first)
+    )
+    if not named:
+        return "\n".join(" | ".join(cell for cell in row if cell) for row in rows)
+    lines = [" | ".join(first)]
+    for row in rows[1:]:
+        pairs = [f"{name}: {cell}" for name, cell in zip(first, row, strict=False) if cell]
+        lines.append("; ".join(pairs + [cell for cell in row[len(first) :] if cell]))
+    return "\n".join(line for line in lines if line)
 
 
 def _email_header(metadata) -> Element:

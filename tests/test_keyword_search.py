@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text as sql
 
 from appliance import keyword_search
-from appliance.config import RetrievalSettings, Settings
+from appliance.config import EmbeddingSettings, RetrievalSettings, Settings
 from appliance.db import FTS_TABLE, Chunk, Document, create_db_engine, session
 from appliance.errors import ApplianceError
 from appliance.index import ChunkIndex, open_vector_store
@@ -359,3 +359,34 @@ def test_a_search_of_some_documents_ranks_them_as_a_search_of_all(index):
         everything = mirror.search(query_words(query), documents, 100)
         expected = [c for c in everything if c.split(":")[0] in part][:5]
         assert mirror.search(query_words(query), part, 5, counted=documents) == expected, query
+
+
+def test_a_misspelt_question_word_is_searched_as_the_word_the_readers_passages_hold(index):
+    """'expences' is in no dictionary and no passage: it is searched as 'expenses', one letter away. The correction
+    is chosen among the words of passages the caller may read: a word only an unreadable document holds is never
+    found through a typo (nor is the typo corrected towards it), and a dictionary word is never 'corrected'."""
+    from appliance.embeddings import SentenceEmbedder
+
+    claims = add(index, "claims", ["Expenses claims are paid with the monthly salary."], ("user:a",))
+    secret = add(index, "secret", ["The receipt for the settlement is in the safe."], ("user:x",))
+    reader = Access(
+        everything=False,
+        collections=frozenset({"c"}),
+        principals=frozenset({"user:a"}),
+        walled=frozenset(),
+        editable=frozenset(),
+    )
+    settings = EmbeddingSettings()  # the bundled MiniLM (not loaded: only its vocabulary is read here)
+    typos = Retriever(index, SentenceEmbedder(settings), RetrievalSettings())
+    exact = Retriever(index, SentenceEmbedder(settings), RetrievalSettings(keyword_typos=False))
+
+    def documents(retriever, query, access):
+        return {c.split(":")[0] for c in retriever.keyword_search(query, access, None, 10)}
+
+    assert documents(typos, "when are expences paid", reader) == {claims}
+    assert documents(exact, "expences", reader) == set()
+    assert documents(typos, "reciept", OPERATOR) == {secret}
+    assert documents(typos, "reciept", reader) == set()  # 'receipt' is only in what they may not read
+    assert typos.misspelt("expences") and not typos.misspelt("matches") and not typos.misspelt("mattresses")
+    assert documents(typos, "salory", reader) == {claims}
+    assert documents(typos, "paud", reader) == set()  # a stem under five letters is one edit from too many words

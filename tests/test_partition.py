@@ -205,3 +205,22 @@ def test_a_slides_bullets_stay_under_its_title(tmp_path):
     _text, chunks = chunk_document(elements)
     assert [c.headings for c in chunks] == [["Choosing your next seat"], ["Who to ask"]]
     assert "31 July" in chunks[0].text and "extension 2301" in chunks[1].text
+
+
+def test_a_table_is_read_row_by_row_under_its_column_names(tmp_path):
+    """A row then reads as a sentence that search can match and an answer can quote on its own; a table whose
+    first row is data, not names, keeps its cells joined by ' | '."""
+    named = tmp_path / "codes.csv"
+    named.write_text(
+        'Code,Work type,Money on account\nFAM-DIV,Divorce and financial remedy,"£2,000"\nLIT-DEB,Debt recovery,£500\n'
+    )
+    numbers = tmp_path / "readings.csv"
+    numbers.write_text("1,2,3\n4,5,6\n")
+    results = partition_offline([named, numbers], tmp_path)
+    lines = _texts(results["codes.csv"]).splitlines()
+    assert lines == [
+        "Code | Work type | Money on account",
+        "Code: FAM-DIV; Work type: Divorce and financial remedy; Money on account: £2,000",
+        "Code: LIT-DEB; Work type: Debt recovery; Money on account: £500",
+    ]
+    assert _texts(results["readings.csv"]).splitlines() == ["1 | 2 | 3", "4 | 5 | 6"]
