@@ -46,10 +46,6 @@ MISSES = {
     "pharmacist's hours, a sentence close in meaning to the question that does not answer it",
     "What is Harrow & Vale's hourly rate for a consultant?": "calibrated: the rates table lists other grades' "
     "hourly rates, close in meaning and in words",
-    "What is the telephone extension of Kestrel Ward?": "calibrated: a CSV row ('Kestrel Ward, ..., 2368') is "
-    "not a sentence, so it is far in meaning from any question",
-    "By when did Imogen Ashdown ask Tobias Reeve for the final custodian list?": "calibrated: the next e-mail of "
-    "the thread quotes the request; its passage scores above the threshold, the asking e-mail's below it",
 }
 if shutil.which("tesseract") is None:  # the scanned PDF is not indexed, and the rarity weights shift with it
     MISSES["Who is the managing partner of Harrow & Vale LLP?"] = (
