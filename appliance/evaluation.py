@@ -33,6 +33,7 @@ from pathlib import Path
 
 from appliance.config import Settings
 from appliance.errors import ApplianceError, BadRequest
+from appliance.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -212,16 +213,6 @@ def _home_settings(settings: Settings, home: Path) -> Settings:
     return scoped
 
 
-def open_retriever(settings: Settings):
-    from appliance.db import create_db_engine
-    from appliance.embeddings import open_embedder
-    from appliance.index import ChunkIndex, open_vector_store
-    from appliance.retrieve import Retriever
-
-    index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings))
-    return Retriever(index, open_embedder(settings, index), settings.retrieval)
-
-
 def document_key(doc_id: str) -> str:
     """The appliance document id for a corpus id (hex, fixed length, whatever the corpus id holds)."""
     return hashlib.sha256(doc_id.encode()).hexdigest()
@@ -319,7 +310,7 @@ def evaluate_beir(
     query_ids = list(dataset.queries)[:limit] if limit else list(dataset.queries)
     corpus_ids = {document_key(doc_id): doc_id for doc_id in dataset.corpus}
     with throwaway_home(settings, keep) as scoped:
-        retriever = open_retriever(scoped)
+        retriever = Services(scoped).retriever
         started = time.perf_counter()
         chunks = indexed_chunks(retriever, corpus_ids)
         if chunks is None:
@@ -449,15 +440,13 @@ def select_questions(questions: list[dict], split: str | None) -> list[dict]:
     return [q for q in questions if split is None or q.get("split") in (None, split)]
 
 
-def ingest_question_corpus(scoped: Settings, retriever, questions: list[dict], root: Path, progress: Progress):
+def ingest_question_corpus(services: Services, questions: list[dict], root: Path, progress: Progress):
     """Every document the questions name, and their folders' neighbours, through the real Ingestor. Returns
     (appliance document id -> path relative to `root`, failed source -> reason, seconds); an e-mail's
     attachments map to the e-mail."""
-    from ingest.pipeline import Ingestor
-
     folders = sorted({(root / q["document"]).parent for q in questions if q.get("document")})
     files = sorted({p for folder in folders for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")})
-    ingestor = Ingestor(scoped, retriever.index, retriever.embedder)
+    ingestor = services.ingestor
     failed: dict[str, str] = {}
     sources: dict[str, str] = {}
     started = time.perf_counter()
@@ -471,7 +460,7 @@ def ingest_question_corpus(scoped: Settings, retriever, questions: list[dict], r
                     sources[result.document_id] = relative  # an e-mail's attachments count as the e-mail
             progress("ingesting", done, len(files))
     finally:
-        ingestor.parser.stop()
+        ingestor.close()
     return sources, failed, time.perf_counter() - started
 
 
@@ -499,8 +488,9 @@ def evaluate_questions(
     answerable = [q for q in selected if q["kind"] == "answerable"]
     answerable = answerable[:limit] if limit else answerable
     with throwaway_home(settings, keep) as scoped:
-        retriever = open_retriever(scoped)
-        sources, failed, indexing_s = ingest_question_corpus(scoped, retriever, questions, root, progress)
+        services = Services(scoped)
+        retriever = services.retriever
+        sources, failed, indexing_s = ingest_question_corpus(services, questions, root, progress)
         per_method: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
         misses: list[dict] = []
         for done, item in enumerate(answerable, start=1):

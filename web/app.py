@@ -1,4 +1,4 @@
-"""`create_app(settings)`: wires the database, model store, scheduler and embeddings into FastAPI.
+"""`create_app(settings)`: the core of the home (`appliance.services.Services`) behind FastAPI.
 
 Heavy things start in the lifespan. Domain errors are translated here, once: Ollama's
 `{"error": "..."}` under /api and elsewhere, OpenAI's error object under /v1.
@@ -20,21 +20,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from appliance import __version__
-from appliance.cluster.coordinator import Cluster
 from appliance.config import RetrievalSettings, Settings
-from appliance.db import create_db_engine
-from appliance.embeddings import open_embedder
 from appliance.errors import ApplianceError, Forbidden, Withheld
-from appliance.index import ChunkIndex, open_vector_store
-from appliance.inference import hardware
-from appliance.inference.engine import Engine
-from appliance.inference.scheduler import Scheduler
-from appliance.models.default_model import ensure_default_model
-from appliance.models.store import ModelStore
-from appliance.rag import Answerer
 from appliance.retrieve import Retriever
+from appliance.services import Services
 from ingest.jobs import JobWorker
-from ingest.pipeline import Ingestor
 from web import (
     admin_pages,
     documents_api,
@@ -73,14 +63,6 @@ def _read_index_copies(retriever: Retriever, settings: RetrievalSettings) -> Non
         retriever.mirror.current()
     if settings.keyword_search == "memory":
         retriever.keywords.current()
-
-
-def _install_default_model(store: ModelStore, settings: Settings) -> None:
-    """The bundled default model on a store's first start; a damaged package is reported, not fatal."""
-    try:
-        ensure_default_model(store, settings.scheduler.default_model)
-    except ApplianceError as exc:
-        log.error("%s (see `appliance doctor`)", exc.message)
 
 
 def _log_failure(what: str):
@@ -145,27 +127,25 @@ def _get_only(scope) -> bool:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        settings.ensure_dirs()
+        services = Services(settings)
         state = app.state
         state.settings = settings
-        state.db = create_db_engine(settings.resolved_database_url)
-        state.store = ModelStore(settings.models_dir)
-        await asyncio.to_thread(_install_default_model, state.store, settings)
-        state.hardware = await asyncio.to_thread(hardware.detect)
-        state.scheduler = Scheduler(
-            settings.scheduler, state.store, state.hardware, cluster=Cluster(settings.home / "cluster")
-        )
-        state.vectors = await asyncio.to_thread(open_vector_store, settings)
-        index = ChunkIndex(state.db, state.vectors)
+        state.services = services
+        state.db = services.db
+        # Everything is built now, the slow parts off the event loop; routes read it from app.state.
+        state.store = await asyncio.to_thread(getattr, services, "store")
+        state.hardware = await asyncio.to_thread(getattr, services, "hardware")
+        state.scheduler = services.scheduler
+        state.vectors = await asyncio.to_thread(getattr, services, "vectors")
         try:  # 'auto' resolved against the index; a named backend whose vectors differ is refused
-            state.embedder = await asyncio.to_thread(open_embedder, settings, index)
+            state.embedder = await asyncio.to_thread(getattr, services, "embedder")
         except ApplianceError as exc:
             log.error("cannot start: %s", exc.message)
             raise
-        state.engine = Engine(state.store, state.scheduler, state.embedder)
-        state.ingestor = Ingestor(settings, index, state.embedder)
-        state.retriever = Retriever(state.ingestor.index, state.embedder, settings.retrieval)
-        state.answerer = Answerer(state.retriever, state.engine, settings.retrieval, settings.scheduler.num_ctx)
+        state.engine = services.engine
+        state.ingestor = services.ingestor
+        state.retriever = services.retriever
+        state.answerer = services.answerer
         state.jobs = JobWorker(state.db, state.ingestor, settings.home / "incoming")
         await asyncio.to_thread(state.jobs.recover)
         worker = asyncio.create_task(state.jobs.run_forever())
@@ -192,8 +172,7 @@ def create_app(settings: Settings) -> FastAPI:
             warm.cancel()
             warm_answers.cancel()
             worker.cancel()
-            state.ingestor.parser.stop()
-            await state.scheduler.shutdown()
+            await services.aclose()
             (settings.run_dir / "cli.token").unlink(missing_ok=True)
             _remove_server_url(settings)
 

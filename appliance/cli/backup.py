@@ -1,0 +1,38 @@
+"""Backup and restore of a home."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance.backup import backup, restore
+from appliance.cli import index
+from appliance.cli.common import record_audit
+from appliance.services import Services
+
+
+def cmd_backup(services: Services, args) -> int:
+    report = backup(services.settings, Path(args.out), include_models=not args.no_models)
+    record_audit(services, "backup", report.path.name, files=report.files, bytes=report.bytes)
+    print(
+        f"backed up {report.documents} documents, {report.files} files ({report.bytes / 2**20:.1f} MiB"
+        f"{'' if report.models_included else ', models left out'}) to {report.path}"
+    )
+    return 0
+
+
+def cmd_restore(services: Services, args) -> int:
+    # Nothing of the home is opened before the restore: the database and the index are read after it.
+    report = restore(services.settings, Path(args.archive))
+    record_audit(services, "restore", Path(args.archive).name, files=report.files, version=report.source_version)
+    print(f"restored {report.documents} documents, {report.files} files; vector index reloaded: {report.chunks} chunks")
+    return index.check(services)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("backup", help="a consistent archive of the home while the server runs")
+    p.add_argument("--out", required=True, help="archive to write (.tar, or .tar.gz to compress)")
+    p.add_argument("--no-models", action="store_true", help="leave the model store out (models can be imported again)")
+    p.set_defaults(func=cmd_backup)
+    p = sub.add_parser("restore", help="restore a backup archive onto an empty home, then check the index")
+    p.add_argument("archive")
+    p.set_defaults(func=cmd_restore)

@@ -1,0 +1,161 @@
+"""`Services(settings)`: the core of one home, wired once, for the server and the CLI alike.
+
+Each part is built on first use, with what it needs built first: the database (migrated), the model
+store (with the bundled default model on its first opening), the hardware, the scheduler, the vector
+store, the chunk index, the embedder (checked against the vectors the index holds), the engine, the
+retriever, the answerer and the ingestor. A command that lists users so never loads Chroma or torch, and
+the heavy libraries are imported only by the parts that need them.
+
+`aclose()` stops what was started: the ingestor's parser processes, then the scheduler's runners (in the
+event loop that started them). `close()` stops the parser processes only, for callers without a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from appliance.config import Settings
+from appliance.errors import ApplianceError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine as DatabaseEngine
+
+    from appliance.cluster.coordinator import Cluster
+    from appliance.embeddings import SentenceEmbedder
+    from appliance.index import ChunkIndex
+    from appliance.inference.engine import Engine
+    from appliance.inference.hardware import Hardware
+    from appliance.inference.scheduler import Scheduler
+    from appliance.models.store import ModelStore
+    from appliance.rag import Answerer
+    from appliance.retrieve import Retriever
+    from ingest.pipeline import Ingestor
+
+log = logging.getLogger(__name__)
+
+
+def _log_error(message: str) -> None:
+    log.error("%s (see `appliance doctor`)", message)
+
+
+class Services:
+    def __init__(self, settings: Settings, *, warn: Callable[[str], None] = _log_error):
+        """`warn`: how a problem that must not stop anything is reported (a damaged default-model package);
+        logged by default."""
+        self.settings = settings
+        self.warn = warn
+
+    @cached_property
+    def db(self) -> DatabaseEngine:
+        """The database engine, its schema migrated to this version."""
+        from appliance.db import create_db_engine
+
+        self.settings.ensure_dirs()
+        return create_db_engine(self.settings.resolved_database_url)
+
+    @cached_property
+    def store(self) -> ModelStore:
+        """The model store; the bundled default model is installed on its first opening."""
+        from appliance.models.default_model import ensure_default_model
+        from appliance.models.store import ModelStore
+
+        self.settings.ensure_dirs()
+        store = ModelStore(self.settings.models_dir)
+        try:
+            ensure_default_model(store, self.settings.scheduler.default_model)
+        except ApplianceError as exc:  # a damaged package must not stop the server, `rm`, `create` or `doctor`
+            self.warn(exc.message)
+        return store
+
+    @cached_property
+    def hardware(self) -> Hardware:
+        from appliance.inference import hardware
+
+        return hardware.detect()
+
+    @cached_property
+    def cluster(self) -> Cluster:
+        """The paired workers (none until `appliance cluster pair`)."""
+        from appliance.cluster.coordinator import Cluster
+
+        return Cluster(self.settings.home / "cluster")
+
+    @cached_property
+    def scheduler(self) -> Scheduler:
+        from appliance.inference.scheduler import Scheduler
+
+        return Scheduler(self.settings.scheduler, self.store, self.hardware, cluster=self.cluster)
+
+    @cached_property
+    def vectors(self):
+        """The Chroma client (embedded in the home, or the server at APPLIANCE_CHROMA_URL)."""
+        from appliance.index import open_vector_store
+
+        self.settings.ensure_dirs()
+        return open_vector_store(self.settings)
+
+    @cached_property
+    def index(self) -> ChunkIndex:
+        from appliance.index import ChunkIndex
+
+        return ChunkIndex(self.db, self.vectors)
+
+    @cached_property
+    def embedder(self) -> SentenceEmbedder:
+        """'auto' resolved against the index; raises Conflict when a named backend's vectors differ from it."""
+        from appliance.embeddings import open_embedder
+
+        return open_embedder(self.settings, self.index)
+
+    @cached_property
+    def engine(self) -> Engine:
+        from appliance.inference.engine import Engine
+
+        return Engine(self.store, self.scheduler, self.embedder)
+
+    @cached_property
+    def retriever(self) -> Retriever:
+        from appliance.retrieve import Retriever
+
+        return Retriever(self.index, self.embedder, self.settings.retrieval)
+
+    @cached_property
+    def answerer(self) -> Answerer:
+        from appliance.rag import Answerer
+
+        return Answerer(self.retriever, self.engine, self.settings.retrieval, self.settings.scheduler.num_ctx)
+
+    @cached_property
+    def ingestor(self) -> Ingestor:
+        from ingest.pipeline import Ingestor
+
+        return Ingestor(self.settings, self.index, self.embedder)
+
+    def _built(self, name: str) -> bool:
+        return name in self.__dict__  # where cached_property keeps what it built
+
+    def close(self) -> None:
+        """Stop the ingestor's parser processes, if it was built (safe to call again)."""
+        if self._built("ingestor"):
+            self.ingestor.close()
+
+    async def aclose(self) -> None:
+        """Stop the parser processes, then the scheduler's runners, if they were built."""
+        self.close()
+        if self._built("scheduler"):
+            await self.scheduler.shutdown()
+
+    def __enter__(self) -> Services:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Services:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
