@@ -369,13 +369,7 @@ def test_a_misspelt_question_word_is_searched_as_the_word_the_readers_passages_h
 
     claims = add(index, "claims", ["Expenses claims are paid with the monthly salary."], ("user:a",))
     secret = add(index, "secret", ["The receipt for the settlement is in the safe."], ("user:x",))
-    reader = Access(
-        everything=False,
-        collections=frozenset({"c"}),
-        principals=frozenset({"user:a"}),
-        walled=frozenset(),
-        editable=frozenset(),
-    )
+    reader = READER
     settings = EmbeddingSettings()  # the bundled MiniLM (not loaded: only its vocabulary is read here)
     typos = Retriever(index, SentenceEmbedder(settings), RetrievalSettings())
     exact = Retriever(index, SentenceEmbedder(settings), RetrievalSettings(keyword_typos=False))
