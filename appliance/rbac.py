@@ -129,6 +129,16 @@ def read_rule_sql(access: Access, dialect: str, table: str = "d") -> tuple[list[
     return conditions, params, binds
 
 
+def read_rule_where(access: Access) -> list[dict]:
+    """`Access.can_read` as Chroma `where` clauses on a chunk's metadata (its collection and ACL principals), to
+    be joined by `$and`; none for a caller who reads everything. The caller must hold a principal."""
+    if access.everything:
+        return []
+    clauses: list[dict] = [{"collection": {"$nin": sorted(access.walled)}}] if access.walled else []
+    principals = [{"acl": {"$contains": p}} for p in sorted(access.principals)]
+    return clauses + [principals[0] if len(principals) == 1 else {"$or": principals}]
+
+
 def access_for(engine: Engine, principal: Principal) -> Access:
     """The access of an authenticated caller; user id 0 is the local CLI token (the operator)."""
     if principal.user_id == 0:

@@ -33,7 +33,7 @@ from appliance.embeddings import SentenceEmbedder, dictionary_words
 from appliance.errors import ApplianceError, BadRequest, NotFound
 from appliance.index import ChunkIndex
 from appliance.keyword_search import KeywordMirror
-from appliance.rbac import Access, read_rule_sql
+from appliance.rbac import Access, read_rule_sql, read_rule_where
 from appliance.vector_search import VectorMirror
 
 log = logging.getLogger(__name__)
@@ -464,14 +464,8 @@ def _permission_sql(access: Access, scope: list[str] | None, dialect: str = "sql
 
 def vector_filter(access: Access, scope: list[str] | None) -> dict | None:
     """The Chroma `where` that admits only chunks the caller may read, within `scope`."""
-    clauses: list[dict] = []
-    if scope is not None:
-        clauses.append({"collection": {"$in": scope}})
-    if not access.everything:
-        if access.walled:
-            clauses.append({"collection": {"$nin": sorted(access.walled)}})
-        principals = [{"acl": {"$contains": p}} for p in sorted(access.principals)]
-        clauses.append(principals[0] if len(principals) == 1 else {"$or": principals})
+    clauses: list[dict] = [{"collection": {"$in": scope}}] if scope is not None else []
+    clauses += read_rule_where(access)
     if not clauses:
         return None
     return clauses[0] if len(clauses) == 1 else {"$and": clauses}
