@@ -76,15 +76,19 @@ def test_runner_crash_without_streaming_is_a_500(client, small_server):
 
     def ask():
         with small_server.http() as http:
+            options = {**LONG, "num_predict": -1}  # to the end of the 16k context: seconds, not a fraction of one
             result["response"] = http.post(
-                "/api/generate", json={"model": "tiny-long", "prompt": LONG_PROMPT, "stream": False, "options": LONG}
+                "/api/generate", json={"model": "tiny-long", "prompt": LONG_PROMPT, "stream": False, "options": options}
             )
 
     worker = threading.Thread(target=ask)
     worker.start()
-    # Soon after the request: after a fixed second the tiny model once had its answer done first (a 200), and a
-    # kill before the request reaches the runner is the same 500 ("the model runner died").
-    time.sleep(0.3)
+    # Killed once the request holds its place on the runner (a fixed sleep once let the tiny model finish first,
+    # a 200); a kill before the request reaches the runner would be the same 500 ("the model runner died").
+    deadline = time.monotonic() + 30
+    while "appliance_requests_running 1.0" not in httpx.get(f"{small_server.url}/metrics", timeout=30).text:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
     worker.join(120)
     response = result["response"]
