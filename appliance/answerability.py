@@ -293,15 +293,16 @@ def closest_sentences(embedder, question: str, hit: Hit, count: int = 1) -> list
     candidates, heading_lines = [], []  # (start, end, how many of the question's terms the sentence holds)
     for start, end in sentence_spans(hit.text):
         sentence = hit.text[start:end]
-        held = question_terms(sentence).keys()
-        if len(content_words(sentence)) < 2 or not held - asked:
+        held, words = question_terms(sentence).keys(), len(content_words(sentence))
+        if words < 2 or not held - asked:
             continue  # a fragment ("3."), or made only of the question's own words (a title): answers nothing
-        # A heading as long as a sentence is one (a slide's bullet, which the slide parser makes a heading).
-        title = sentence.lower().rstrip(".:") in headings and len(content_words(sentence)) < SENTENCE_HEADING_WORDS
+        # A heading as long as a sentence is one: the parser takes any short line without a full stop for a
+        # heading ("Order dynamic (air) mattresses from the Equipment Library on extension 4862").
+        title = sentence.lower().rstrip(".:") in headings and words < SENTENCE_HEADING_WORDS
         lines = heading_lines if title else candidates
         lines.append((start, end, len(asked & held)))
-    # A heading repeated at the top of a passage says nothing, unless the passage is nothing but headings (a
-    # slide's bullets, which the slide parser makes headings).
+    # A title repeated at the top of a passage says nothing, unless the passage is nothing but titles (lines
+    # without full stops that the parser took for headings).
     candidates = candidates or heading_lines
     if not candidates:
         return []

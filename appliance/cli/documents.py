@@ -83,16 +83,10 @@ def cmd_ingest(services: Services, args) -> int:
 
 
 def cmd_documents_list(services: Services, args) -> int:
-    from sqlmodel import select
+    from appliance.documents import readable_documents
+    from appliance.rbac import OPERATOR
 
-    from appliance.db import Document, session
-
-    with session(services.db) as db:
-        query = select(Document).order_by(Document.collection, Document.filename)
-        if args.collection:
-            query = query.where(Document.collection == args.collection)
-        documents = list(db.exec(query))
-    rows = [d.summary() for d in documents]
+    rows = [d.summary() for d in readable_documents(services.db, OPERATOR, args.collection)]
     if args.json:
         print_json(rows)
     else:
