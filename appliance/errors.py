@@ -6,6 +6,7 @@ They are translated once at each edge (the HTTP exception handlers in `web/`, th
 
 class ApplianceError(Exception):
     status = 500
+    audited = False  # a use case already wrote this refusal's audit record: the edge adds no generic one
 
     def __init__(self, message: str):
         super().__init__(message)

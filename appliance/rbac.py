@@ -1,8 +1,9 @@
 """Access control: groups, collections, grants and walls, and the one policy that decides who reads what.
 
 `access_for` turns a caller into an `Access`: the collections and ACL principals they hold. Pages, API
-routes and the retrieval filter all ask the same `Access` (`allowed`, `can_read` and its SQL form
-`read_rule_sql`), so they cannot disagree. It is computed from the database on every call, never cached,
+routes, CLI commands and the retrieval filter all ask the same `Access` — `may(action, collection)`, a
+few named checks built on it, `can_read` and its SQL and Chroma forms (`read_rule_sql`,
+`read_rule_where`) — so they cannot disagree. It is computed from the database on every call, never cached,
 so a grant revoked with the CLI takes effect on a running server's next request.
 
 Rules: the global role says what kind of thing a user may do (admin: manage users and policy; editor:
@@ -39,7 +40,7 @@ BREAK_GLASS_MAX_REASON = 500
 
 # What each global role may do anywhere, and what each grant role allows in its collection.
 ROLE_ACTIONS = {
-    "admin": frozenset({"manage_users", "manage_policy", "edit"}),
+    "admin": frozenset({"manage_users", "manage_policy", "manage_models", "read_metrics", "edit"}),
     "editor": frozenset({"edit"}),
     "reader": frozenset(),
 }
@@ -55,7 +56,7 @@ class Access:
     principals: frozenset[str]  # "user:NAME", "group:G" per group, "collection:C" per readable collection
     walled: frozenset[str]  # collections the caller is walled off from (never visible, whatever the ACL)
     editable: frozenset[str]  # collections the caller may upload to / delete from (editor grants; walls apply)
-    actions: frozenset[str] = frozenset()  # what the global role allows: manage_users, manage_policy, edit
+    actions: frozenset[str] = frozenset()  # what the global role allows (ROLE_ACTIONS)
     break_glass: tuple[tuple[str, datetime], ...] = ()  # (collection, expiry) of the caller's live break-glass grants
 
     @property
@@ -63,8 +64,30 @@ class Access:
         """Who asks, as the inference queue counts requests for fair turns ("user:NAME")."""
         return next((p for p in sorted(self.principals) if p.startswith("user:")), "operator")
 
+    def may(self, action: str, collection: str | None = None) -> bool:
+        """The one decision: may this caller do `action`?
+
+        `read` and `edit` are about a collection (an editor grant gives `edit` there; walls apply); the
+        others (manage_users, manage_policy, manage_models, read_metrics) are global and come from the role.
+        """
+        if self.everything:
+            return True
+        if action == "read":
+            return collection is not None and collection in self.collections
+        if action == "edit":
+            return collection is not None and collection in self.editable
+        return action in self.actions
+
+    def unrestricted(self) -> bool:
+        """The local operator: every check passes, and searches need no read filter at all."""
+        return self.everything
+
+    def may_read_nothing(self) -> bool:
+        """No principal at all: nothing any ACL names can be reached."""
+        return not self.everything and not self.principals
+
     def can_read_collection(self, name: str) -> bool:
-        return self.everything or name in self.collections
+        return self.may("read", name)
 
     def can_read(self, collection: str, acl: list[str]) -> bool:
         """One document: its collection is not walled off and its ACL names a principal the caller holds."""
@@ -74,18 +97,27 @@ class Access:
 
     def may_upload_by_role(self) -> bool:
         """Whether the global role lets the caller upload at all (the editor or admin role, or the operator);
-        where to is then up to `allowed(access, "edit", collection)` and `may_create_collection`."""
+        where to is then up to `may("edit", collection)` and `may_create_collection`."""
         return self.everything or "edit" in self.actions
 
     def may_create_collection(self) -> bool:
         """Whether naming a collection that does not exist yet in an upload creates it (the operator; an admin,
         who then gets an editor grant on it). An editor may not: see `appliance.documents.authorize_upload`."""
-        return allowed(self, "manage_policy")
+        return self.may("manage_policy")
 
     def may_upload_somewhere(self) -> bool:
         """Whether uploading is offered to the caller: an editor grant on some collection, or the right to
         create one."""
         return bool(self.editable) or self.may_create_collection()
+
+    def may_administer(self) -> bool:
+        """Whether the administration page is offered: managing users or policy."""
+        return self.may("manage_users") or self.may("manage_policy")
+
+    def may_delete(self, document: Document) -> bool:
+        """Whether the caller may delete the document, or replace it with an upload: they read it and may edit
+        its collection."""
+        return self.may("edit", document.collection) and self.can_read(document.collection, document.acl)
 
 
 OPERATOR = Access(
@@ -94,23 +126,9 @@ OPERATOR = Access(
     principals=frozenset(),
     walled=frozenset(),
     editable=frozenset(),
-    actions=frozenset({"manage_users", "manage_policy", "edit"}),
+    actions=ROLE_ACTIONS["admin"],
 )
 NOBODY = Access(False, frozenset(), frozenset(), frozenset(), frozenset())
-
-
-def allowed(access: Access, action: str, collection: str | None = None) -> bool:
-    """The one decision: may this caller do `action` (read, edit, manage_users, manage_policy)?
-
-    `read` and `edit` are about a collection; `manage_*` are global and come from the role.
-    """
-    if access.everything:
-        return True
-    if action == "read":
-        return collection is not None and access.can_read_collection(collection)
-    if action == "edit":
-        return collection is not None and collection in access.editable
-    return action in access.actions
 
 
 def read_rule_sql(access: Access, dialect: str, table: str = "d") -> tuple[list[str], dict, list]:
@@ -353,12 +371,6 @@ def list_collections(engine: Engine) -> list[dict]:
         }
         for c in collections
     ]
-
-
-def may_delete(access: Access, document: Document) -> bool:
-    """Whether the caller may delete the document, or replace it with an upload: they read it and may edit
-    its collection."""
-    return access.can_read(document.collection, document.acl) and allowed(access, "edit", document.collection)
 
 
 def check_acl_subjects(engine: Engine, acl: list[str], own_collection: str) -> None:

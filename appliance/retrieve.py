@@ -156,7 +156,7 @@ class SearchScope:
     def empty(self) -> bool:
         """Nothing can be found: no collection to search, or a caller who may read nothing."""
         nowhere = self.collections is not None and not self.collections
-        return nowhere or (not self.access.everything and not self.access.principals)
+        return nowhere or self.access.may_read_nothing()
 
     @cached_property
     def permitted(self) -> list[str] | None:
@@ -195,7 +195,7 @@ class Retriever:
                 if name not in existing or not access.can_read_collection(name):
                     raise NotFound(f"collection '{name}' not found")
             return sorted(set(requested))
-        if access.everything:
+        if access.unrestricted():
             return None
         return sorted(access.collections - access.walled)
 
@@ -295,7 +295,7 @@ class Retriever:
 
     def permitted_documents(self, access: Access, scope: list[str] | None) -> list[str] | None:
         """Ids of the indexed documents the caller may read within `scope`; None: every document."""
-        if access.everything and scope is None:
+        if access.unrestricted() and scope is None:
             return None
         conditions, params, binds = _permission_sql(access, scope, self.index.engine.dialect.name)
         statement = sql(f"SELECT d.id FROM document AS d WHERE {' AND '.join(conditions)}").bindparams(*binds)  # noqa: S608

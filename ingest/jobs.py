@@ -10,7 +10,7 @@ finishes interrupted deletions; the pipeline itself removes a half-indexed docum
 again, so every document ends fully indexed or clearly failed.
 
 A job runs with its uploader's rights as they are when it runs: it needs `edit` on its collection, and
-it replaces (or counts as the same content) only documents the uploader could delete (`rbac.may_delete`,
+it replaces (or counts as the same content) only documents the uploader could delete (`Access.may_delete`,
 the rule of DELETE /api/documents). Its end is audited (outcome, result, document), and so is each
 document it replaced, as a delete by the uploader.
 """
@@ -31,7 +31,7 @@ from sqlmodel import select
 from appliance import audit
 from appliance.db import Document, Job, User, session, utcnow
 from appliance.errors import NotFound
-from appliance.rbac import NOBODY, OPERATOR, Access, access_for, allowed, may_delete
+from appliance.rbac import NOBODY, OPERATOR, Access, access_for
 from appliance.users import Principal
 from ingest.pipeline import ContentInFlight, Ingestor, IngestResult, Started
 
@@ -66,7 +66,7 @@ class _Claimed:
         return f"upload:{self.job.collection}/{self.job.filename}"
 
     def may_replace(self, document: Document) -> bool:
-        return may_delete(self.access, document)
+        return self.access.may_delete(document)
 
 
 class JobWorker:
@@ -224,7 +224,7 @@ class JobWorker:
         job, lock = claimed
         access, actor, actor_id = self._uploader(job)
         serial = Path(job.filename).suffix.lower() == ".eml"  # its attachments follow it through the pipeline
-        return _Claimed(job, lock, access, actor, actor_id, not allowed(access, "edit", job.collection), serial)
+        return _Claimed(job, lock, access, actor, actor_id, not access.may("edit", job.collection), serial)
 
     def _begin(self, claimed: _Claimed, in_flight: set[str] | None = None) -> None:
         """Check, store and start parsing the job's upload (not an e-mail's, nor content that `in_flight` holds:

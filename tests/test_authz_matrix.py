@@ -644,7 +644,7 @@ def test_break_glass_in_the_browser_reads_until_it_expires(world):
         page = browser.get(document)
         assert page.status_code == 200 and "Break-glass access is active" in page.text and "alpha until" in page.text
         assert api.post("/api/rag/search", json={"query": "records", "collections": ["alpha"]}).status_code == 200
-        assert not rbac.allowed(rbac.access_for_user(world.engine, "admin2"), "edit", "alpha")
+        assert not rbac.access_for_user(world.engine, "admin2").may("edit", "alpha")
 
         admin2 = world.user_id("admin2")
         with session(world.engine) as db:  # time passes

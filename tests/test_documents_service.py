@@ -178,7 +178,7 @@ def test_an_admin_who_names_a_new_collection_creates_it_and_becomes_its_editor(e
     documents.authorize_upload(engine, root, rbac.access_for_user(engine, "root"), "cases")
     assert "cases" in {c["name"] for c in rbac.list_collections(engine)}
     assert {"collection": "cases", "kind": "user", "subject": "root", "role": "editor"} in rbac.list_grants(engine)
-    assert rbac.allowed(rbac.access_for_user(engine, "root"), "edit", "cases")
+    assert rbac.access_for_user(engine, "root").may("edit", "cases")
     with pytest.raises(Forbidden):  # an existing collection without a grant: refused, as for an editor
         documents.authorize_upload(engine, root, rbac.access_for_user(engine, "root"), "legal")
     assert [(r["target"], r["outcome"]) for r in _upload_records(engine)] == [("legal", "denied")]

@@ -29,7 +29,7 @@ AUDIT_PAGE = 50
 
 def _require(request: Request, action: str):
     signed = signed_in(request)
-    if not rbac.allowed(viewer_access(request, signed), action):
+    if not viewer_access(request, signed).may(action):
         raise Forbidden("Only administrators may do this.")
     return signed
 

@@ -6,7 +6,7 @@ limit (plus room for the form's fields) it is refused at once, and each file is 
 Every decision asks the one policy (`rbac.access_for` / `allowed`). Who may upload where is
 `appliance.documents.authorize_upload` (uploading needs `edit` on the target collection, the admin role
 alone is not enough; an admin who names a collection that does not exist yet creates it and gets an editor
-grant on it), which also audits a refusal. Deleting follows `rbac.may_delete`, as replacing a document by a
+grant on it), which also audits a refusal. Deleting follows `Access.may_delete`, as replacing a document by a
 new upload does. The listing (`appliance.documents.readable_documents`) shows only the documents the
 caller may read, and a document the caller may not read is answered exactly like a missing one (404). A
 job is shown to its owner and to admins who may read its collection. Uploads (queued, then their job's
@@ -27,7 +27,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from appliance import documents
 from appliance.db import Document, session
 from appliance.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, Withheld
-from appliance.rbac import COLLECTION_NAME, access_for, allowed, check_acl_subjects, may_delete
+from appliance.rbac import COLLECTION_NAME, access_for, check_acl_subjects
 from appliance.users import Principal
 from ingest.filenames import allowed_suffix, display_name
 from ingest.pipeline import parse_acl
@@ -163,7 +163,7 @@ async def job_state(job_id: str, request: Request, principal: Principal = Depend
     if job.user_id != principal.user_id:
         # Another user's job names a file and a collection: shown only to an admin who may read that collection.
         access = await asyncio.to_thread(access_for, request.app.state.db, principal)
-        if not (principal.is_admin and allowed(access, "read", job.collection)):
+        if not (principal.is_admin and access.may("read", job.collection)):
             raise Withheld(f"job {job_id} not found")  # answered like a missing one
     summary = job.summary()
     if job.state == "running":
@@ -195,7 +195,7 @@ async def delete_document(document_id: str, request: Request, principal: Princip
         if document is not None:
             await asyncio.to_thread(_record, request, principal, "delete", document_id, "denied", reason="cannot read")
         raise NotFound(f"document {document_id} not found")  # unreadable: exactly like a missing one
-    if not may_delete(access, document):
+    if not access.may_delete(document):
         error = Forbidden(f"deleting from collection '{document.collection}' needs an editor grant on it")
         raise await _denied(request, principal, "delete", document_id, error)
     await asyncio.to_thread(state.ingestor.remove, document_id)

@@ -3,7 +3,7 @@ view with the cited passage highlighted, and upload.
 
 Each route authorizes through the caller's rbac Access, and reads through `appliance.documents`:
 collections offered on the ask page are the readable ones, the document list shows only documents
-`can_read` allows, delete and upload are offered only where `allowed(access, "edit", collection)`. The
+`can_read` allows, delete and upload are offered only where `access.may("edit", collection)`. The
 pages' scripts call the JSON APIs with the session cookie and the session's CSRF token in a header.
 Document text is only ever rendered escaped.
 """
@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from appliance import documents as documents_service
 from appliance.db import Chunk, Document, DocumentText, session
 from appliance.errors import NotFound, Withheld
-from appliance.rbac import allowed, list_groups
+from appliance.rbac import list_groups
 from web.rendering import nav, render, serve_asset, signed_in, viewer_access
 
 router = APIRouter()
@@ -50,7 +50,7 @@ async def documents_page(request: Request, collection: str = "", name: str = "")
     db = request.app.state.db
     documents = await asyncio.to_thread(documents_service.readable_documents, db, access, collection[:128], name[:200])
     readable = await asyncio.to_thread(documents_service.readable_document_collections, db, access)
-    rows = [{"doc": d, "can_delete": allowed(access, "edit", d.collection)} for d in documents]
+    rows = [{"doc": d, "can_delete": access.may("edit", d.collection)} for d in documents]
     return render(
         request,
         "documents.html",
@@ -106,8 +106,8 @@ async def document_page(
         parts=parts,
         page=page,
         section=section,
-        can_delete=allowed(access, "edit", document.collection),
-        can_set_access=allowed(access, "manage_policy"),
+        can_delete=access.may("edit", document.collection),
+        can_set_access=access.may("manage_policy"),
         done=request.query_params.get("done", "")[:300],
         scripts=["common.js", "documents.js"],
         **nav(request, signed),

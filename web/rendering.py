@@ -2,7 +2,7 @@
 
 Assets are read from web/static once and served with their content type and a year of caching; their
 URLs carry a digest of the content, so a new release is fetched at once. Every page and form decides
-through `signed_in` (a live, fully signed-in session) and rbac's `allowed`.
+through `signed_in` (a live, fully signed-in session) and `Access.may`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader
 
 from appliance.errors import NotFound, Unauthorized
-from appliance.rbac import Access, access_for, allowed
+from appliance.rbac import Access, access_for
 from web import sessions
 from web.security import CsrfRefused, audit
 
@@ -114,7 +114,7 @@ def nav(request: Request, signed: sessions.SignedIn) -> dict:
         "me": signed.user,
         "csrf": signed.csrf,
         "can_upload": access.may_upload_somewhere(),
-        "can_admin": allowed(access, "manage_users") or allowed(access, "manage_policy"),
+        "can_admin": access.may_administer(),
         "break_glass": access.break_glass,  # shown on every page while one is live
     }
 

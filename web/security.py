@@ -154,6 +154,9 @@ def client_address(request: Request) -> str:
 # --- audit ---------------------------------------------------------------------------------------
 def request_actor(request: Request) -> tuple[str, int | None]:
     """Who sent the request, for the audit log: the API caller, else the browser session's user, else "-"."""
+    known = getattr(request.state, "caller", None)
+    if known is not None:
+        return known.actor.name, known.actor.id
     principal = getattr(request.state, "principal", None)
     if principal is not None:
         return audit_log.actor_of(principal)
@@ -166,7 +169,7 @@ def request_actor(request: Request) -> tuple[str, int | None]:
 def audit_refusal(request: Request, error: ApplianceError) -> None:
     """The generic record of a refused request (a 403, or a Withheld 404), unless the route already wrote
     one of its own: who (key, session or nobody), which route, and the reason the caller was given."""
-    if getattr(request.state, "refusal_audited", False):
+    if error.audited or getattr(request.state, "refusal_audited", False):
         return
     actor, actor_id = request_actor(request)
     audit(
