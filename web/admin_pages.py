@@ -20,7 +20,8 @@ from appliance import audit as audit_log
 from appliance import rbac, users
 from appliance.db import Document, session
 from appliance.errors import ApplianceError, BadRequest, Forbidden, NotFound
-from web.rendering import check_csrf, nav, render, signed_in, viewer_access
+from web.caller import caller
+from web.rendering import check_csrf, render, signed_in
 from web.security import audit
 
 router = APIRouter()
@@ -29,7 +30,7 @@ AUDIT_PAGE = 50
 
 def _require(request: Request, action: str):
     signed = signed_in(request)
-    if not viewer_access(request, signed).may(action):
+    if not caller(request).may(action):
         raise Forbidden("Only administrators may do this.")
     return signed
 
@@ -220,7 +221,7 @@ async def _admin_page(request: Request, signed, status: int = 200, **extra):
         scripts=["common.js"],
         **data,
         **extra,
-        **nav(request, signed),
+        **caller(request).nav(),
     )
 
 

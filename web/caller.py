@@ -19,7 +19,7 @@ from appliance.rbac import Access
 from appliance.users import Principal
 from web import sessions
 from web.auth import require_user
-from web.rendering import check_csrf, is_page, signed_in
+from web.rendering import check_csrf, is_page, nav, signed_in
 from web.security import client_address
 
 
@@ -43,6 +43,11 @@ class Caller:
         """A page's form carries its session's CSRF token (API calls prove themselves with the key)."""
         assert self.signed is not None, "only a page's form carries a CSRF field"
         check_csrf(self.signed, sent)
+
+    def nav(self) -> dict:
+        """The signed-in header of a page (its user, CSRF token, and what to offer)."""
+        assert self.signed is not None, "only pages have a header"
+        return nav(self.signed, self.access)
 
 
 def caller(request: Request) -> Caller:

@@ -18,7 +18,8 @@ from appliance import documents as documents_service
 from appliance.db import Chunk, Document, DocumentText, session
 from appliance.errors import NotFound, Withheld
 from appliance.rbac import list_groups
-from web.rendering import nav, render, serve_asset, signed_in, viewer_access
+from web.caller import caller
+from web.rendering import render, serve_asset
 
 router = APIRouter()
 MAX_PASSAGE = 20_000
@@ -30,8 +31,8 @@ async def static_file(name: str):
 
 
 async def ask_page(request: Request):
-    signed = signed_in(request)
-    access = viewer_access(request, signed)
+    me = caller(request)
+    access = me.access
     collections = await asyncio.to_thread(documents_service.readable_collections, request.app.state.db, access)
     return render(
         request,
@@ -39,14 +40,14 @@ async def ask_page(request: Request):
         title="Ask",
         collections=collections,
         scripts=["common.js", "ask.js"],
-        **nav(request, signed),
+        **me.nav(),
     )
 
 
 @router.get("/documents")
 async def documents_page(request: Request, collection: str = "", name: str = ""):
-    signed = signed_in(request)
-    access = viewer_access(request, signed)
+    me = caller(request)
+    access = me.access
     db = request.app.state.db
     documents = await asyncio.to_thread(documents_service.readable_documents, db, access, collection[:128], name[:200])
     readable = await asyncio.to_thread(documents_service.readable_document_collections, db, access)
@@ -60,7 +61,7 @@ async def documents_page(request: Request, collection: str = "", name: str = "")
         collection=collection,
         name=name,
         scripts=["common.js", "documents.js"],
-        **nav(request, signed),
+        **me.nav(),
     )
 
 
@@ -93,8 +94,8 @@ def _document_view(request: Request, access, document_id: str, chunk_id: str, st
 async def document_page(
     request: Request, document_id: str, chunk: str = "", start: int | None = None, end: int | None = None
 ):
-    signed = signed_in(request)
-    access = viewer_access(request, signed)
+    me = caller(request)
+    access = me.access
     document, parts, page, section = await asyncio.to_thread(
         _document_view, request, access, document_id, chunk[:100], start, end
     )
@@ -110,14 +111,14 @@ async def document_page(
         can_set_access=access.may("manage_policy"),
         done=request.query_params.get("done", "")[:300],
         scripts=["common.js", "documents.js"],
-        **nav(request, signed),
+        **me.nav(),
     )
 
 
 @router.get("/upload")
 async def upload_page(request: Request):
-    signed = signed_in(request)
-    access = viewer_access(request, signed)
+    me = caller(request)
+    access = me.access
     state = request.app.state
     editable = await asyncio.to_thread(documents_service.editable_collections, state.db, access)
     # As uploads do (documents.authorize_upload): an admin may name a new collection and becomes its editor.
@@ -132,5 +133,5 @@ async def upload_page(request: Request):
         groups=groups,
         max_mb=state.settings.ingest.max_upload_mb,
         scripts=["common.js", "upload.js"],
-        **nav(request, signed),
+        **me.nav(),
     )

@@ -108,8 +108,8 @@ def check_csrf(signed: sessions.SignedIn, sent: object) -> None:
         raise CsrfRefused("This form has expired or did not come from this site. Reload the page and try again.")
 
 
-def nav(request: Request, signed: sessions.SignedIn) -> dict:
-    access = viewer_access(request, signed)
+def nav(signed: sessions.SignedIn, access: Access) -> dict:
+    """What every signed-in page's header shows (`Caller.nav()` for a route's own caller)."""
     return {
         "me": signed.user,
         "csrf": signed.csrf,
@@ -117,13 +117,6 @@ def nav(request: Request, signed: sessions.SignedIn) -> dict:
         "can_admin": access.may_administer(),
         "break_glass": access.break_glass,  # shown on every page while one is live
     }
-
-
-def viewer_access(request: Request, signed: sessions.SignedIn) -> Access:
-    cached = getattr(request.state, "access", None)
-    if cached is None:
-        cached = request.state.access = access_for(request.app.state.db, signed.principal)
-    return cached
 
 
 def render(request: Request, template: str, status: int = 200, **context) -> HTMLResponse:
@@ -143,7 +136,9 @@ def is_page(request: Request) -> bool:
 
 def error_page(request: Request, status: int, message: str) -> HTMLResponse:
     signed, _ = sessions.current(request)
-    context = nav(request, signed) if signed is not None and signed.row.stage == "full" else {}
+    context = {}
+    if signed is not None and signed.row.stage == "full":
+        context = nav(signed, access_for(request.app.state.db, signed.principal))
     titles = {400: "Cannot do that", 401: "Sign in", 403: "Not allowed", 404: "Not found", 409: "Already exists"}
     return render(
         request,

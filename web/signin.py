@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse
 
 from appliance.errors import ApplianceError, BadRequest, Forbidden
+from appliance.rbac import access_for
 from appliance.users import add_user, check_password_strength, count_admins, list_users, set_totp, verify_password
 from web import sessions
 from web.rendering import check_csrf, nav, render, safe_next
@@ -182,7 +183,8 @@ def _enrolment(request: Request, signed: sessions.SignedIn, status: int = 200, e
     qr = "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
     context = {"csrf": signed.csrf}
     if signed.row.stage == "full":
-        context.update(nav(request, signed))  # the same CSRF token, with the signed-in header
+        access = access_for(state.db, signed.principal)
+        context.update(nav(signed, access))  # the same CSRF token, with the signed-in header
     return render(
         request,
         "enrol.html",
