@@ -7,6 +7,9 @@ on, the model store (blobs and manifests) unless left out, and `manifest.json` (
 every other member). The Chroma directory is not copied: it is derived from the database, and
 restore rebuilds it from the stored vectors (no re-embedding), so it cannot disagree with the copy.
 
+Both are use cases: they take the home's `Services` and the acting `Actor`, and write their own audit record
+(the backup's in the home it copies, the restore's in the home it fills).
+
 Restore goes only onto an empty home. Every member is checked before anything lands there: a
 regular file under a known folder, no absolute path, no `..`, no link, and its checksum as the
 manifest says; one bad member refuses the whole archive and leaves the home empty.
@@ -25,11 +28,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from appliance import __version__
 from appliance.config import Settings
 from appliance.errors import BadRequest, Conflict
+
+if TYPE_CHECKING:
+    from appliance.actors import Actor
+    from appliance.services import Services
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -106,8 +113,14 @@ def _referenced_files(database: Path) -> tuple[list[str], list[str]]:
     return documents, uploads
 
 
-def backup(settings: Settings, out: Path, *, include_models: bool = True) -> BackupReport:
+def backup(services: Services, actor: Actor, out: Path, *, include_models: bool = True) -> BackupReport:
     """Write the archive to `out` (".tar", or ".tar.gz"/".tgz" compressed); the server may keep running."""
+    report = _write_archive(services.settings, out, include_models)
+    actor.record(services.db, "backup", target=report.path.name, files=report.files, bytes=report.bytes)
+    return report
+
+
+def _write_archive(settings: Settings, out: Path, include_models: bool) -> BackupReport:
     database = _sqlite_path(settings)
     if not database.is_file():
         raise BadRequest(f"no database at {database}: nothing to back up")
@@ -254,8 +267,10 @@ def _relocate_jobs(database: Path, old_home: str, new_home: Path) -> None:
         connection.close()
 
 
-def restore(settings: Settings, archive_path: Path) -> RestoreReport:
-    """Unpack and verify `archive_path` onto the (empty) home, then rebuild the vector index from the database."""
+def restore(services: Services, actor: Actor, archive_path: Path) -> RestoreReport:
+    """Unpack and verify `archive_path` onto the (empty) home, then rebuild the vector index from the database.
+    Nothing of the home may have been opened through `services` before: it is read after the restore."""
+    settings = services.settings
     home = settings.home
     if not archive_path.is_file():
         raise BadRequest(f"no backup archive at {archive_path}")
@@ -287,15 +302,8 @@ def restore(settings: Settings, archive_path: Path) -> RestoreReport:
         raise
     shutil.rmtree(staging, ignore_errors=True)
     _relocate_jobs(database, str(manifest.get("home", "")), home)
-    settings.ensure_dirs()
-    chunks = _rebuild_vectors(settings)
-    return RestoreReport(len(found), int(manifest.get("documents", 0)), chunks, str(manifest.get("appliance_version")))
-
-
-def _rebuild_vectors(settings: Settings) -> int:
-    from appliance.db import create_db_engine
-    from appliance.index import ChunkIndex, open_vector_store
-
-    engine = create_db_engine(settings.resolved_database_url)  # also brings an older backup's schema up to date
-    index = ChunkIndex(engine, open_vector_store(settings))
-    return index.reload_vectors()
+    chunks = services.index.reload_vectors()  # opening the database brings an older backup's schema up to date
+    version = str(manifest.get("appliance_version"))
+    report = RestoreReport(len(found), int(manifest.get("documents", 0)), chunks, version)
+    actor.record(services.db, "restore", target=archive_path.name, files=report.files, version=report.source_version)
+    return report

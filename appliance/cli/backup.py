@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from appliance.actors import Actor
 from appliance.backup import backup, restore
 from appliance.cli import index
-from appliance.cli.common import record_audit
 from appliance.services import Services
 
 
 def cmd_backup(services: Services, args) -> int:
-    report = backup(services.settings, Path(args.out), include_models=not args.no_models)
-    record_audit(services, "backup", report.path.name, files=report.files, bytes=report.bytes)
+    report = backup(services, Actor.operator(), Path(args.out), include_models=not args.no_models)
     print(
         f"backed up {report.documents} documents, {report.files} files ({report.bytes / 2**20:.1f} MiB"
         f"{'' if report.models_included else ', models left out'}) to {report.path}"
@@ -22,8 +21,7 @@ def cmd_backup(services: Services, args) -> int:
 
 def cmd_restore(services: Services, args) -> int:
     # Nothing of the home is opened before the restore: the database and the index are read after it.
-    report = restore(services.settings, Path(args.archive))
-    record_audit(services, "restore", Path(args.archive).name, files=report.files, version=report.source_version)
+    report = restore(services, Actor.operator(), Path(args.archive))
     print(f"restored {report.documents} documents, {report.files} files; vector index reloaded: {report.chunks} chunks")
     return index.check(services)
 
