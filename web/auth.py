@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 from fastapi import Request
 
-from appliance.errors import Forbidden, Unauthorized
+from appliance.errors import Unauthorized
 from appliance.users import Principal, authenticate_key
 from web import rate_limits, sessions
 from web.security import CsrfRefused
@@ -79,13 +79,6 @@ def _authenticate(request: Request) -> Principal:
             return LOCAL_ADMIN
         raise Unauthorized("invalid API key")
     return authenticate_key(state.db, token)
-
-
-def require_admin(request: Request) -> Principal:
-    principal = require_user(request)
-    if not principal.is_admin:
-        raise Forbidden("this operation requires the admin role")
-    return principal
 
 
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal")

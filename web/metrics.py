@@ -4,7 +4,7 @@ Requests are counted as they finish, labelled by the route's path template (neve
 carries ids). Tokens, the scheduler's queue, the loaded models, ingestion jobs and the index are read at
 scrape time: the database counts in a worker thread, the rest on the event loop that owns it.
 Who may scrape: a caller on loopback who sends no credentials (a local Prometheus or agent; requests a
-proxy forwarded never count as local), or an admin's key or session.
+proxy forwarded never count as local), or one whose key or session holds the `read_metrics` right (an admin).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from sqlmodel import select
 from appliance import __version__
 from appliance.db import Chunk, Document, Job, session
 from web import sessions
-from web.auth import bearer_token, require_admin
+from web.auth import bearer_token
+from web.caller import caller
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -191,10 +192,11 @@ def _identified(request: Request) -> bool:
 
 
 def authorize(request: Request) -> None:
-    """Loopback callers who send no credentials may scrape; anyone who identifies must be an admin."""
+    """Loopback callers who send no credentials may scrape; anyone who identifies needs `read_metrics`
+    (the caller is read as an API caller: a key, or the browser session)."""
     if _local_and_direct(request) and not _identified(request):
         return
-    require_admin(request)
+    caller(request).require("read_metrics", message="this operation requires the admin role")
 
 
 @router.get("/metrics")

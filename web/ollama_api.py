@@ -1,6 +1,7 @@
 """The Ollama-compatible API (/api/*), wire-compatible with the official clients.
 
-Routes parse and authorize, then call the inference engine or the model store; nothing else.
+Routes parse and authorize (`web.caller`; managing models is the `manage_models` right), then call the
+inference engine, the model store, or `appliance.asking` for a `rag/<collection>` chat; nothing else.
 """
 
 from __future__ import annotations
@@ -19,20 +20,20 @@ from sqlmodel import select
 from appliance import __version__
 from appliance.db import Document, session
 from appliance.embeddings import DEFAULT_EMBEDDING_MODEL
-from appliance.errors import BadRequest, Forbidden, NotFound, Withheld
+from appliance.errors import BadRequest, NotFound, Withheld
 from appliance.inference.engine import Finished, GenerationRequest, Token
 from appliance.models.create import create_model, modelfile_from_api
 from appliance.models.modelfile import parse_modelfile, render_modelfile
 from appliance.models.names import parse_digest, parse_name
 from appliance.models.store import ModelRecord
 from appliance.rag import AnswerDone
-from appliance.users import Principal
-from web.auth import require_admin, require_user
 from web.body import get, model_name, read_json
-from web.rag_api import caller_access, rag_chat_events, rag_collection, readable_collections
+from web.caller import Caller, caller, requires
+from web.rag_api import rag_chat_events, rag_collection, readable_collections
 from web.responses import json_response, ndjson_response, primed
 
 router = APIRouter(prefix="/api")
+manage_models = requires("manage_models", "this operation requires the admin role")
 EMBEDDING_DISPLAY = f"{DEFAULT_EMBEDDING_MODEL}:latest"
 
 
@@ -66,7 +67,7 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
     return messages
 
 
-def _generation_request(body: dict[str, Any], chat: bool, principal: Principal) -> GenerationRequest:
+def _generation_request(body: dict[str, Any], chat: bool, me: Caller) -> GenerationRequest:
     tools = get(body, "tools", list)
     if body.get("images"):
         raise BadRequest("images are not supported by this server's models")
@@ -75,7 +76,7 @@ def _generation_request(body: dict[str, Any], chat: bool, principal: Principal) 
         messages=_messages(body.get("messages") or []) if chat else None,
         prompt=None if chat else get(body, "prompt", str, ""),
         system=None if chat else get(body, "system", str),
-        template=None if chat else _request_template(get(body, "template", str), principal),
+        template=None if chat else _request_template(get(body, "template", str), me),
         raw=bool(get(body, "raw", bool, False)),
         format=body.get("format"),
         options=get(body, "options", dict, {}),
@@ -85,17 +86,19 @@ def _generation_request(body: dict[str, Any], chat: bool, principal: Principal) 
     )
 
 
-def _request_template(template: str | None, principal: Principal) -> str | None:
-    """A template sent with the request replaces the model's own: administrators only, since a template
-    is code that runs here (sandboxed and bounded, but able to cost CPU and memory)."""
-    if template and not principal.is_admin:
-        raise Forbidden("only administrators may send a 'template'; leave it out to use the model's own")
+def _request_template(template: str | None, me: Caller) -> str | None:
+    """A template sent with the request replaces the model's own: for those who manage models only, since a
+    template is code that runs here (sandboxed and bounded, but able to cost CPU and memory)."""
+    if template:
+        me.require(
+            "manage_models", message="only administrators may send a 'template'; leave it out to use the model's own"
+        )
     return template or None
 
 
-async def _generation(request: Request, chat: bool, body: dict[str, Any], principal: Principal):
-    generation = _generation_request(body, chat, principal)
-    generation.user = principal.requester
+async def _generation(request: Request, chat: bool, body: dict[str, Any], me: Caller):
+    generation = _generation_request(body, chat, me)
+    generation.user = me.access.requester
     stream = bool(get(body, "stream", bool, True))
     engine = _state(request).engine
     model = generation.model  # echoed as the request named it, as Ollama does
@@ -140,34 +143,34 @@ async def _respond(events: AsyncIterator[Any], stream: bool, shape, final):
 
 
 @router.post("/generate")
-async def generate(request: Request, principal: Principal = Depends(require_user)):
+async def generate(request: Request, me: Caller = Depends(caller)):
     body = await read_json(request)
     if rag_collection(model_name(body)) is not None:
         raise BadRequest("RAG models answer through /api/chat")
-    return await _generation(request, False, body, principal)
+    return await _generation(request, False, body, me)
 
 
 @router.post("/chat")
-async def chat(request: Request, principal: Principal = Depends(require_user)):
+async def chat(request: Request, me: Caller = Depends(caller)):
     body = await read_json(request)
     collection = rag_collection(model_name(body))
     if collection is None:
-        return await _generation(request, True, body, principal)
+        return await _generation(request, True, body, me)
     if get(body, "tools", list):
-        await _readable_rag_model(request, principal, collection)  # a hidden collection stays a missing model
+        await _readable_rag_model(request, me, collection)  # a hidden collection stays a missing model
         raise BadRequest(f"rag/{collection}:latest does not support tools")
-    return await _rag_chat(request, principal, body, collection)
+    return await _rag_chat(request, me, body, collection)
 
 
 _RAG_TIMINGS = ("load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration")
 
 
-async def _rag_chat(request: Request, principal: Principal, body: dict[str, Any], collection: str):
+async def _rag_chat(request: Request, me: Caller, body: dict[str, Any], collection: str):
     """`rag/<collection>` as a chat model: the answer, a Sources block, and structured `citations`."""
     model = model_name(body)
     messages = _messages(body.get("messages") or [])
     started = time.perf_counter_ns()
-    events = await rag_chat_events(request, principal, collection, messages, get(body, "options", dict))
+    events = await rag_chat_events(request, me, collection, messages, get(body, "options", dict))
 
     def shape(text: str) -> dict[str, Any]:
         return {
@@ -195,7 +198,7 @@ async def _rag_chat(request: Request, principal: Principal, body: dict[str, Any]
 
 # --- embeddings --------------------------------------------------------------------------------
 @router.post("/embed")
-async def embed(request: Request, principal: Principal = Depends(require_user)):
+async def embed(request: Request, me: Caller = Depends(caller)):
     body = await read_json(request)
     started = datetime.now(UTC)
     raw_input = body.get("input", [])
@@ -210,7 +213,7 @@ async def embed(request: Request, principal: Principal = Depends(require_user)):
         dimensions=get(body, "dimensions", int),
         options=get(body, "options", dict, {}),
         keep_alive=body.get("keep_alive"),
-        user=principal.requester,
+        user=me.access.requester,
     )
     total = int((datetime.now(UTC) - started).total_seconds() * 1e9)
     return json_response(
@@ -225,7 +228,7 @@ async def embed(request: Request, principal: Principal = Depends(require_user)):
 
 
 @router.post("/embeddings")
-async def embeddings_legacy(request: Request, principal: Principal = Depends(require_user)):
+async def embeddings_legacy(request: Request, me: Caller = Depends(caller)):
     body = await read_json(request)
     prompt = get(body, "prompt", str, "")
     if not prompt:
@@ -235,7 +238,7 @@ async def embeddings_legacy(request: Request, principal: Principal = Depends(req
         [prompt],
         options=get(body, "options", dict, {}),
         keep_alive=body.get("keep_alive"),
-        user=principal.requester,
+        user=me.access.requester,
     )
     return json_response({"embedding": result.vectors[0]})
 
@@ -310,19 +313,19 @@ def _iso(moment: datetime) -> str:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat().replace("+00:00", "Z")
 
 
-def _readable_rag_models(request: Request, principal: Principal) -> dict[str, str]:
+def _readable_rag_models(request: Request, me: Caller) -> dict[str, str]:
     """The caller's `rag/<collection>` models (what /api/tags lists), collection -> modified_at."""
     changed = _collections_changed_at(request)
-    readable = readable_collections(request, caller_access(request, principal))
+    readable = readable_collections(request, me.access)
     return {c: changed.get(c, _state(request).started_at) for c in readable}
 
 
-async def _readable_rag_model(request: Request, principal: Principal, collection: str) -> str:
+async def _readable_rag_model(request: Request, me: Caller, collection: str) -> str:
     """The modified_at of `rag/<collection>`; a collection the caller may not read is answered like a missing
     model (and audited as a refusal)."""
 
     def lookup() -> str:
-        models = _readable_rag_models(request, principal)
+        models = _readable_rag_models(request, me)
         if collection in models:
             return models[collection]
         refusal = Withheld if collection in _collections_changed_at(request) else NotFound
@@ -332,9 +335,9 @@ async def _readable_rag_model(request: Request, principal: Principal, collection
 
 
 @router.get("/tags")
-async def tags(request: Request, principal: Principal = Depends(require_user)):
+async def tags(request: Request, me: Caller = Depends(caller)):
     records = await asyncio.to_thread(_state(request).store.list)
-    rag_models = await asyncio.to_thread(_readable_rag_models, request, principal)
+    rag_models = await asyncio.to_thread(_readable_rag_models, request, me)
     return {
         "models": [_tag_entry(r) for r in records]
         + [_embedding_entry(request)]
@@ -351,13 +354,13 @@ def _parameters_text(parameters: dict[str, Any]) -> str:
 
 
 @router.post("/show")
-async def show(request: Request, principal: Principal = Depends(require_user)):
+async def show(request: Request, me: Caller = Depends(caller)):
     body = await read_json(request)
     name = model_name(body)
     state = _state(request)
     collection = rag_collection(name)
     if collection is not None:
-        return await _show_rag(request, principal, collection)
+        return await _show_rag(request, me, collection)
     if parse_name(name).display == EMBEDDING_DISPLAY:
         await state.embedder.aload()
         entry = _embedding_entry(request)
@@ -402,10 +405,10 @@ async def show(request: Request, principal: Principal = Depends(require_user)):
     return result
 
 
-async def _show_rag(request: Request, principal: Principal, collection: str) -> dict[str, Any]:
+async def _show_rag(request: Request, me: Caller, collection: str) -> dict[str, Any]:
     """`rag/<collection>` described by the model that writes its answers (LlamaIndex reads the context length
     from model_info before every request); it completes chats, with citations, and takes no tools."""
-    modified_at = await _readable_rag_model(request, principal, collection)
+    modified_at = await _readable_rag_model(request, me, collection)
     state = _state(request)
     name = f"rag/{collection}:latest"
     record = await asyncio.to_thread(state.answerer.generation_model, None)
@@ -436,7 +439,7 @@ async def _show_rag(request: Request, principal: Principal, collection: str) -> 
 
 
 @router.get("/ps")
-async def ps(request: Request, _: Principal = Depends(require_user)):
+async def ps(request: Request, _: Caller = Depends(caller)):
     models = []
     for loaded in _state(request).scheduler.loaded():
         record = loaded.record
@@ -471,9 +474,9 @@ async def version():
     return {"version": __version__}
 
 
-# --- model management (admin) ------------------------------------------------------------------
+# --- model management (the manage_models right) ------------------------------------------------
 @router.post("/copy")
-async def copy(request: Request, _: Principal = Depends(require_admin)):
+async def copy(request: Request, _: Caller = Depends(manage_models)):
     body = await read_json(request)
     source = get(body, "source", str, required=True)
     destination = get(body, "destination", str, required=True)
@@ -482,7 +485,7 @@ async def copy(request: Request, _: Principal = Depends(require_admin)):
 
 
 @router.delete("/delete")
-async def delete(request: Request, _: Principal = Depends(require_admin)):
+async def delete(request: Request, _: Caller = Depends(manage_models)):
     body = await read_json(request)
     name = model_name(body)
     state = _state(request)
@@ -493,7 +496,7 @@ async def delete(request: Request, _: Principal = Depends(require_admin)):
 
 
 @router.post("/create")
-async def create(request: Request, _: Principal = Depends(require_admin)):
+async def create(request: Request, _: Caller = Depends(manage_models)):
     body = await read_json(request)
     name = model_name(body)
     files = get(body, "files", dict)
@@ -519,13 +522,13 @@ async def create(request: Request, _: Principal = Depends(require_admin)):
 
 
 @router.api_route("/blobs/{digest}", methods=["HEAD"])
-async def blob_exists(digest: str, request: Request, _: Principal = Depends(require_admin)):
+async def blob_exists(digest: str, request: Request, _: Caller = Depends(manage_models)):
     parse_digest(digest)
     return Response(status_code=200 if _state(request).store.has_blob(digest) else 404)
 
 
 @router.post("/blobs/{digest}")
-async def blob_upload(digest: str, request: Request, _: Principal = Depends(require_admin)):
+async def blob_upload(digest: str, request: Request, _: Caller = Depends(manage_models)):
     expected = parse_digest(digest)
     state = _state(request)
     if state.store.has_blob(digest):
@@ -544,7 +547,7 @@ async def blob_upload(digest: str, request: Request, _: Principal = Depends(requ
 
 
 @router.post("/pull")
-async def pull(_: Principal = Depends(require_admin)):
+async def pull(_: Caller = Depends(manage_models)):
     raise BadRequest(
         "pulling models is not available: the appliance has no internet access. Import a GGUF "
         "with `appliance create NAME --from FILE.gguf` or upload it with /api/blobs and /api/create"
@@ -552,5 +555,5 @@ async def pull(_: Principal = Depends(require_admin)):
 
 
 @router.post("/push")
-async def push(_: Principal = Depends(require_admin)):
+async def push(_: Caller = Depends(manage_models)):
     raise BadRequest("pushing models is not available on the appliance")

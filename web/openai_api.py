@@ -17,17 +17,9 @@ from appliance.errors import BadRequest, NotFound
 from appliance.inference.engine import Finished, GenerationRequest, Token
 from appliance.models.names import parse_name
 from appliance.rag import AnswerDone
-from appliance.users import Principal
-from web.auth import require_user
 from web.body import get, read_json
-from web.rag_api import (
-    caller_access,
-    created_at,
-    rag_chat_events,
-    rag_collection,
-    readable_collections,
-    refuse_outside_chat,
-)
+from web.caller import Caller, caller
+from web.rag_api import created_at, rag_chat_events, rag_collection, readable_collections, refuse_outside_chat
 from web.responses import json_response, primed, sse_response
 
 router = APIRouter(prefix="/v1")
@@ -144,7 +136,7 @@ def _openai_tool_calls(done: Finished) -> list[dict[str, Any]]:
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request, principal: Principal = Depends(require_user)):
+async def chat_completions(request: Request, me: Caller = Depends(caller)):
     body = await read_json(request)
     raw_messages = get(body, "messages", list, required=True)
     messages = []
@@ -156,14 +148,14 @@ async def chat_completions(request: Request, principal: Principal = Depends(requ
     model = get(body, "model", str, required=True)
     collection = rag_collection(model)
     if collection is not None:
-        return await _rag_completion(request, principal, body, collection, messages)
+        return await _rag_completion(request, me, body, collection, messages)
     generation = GenerationRequest(
         model=model,
         messages=messages,
         format=_response_format(body),
         options=_options(body),
         tools=get(body, "tools", list),
-        user=principal.requester,
+        user=me.access.requester,
     )
     events = await primed(request.app.state.engine.generate(generation))
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -223,13 +215,13 @@ async def chat_completions(request: Request, principal: Principal = Depends(requ
 
 
 async def _rag_completion(
-    request: Request, principal: Principal, body: dict[str, Any], collection: str, messages: list[dict[str, Any]]
+    request: Request, me: Caller, body: dict[str, Any], collection: str, messages: list[dict[str, Any]]
 ):
     """`rag/<collection>` as a chat model: the answer with a Sources block; `citations` on the last chunk.
 
     `finish_reason` is the answer's `done_reason` ("length" when the model's generation hit `max_tokens`); the
     usage counts the tokens of the answer's generation (none for an answer made without the model)."""
-    events = await rag_chat_events(request, principal, collection, messages, _options(body))
+    events = await rag_chat_events(request, me, collection, messages, _options(body))
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     display = f"rag/{collection}:latest"
@@ -280,7 +272,7 @@ async def _rag_completion(
 
 
 @router.post("/completions")
-async def completions(request: Request, principal: Principal = Depends(require_user)):
+async def completions(request: Request, me: Caller = Depends(caller)):
     body = await read_json(request)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -288,9 +280,9 @@ async def completions(request: Request, principal: Principal = Depends(require_u
     if not isinstance(prompt, str):
         raise BadRequest("prompt must be a string (or a list of one string)")
     model = get(body, "model", str, required=True)
-    await asyncio.to_thread(refuse_outside_chat, request, principal, model, "/v1/chat/completions")
+    await asyncio.to_thread(refuse_outside_chat, request, me.access, model, "/v1/chat/completions")
     generation = GenerationRequest(
-        model=model, prompt=prompt, raw=True, options=_options(body, 16), user=principal.requester
+        model=model, prompt=prompt, raw=True, options=_options(body, 16), user=me.access.requester
     )
     events = await primed(request.app.state.engine.generate(generation))
     completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"
@@ -330,7 +322,7 @@ async def completions(request: Request, principal: Principal = Depends(require_u
 
 
 @router.post("/embeddings")
-async def embeddings(request: Request, principal: Principal = Depends(require_user)):
+async def embeddings(request: Request, me: Caller = Depends(caller)):
     body = await read_json(request)
     raw_input = body.get("input")
     inputs = [raw_input] if isinstance(raw_input, str) else raw_input
@@ -340,9 +332,9 @@ async def embeddings(request: Request, principal: Principal = Depends(require_us
     if encoding not in ("float", "base64"):
         raise BadRequest("encoding_format must be float or base64")
     model = get(body, "model", str, required=True)
-    await asyncio.to_thread(refuse_outside_chat, request, principal, model, "/v1/chat/completions")
+    await asyncio.to_thread(refuse_outside_chat, request, me.access, model, "/v1/chat/completions")
     result, _load = await request.app.state.engine.embed(
-        model, inputs, dimensions=get(body, "dimensions", int), user=principal.requester
+        model, inputs, dimensions=get(body, "dimensions", int), user=me.access.requester
     )
     data = []
     for index, vector in enumerate(result.vectors):
@@ -360,9 +352,9 @@ async def embeddings(request: Request, principal: Principal = Depends(require_us
     )
 
 
-async def _model_entries(request: Request, principal: Principal) -> list[dict[str, Any]]:
+async def _model_entries(request: Request, me: Caller) -> list[dict[str, Any]]:
     records = await asyncio.to_thread(request.app.state.store.list)
-    collections = await asyncio.to_thread(readable_collections, request, caller_access(request, principal))
+    collections = await asyncio.to_thread(readable_collections, request, me.access)
     dates = await asyncio.to_thread(created_at, request, collections)
     entries = [
         {
@@ -383,14 +375,14 @@ async def _model_entries(request: Request, principal: Principal) -> list[dict[st
 
 
 @router.get("/models")
-async def models(request: Request, principal: Principal = Depends(require_user)):
-    return {"object": "list", "data": await _model_entries(request, principal)}
+async def models(request: Request, me: Caller = Depends(caller)):
+    return {"object": "list", "data": await _model_entries(request, me)}
 
 
 @router.get("/models/{model:path}")
-async def model(model: str, request: Request, principal: Principal = Depends(require_user)):
+async def model(model: str, request: Request, me: Caller = Depends(caller)):
     wanted = parse_name(model).display
-    for entry in await _model_entries(request, principal):
+    for entry in await _model_entries(request, me):
         if entry["id"] == wanted:
             return entry
     raise NotFound(f"model '{model}' not found")

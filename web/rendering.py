@@ -127,7 +127,7 @@ def render(request: Request, template: str, status: int = 200, **context) -> HTM
 def is_page(request: Request) -> bool:
     """Requests answered with HTML pages (errors included) rather than JSON."""
     path = request.url.path
-    if path.startswith(("/api/", "/v1/", "/static/")) or path in ("/api", "/v1"):
+    if path.startswith(("/api/", "/v1/", "/static/")) or path in ("/api", "/v1", "/metrics", "/health", "/ready"):
         return False
     if path == "/":
         return "text/html" in request.headers.get("accept", "")

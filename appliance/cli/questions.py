@@ -1,14 +1,15 @@
 """Questions from the command line: `search` ranks passages, `ask` answers with verified citations. Both read as
-the local operator (everything), or with `--as USER` exactly what that user may read."""
+the local operator (everything), or with `--as USER` exactly what that user may read; `appliance.asking` answers
+them and writes their audit records."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any
+from dataclasses import replace
 
-from appliance.cli.common import print_json, record_audit
-from appliance.errors import ApplianceError, Forbidden, NotFound
+from appliance.cli.common import print_json
+from appliance.errors import ApplianceError
 from appliance.services import Services
 
 
@@ -17,6 +18,14 @@ def access_as(services: Services, as_user: str | None):
     from appliance.rbac import OPERATOR, access_for_user
 
     return access_for_user(services.db, as_user) if as_user else OPERATOR
+
+
+def actor_as(services: Services, as_user: str | None):
+    """The local operator, reading what `--as USER` may read (the audit records name the operator, and
+    `as_user`)."""
+    from appliance.actors import Actor
+
+    return replace(Actor.operator(), access=access_as(services, as_user))
 
 
 def _where(item: dict) -> str:
@@ -28,25 +37,11 @@ def _where(item: dict) -> str:
     return ", ".join(parts)
 
 
-def _question_audit(services: Services, args, text: str) -> dict[str, Any]:
-    """What every CLI question's audit record carries besides its outcome."""
-    details: dict[str, Any] = {"collections": args.collection or None, "as_user": args.as_user}
-    if services.settings.audit_question_text:
-        details["question"] = text
-    return details
-
-
 def cmd_search(services: Services, args) -> int:
-    retriever = services.retriever
-    target = ",".join(args.collection) if args.collection else None
-    try:
-        hits = retriever.search(args.query, access_as(services, args.as_user), args.collection or None, args.top_k)
-    except (NotFound, Forbidden) as exc:
-        details = _question_audit(services, args, args.query)
-        record_audit(services, "search", target, outcome="denied", **details, reason=exc.message)
-        raise
-    details = _question_audit(services, args, args.query)
-    record_audit(services, "search", target, **details, retrieved=[h.chunk_id for h in hits])
+    from appliance import asking
+
+    actor = actor_as(services, args.as_user)
+    hits = asking.search(services, actor, args.query, args.collection or None, args.top_k, as_user=args.as_user)
     results = [hit.public() for hit in hits]
     if args.json:
         print_json({"results": results})
@@ -60,20 +55,25 @@ def cmd_search(services: Services, args) -> int:
 
 
 def cmd_ask(services: Services, args) -> int:
-    from appliance import audit
+    from appliance import asking
     from appliance.inference.engine import Token
     from appliance.rag import AnswerDone
 
-    settings = services.settings
-    access = access_as(services, args.as_user)
-    answerer = services.answerer
+    actor = actor_as(services, args.as_user)
 
     async def run() -> AnswerDone | None:
         done = None
         try:
-            async for event in answerer.ask(
-                args.question, access, args.collection or None, model=args.model, top_k=args.top_k
-            ):
+            asked = await asking.ask(
+                services,
+                actor,
+                args.question,
+                args.collection or None,
+                model=args.model,
+                top_k=args.top_k,
+                as_user=args.as_user,
+            )
+            async for event in asked.events:
                 if isinstance(event, Token) and not args.json:
                     print(event.text, end="", flush=True)
                 elif isinstance(event, AnswerDone):
@@ -82,23 +82,9 @@ def cmd_ask(services: Services, args) -> int:
             await services.aclose()  # the runners stop in the event loop that started them
         return done
 
-    target = ",".join(args.collection) if args.collection else None
-    try:
-        done = asyncio.run(run())
-    except (NotFound, Forbidden) as exc:
-        details = _question_audit(services, args, args.question)
-        record_audit(services, "ask", target, outcome="denied", **details, reason=exc.message)
-        raise
+    done = asyncio.run(run())
     if done is None:
         raise ApplianceError("no answer was produced")
-    details = audit.ask_details(
-        done,
-        args.collection or None,
-        question=args.question,
-        keep_question=settings.audit_question_text,
-        as_user=args.as_user,
-    )
-    record_audit(services, "ask", target, **details)
     if args.json:
         print_json({"answer": done.answer, **done.public()})
         return 0
