@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,25 +35,53 @@ _pids = itertools.count(100_000)
 
 
 class FakeRunner:
-    """A runner in this process: loads at once, answers "complete" with `num_predict` tokens, can die."""
+    """A runner in this process: answers "complete" with `num_predict` tokens, can die.
 
-    def __init__(self, config: dict[str, Any], fail_load: bool = False):
+    It loads at once unless given a `load_gate` (then once the gate is set, or fails once stopped, as
+    the contract asks), and stops at once unless given a `stop_gate`.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        fail_load: bool = False,
+        load_gate: asyncio.Event | None = None,
+        stop_gate: asyncio.Event | None = None,
+    ):
         self.config = config
         self.fail_load = fail_load
+        self.load_gate = load_gate
+        self.stop_gate = stop_gate
         self.pid: int | None = None
-        self.stopped = False
+        self.loading = False
+        self.stopped = False  # from the moment stop is called
+        self.exited = False  # once stop has returned
         self.dead = False
+        self._stop_called = asyncio.Event()
 
     @property
     def alive(self) -> bool:
         return self.pid is not None and not self.stopped and not self.dead
 
     async def start(self, timeout_s: float) -> dict[str, Any]:
-        await asyncio.sleep(0)  # a load lets other tasks run
-        if self.fail_load:
-            raise RunnerFailed("failed to load model: the model runner process exited with status 1")
-        self.pid = next(_pids)
-        return {"event": "ready", "n_ctx": self.config["n_ctx"], "pid": self.pid}
+        self.loading = True
+        try:
+            await asyncio.sleep(0)  # a load lets other tasks run
+            if self.load_gate is not None and not self.load_gate.is_set():
+                waits = {asyncio.ensure_future(self.load_gate.wait()), asyncio.ensure_future(self._stop_called.wait())}
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for wait in waits:
+                        wait.cancel()
+            if self.stopped:
+                raise RunnerFailed("failed to load model: the model runner was stopped while loading")
+            if self.fail_load:
+                raise RunnerFailed("failed to load model: the model runner process exited with status 1")
+            self.pid = next(_pids)
+            return {"event": "ready", "n_ctx": self.config["n_ctx"], "pid": self.pid}
+        finally:
+            self.loading = False
 
     async def request(self, op: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         if not self.alive:
@@ -71,20 +100,50 @@ class FakeRunner:
 
     async def stop(self) -> None:
         self.stopped = True
+        self._stop_called.set()
+        if self.stop_gate is not None:
+            await self.stop_gate.wait()
+        self.exited = True
 
 
 class Runners:
-    """The runner factory the scheduler is given: remembers every runner it made, in order."""
+    """The runner factory the scheduler is given: remembers every runner it made, in order.
+
+    `holding_loads()` and `holding_stops()` give the runners made meanwhile a gate their load (stop)
+    waits for; the gate opens when the block ends, or when the test sets it.
+    """
 
     def __init__(self) -> None:
         self.made: list[FakeRunner] = []
         self.fail_next_load = False
+        self.load_gate: asyncio.Event | None = None
+        self.stop_gate: asyncio.Event | None = None
+        self.others_when_made: list[list[FakeRunner]] = []  # for each runner, those loading or not exited then
 
     def __call__(self, config: dict[str, Any]) -> FakeRunner:
-        runner = FakeRunner(config, fail_load=self.fail_next_load)
+        runner = FakeRunner(config, self.fail_next_load, self.load_gate, self.stop_gate)
         self.fail_next_load = False
+        self.others_when_made.append([r for r in self.made if r.loading or (r.pid is not None and not r.exited)])
         self.made.append(runner)
         return runner
+
+    @contextmanager
+    def holding_loads(self) -> Iterator[asyncio.Event]:
+        self.load_gate = gate = asyncio.Event()
+        try:
+            yield gate
+        finally:
+            gate.set()
+            self.load_gate = None
+
+    @contextmanager
+    def holding_stops(self) -> Iterator[asyncio.Event]:
+        self.stop_gate = gate = asyncio.Event()
+        try:
+            yield gate
+        finally:
+            gate.set()
+            self.stop_gate = None
 
 
 @pytest.fixture
@@ -490,3 +549,199 @@ def test_one_users_many_requests_do_not_starve_another(store, runners, tiny_gguf
 
     _run(scheduler, scenario)
     assert admitted == ["alice 0", "alice 1", "bob", "alice 2", "alice 3", "alice 4"]
+
+
+# --- loads and stops do not hold up the others ---------------------------------------------------
+def test_a_model_loading_slowly_does_not_hold_up_requests_for_a_loaded_model(store, runners, tiny_gguf):
+    a, b = _model(store, "a", tiny_gguf), _model(store, "b", tiny_gguf)
+    scheduler = _scheduler(store, runners, num_parallel=1)
+
+    async def scenario():
+        await _generate(scheduler, b)
+        with runners.holding_loads() as gate:
+            loading = asyncio.create_task(_generate(scheduler, a))
+            await _until(lambda: len(runners.made) == 2 and runners.made[1].loading)
+            async with asyncio.timeout(2):  # not served before a's load ends: the test fails here
+                events = await _generate(scheduler, b)
+                runners.load_gate = None  # the next load is quick, and not held up by a's either
+                async with scheduler.use(b, {}, embedding=True) as embedder:
+                    assert embedder.runner is runners.made[2]
+            assert events[-1]["event"] == "done" and not loading.done()
+            assert {m.slot for m in scheduler.loaded()} == {(b.name.display, False), (b.name.display, True)}
+            assert scheduler.loading() == [(a.name.display, False)]  # /api/ps lists a model once it has loaded
+            gate.set()
+            assert (await loading)[-1]["event"] == "done"
+        assert scheduler.loading() == [] and len(scheduler.loaded()) == 3
+
+    _run(scheduler, scenario)
+    assert len(runners.made) == 3
+
+
+def test_requests_for_a_model_that_is_loading_wait_for_that_load_and_share_its_runner(store, runners, tiny_gguf):
+    record = _model(store, "tiny", tiny_gguf)
+    scheduler = _scheduler(store, runners, num_parallel=2)
+
+    async def scenario():
+        with runners.holding_loads() as gate:
+            requests = [asyncio.create_task(_generate(scheduler, record, user=user)) for user in ("alice", "bob")]
+            await _until(lambda: scheduler.queued == 2 and len(runners.made) == 1)
+            assert scheduler.loading() == [(record.name.display, False)] and scheduler.loaded() == []
+            gate.set()
+            results = await asyncio.gather(*requests)
+        assert all(events[-1]["event"] == "done" for events in results)
+
+    _run(scheduler, scenario)
+    assert len(runners.made) == 1
+
+
+def test_a_request_for_other_options_waits_for_the_load_and_its_request_then_reloads(store, runners, tiny_gguf):
+    record = _model(store, "tiny", tiny_gguf)
+    scheduler = _scheduler(store, runners, num_parallel=1)
+
+    async def scenario():
+        with runners.holding_loads() as gate:
+            first = asyncio.create_task(_generate(scheduler, record))
+            await _until(lambda: len(runners.made) == 1)
+            other = asyncio.create_task(_generate(scheduler, record, {"num_batch": 256}))
+            await _until(lambda: scheduler.queued == 2)
+            assert len(runners.made) == 1
+            gate.set()
+            await asyncio.gather(first, other)
+
+    _run(scheduler, scenario)
+    assert [runner.config["n_batch"] for runner in runners.made] == [512, 256]
+    assert runners.others_when_made[1] == [] and runners.made[0].stopped
+
+
+def test_a_load_that_fails_frees_its_place_and_the_request_waiting_for_it_loads_again(store, runners, tiny_gguf):
+    record = _model(store, "tiny", tiny_gguf)
+    scheduler = _scheduler(store, runners, num_parallel=1, max_loaded_models=1)
+
+    async def scenario():
+        with runners.holding_loads() as gate:
+            runners.fail_next_load = True
+            failing = asyncio.create_task(_generate(scheduler, record))
+            await _until(lambda: len(runners.made) == 1)
+            waiting = asyncio.create_task(_generate(scheduler, record))
+            await _until(lambda: scheduler.queued == 2)
+            gate.set()
+            with pytest.raises(RunnerFailed, match="failed to load model"):
+                await failing
+            events = await waiting
+        assert events[-1]["event"] == "done" and scheduler.queued == 0
+        assert [m.runner for m in scheduler.loaded()] == [runners.made[1]] and scheduler.loading() == []
+
+    _run(scheduler, scenario)
+    assert [runner.pid is not None for runner in runners.made] == [False, True]
+
+
+def test_a_cancelled_load_stops_its_runner_and_frees_its_place(store, runners, tiny_gguf):
+    record = _model(store, "tiny", tiny_gguf)
+    scheduler = _scheduler(store, runners, num_parallel=1, max_loaded_models=1, max_memory_bytes=ONE_TINY_MODEL)
+
+    async def scenario():
+        with runners.holding_loads():
+            cancelled = asyncio.create_task(_generate(scheduler, record))
+            await _until(lambda: len(runners.made) == 1 and runners.made[0].loading)
+            cancelled.cancel()  # the client went away while its model loaded
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            assert scheduler.loading() == [] and scheduler.loaded() == [] and scheduler.queued == 0
+            await _until(lambda: runners.made[0].stopped)
+        return await _generate(scheduler, record)
+
+    assert _run(scheduler, scenario)[-1]["event"] == "done"
+    assert len(runners.made) == 2 and runners.made[0].stopped and runners.made[0].pid is None
+
+
+def test_two_models_that_do_not_fit_together_are_never_loading_at_once(store, runners, tiny_gguf):
+    a, b = _model(store, "a", tiny_gguf), _model(store, "b", tiny_gguf)
+    scheduler = _scheduler(store, runners, max_memory_bytes=ONE_TINY_MODEL, num_parallel=1)
+
+    async def scenario():
+        with runners.holding_loads() as gate:
+            first = asyncio.create_task(_generate(scheduler, a))
+            await _until(lambda: len(runners.made) == 1)
+            second = asyncio.create_task(_generate(scheduler, b))
+            await _until(lambda: scheduler.queued == 2)
+            assert scheduler.loading() == [(a.name.display, False)] and len(runners.made) == 1
+            gate.set()
+            await asyncio.gather(first, second)
+        return [m.slot[0] for m in scheduler.loaded()]
+
+    assert _run(scheduler, scenario) == [b.name.display]
+    assert len(runners.made) == 2 and runners.others_when_made[1] == []
+    assert runners.made[0].stopped
+
+
+def test_a_model_evicted_for_room_has_exited_before_the_next_one_loads(store, runners, tiny_gguf):
+    a, b = _model(store, "a", tiny_gguf), _model(store, "b", tiny_gguf)
+    scheduler = _scheduler(store, runners, max_memory_bytes=ONE_TINY_MODEL, num_parallel=1)
+
+    async def scenario():
+        with runners.holding_stops() as gate:
+            await _generate(scheduler, a)
+            loading = asyncio.create_task(_generate(scheduler, b))
+            await _until(lambda: runners.made[0].stopped)  # a is stopping, to make room for b
+            assert scheduler.loaded() == [] and scheduler.loading() == [] and len(runners.made) == 1
+            gate.set()
+            assert (await loading)[-1]["event"] == "done"
+
+    _run(scheduler, scenario)
+    assert len(runners.made) == 2 and runners.others_when_made[1] == []
+
+
+def test_unloading_a_model_while_it_loads_unloads_it_after_its_request(store, runners, tiny_gguf):
+    """A DELETE or keep_alive=0 during the load is an unload of a busy model: it happens once its request is done."""
+    record = _model(store, "tiny", tiny_gguf)
+    scheduler = _scheduler(store, runners, num_parallel=1, keep_alive="-1")
+
+    async def scenario():
+        with runners.holding_loads() as gate:
+            loading = asyncio.create_task(_generate(scheduler, record))
+            await _until(lambda: len(runners.made) == 1)
+            assert await scheduler.unload(record.name.display) is True
+            gate.set()
+            events = await loading
+        await _until(lambda: scheduler.loaded() == [])
+        return events
+
+    assert _run(scheduler, scenario)[-1]["event"] == "done"
+    assert len(runners.made) == 1 and runners.made[0].stopped
+
+
+def test_a_slow_runner_stop_does_not_hold_up_requests_for_other_models(store, runners, tiny_gguf):
+    a, b = _model(store, "a", tiny_gguf), _model(store, "b", tiny_gguf)
+    scheduler = _scheduler(store, runners, num_parallel=1, keep_alive="-1")
+
+    async def scenario():
+        with runners.holding_stops() as gate:
+            await _generate(scheduler, a)
+            await _generate(scheduler, b)
+            unloading = asyncio.create_task(scheduler.unload(a.name.display))
+            await _until(lambda: runners.made[0].stopped)  # its stop has begun
+            async with asyncio.timeout(2):  # not served before a's runner has stopped: the test fails here
+                events = await _generate(scheduler, b)
+            assert events[-1]["event"] == "done" and not unloading.done()
+            assert [m.slot[0] for m in scheduler.loaded()] == [b.name.display]
+            gate.set()
+            assert await unloading is True
+
+    _run(scheduler, scenario)
+
+
+def test_a_load_under_way_at_shutdown_fails_and_leaves_no_runner(store, runners, tiny_gguf):
+    record = _model(store, "tiny", tiny_gguf)
+    scheduler = _scheduler(store, runners, num_parallel=1)
+
+    async def scenario():
+        with runners.holding_loads():
+            loading = asyncio.create_task(_generate(scheduler, record))
+            await _until(lambda: len(runners.made) == 1 and runners.made[0].loading)
+            await scheduler.shutdown()
+            with pytest.raises(RunnerFailed):
+                await loading
+        assert scheduler.loaded() == [] and scheduler.loading() == []
+
+    _run(scheduler, scenario)
+    assert runners.made[0].stopped

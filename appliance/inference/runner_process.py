@@ -38,7 +38,10 @@ class Runner(Protocol):
     `start` loads the model and returns the runner's ready event (its `n_ctx` among others), or raises
     `RunnerFailed`. `request` yields the events of one command ("token" ... "done", or "embeddings") and
     raises `RunnerFailed` when the runner dies meanwhile; closing it early cancels the command. `alive`
-    turns false once the runner has died or stopped; `stop` may be called more than once.
+    turns false once the runner has died or stopped; `stop` may be called more than once, and while
+    `start` is still under way (the scheduler's shutdown does), which should then fail soon. The
+    scheduler calls `start` and `stop` without holding its lock, and gives up waiting for a `stop` after
+    `scheduler.STOP_TIMEOUT_S`.
     """
 
     @property

@@ -13,6 +13,14 @@ is split across this machine and the paired workers (`appliance.cluster`): the w
 (a dead or busy one is left out, with the reason), the layers planned by free memory, and the runner
 given the tunnels and split. ggml's RPC server serves one client at a time, so one sharded model is
 loaded at a time (an idle one is unloaded for the next).
+
+No request waits for another model's load or unload: the lock (`_changed`) is held only for bookkeeping,
+never across a runner's start or stop. A load first reserves its place under the lock (a `_Loading`,
+counted toward `max_loaded_models` and the memory budget like a loaded model), starts the runner without
+the lock, and takes the lock again to install it; a request for a slot that is loading waits for that
+load and then shares the runner (or, for other options, waits as for a busy runner). A runner being
+stopped still counts toward both limits until it has exited (`_stopping`), so a load that needs its room
+waits for it, and only the requests that need that room wait.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from appliance.models.store import ModelRecord, ModelStore
 log = logging.getLogger(__name__)
 EMBEDDING_PARALLEL = 8  # embed requests an embedding runner may hold at once (answered in one batch)
 FOREVER = datetime(2318, 1, 1, tzinfo=UTC)  # what /api/ps shows for a model kept loaded indefinitely
+STOP_TIMEOUT_S = 30.0  # a runner's stop kills it after a few seconds; past this it is logged and forgotten
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -93,6 +102,27 @@ class LoadedModel:
             self._expiry = None
 
 
+@dataclass
+class _Loading:
+    """A load under way: the place it reserved (slot, memory, one of `max_loaded_models`) until it ends."""
+
+    slot: tuple[str, bool]
+    size: int
+    sharded: bool
+    runner: Runner | None = None  # once made; `shutdown` stops it
+    unload_requested: bool = False  # an unload asked for during the load: unload after the request
+    abandoned: bool = False  # the scheduler shut down meanwhile: the load fails
+
+
+@dataclass
+class _Stopping:
+    """A runner being stopped: its memory counts until it has exited (a sharded one holds the workers)."""
+
+    slot: tuple[str, bool]
+    size: int
+    sharded: bool
+
+
 class Scheduler:
     def __init__(
         self,
@@ -110,14 +140,21 @@ class Scheduler:
         self.runner_factory = runner_factory
         self.memory_budget = settings.max_memory_bytes or int(hardware.available_memory * 0.9)
         self.default_keep_alive = parse_keep_alive(settings.keep_alive)
-        self._models: dict[tuple[str, bool], LoadedModel] = {}
+        self._models: dict[tuple[str, bool], LoadedModel] = {}  # loaded runners, by slot
+        self._loading: dict[tuple[str, bool], _Loading] = {}  # loads under way (a slot is in one of the two)
+        self._stopping: dict[asyncio.Task, _Stopping] = {}  # runners being stopped, by the task stopping them
         self._changed = asyncio.Condition()
         self._queued = 0
         self._expiring: set[asyncio.Task] = set()
 
     # --- public ----------------------------------------------------------------------------------
     def loaded(self) -> list[LoadedModel]:
+        """The loaded runners (what /api/ps lists); a model appears once its runner has started."""
         return list(self._models.values())
+
+    def loading(self) -> list[tuple[str, bool]]:
+        """The slots (model name, embedding?) whose runner is starting."""
+        return list(self._loading)
 
     @property
     def queued(self) -> int:
@@ -184,20 +221,39 @@ class Scheduler:
             return model
 
     async def unload(self, name: str) -> bool:
-        """Unload every runner of `name`: idle ones now, busy ones when their requests are done."""
+        """Unload every runner of `name`: idle ones now, busy ones when their requests are done.
+
+        A runner still loading is busy: its load's request keeps it, then it unloads (keep_alive 0).
+        """
+        stops = []
         async with self._changed:
             victims = [m for m in self._models.values() if m.slot[0] == name]
             for model in victims:
                 if model.users:
                     model.unload_requested = True
                 else:
-                    await self._unload_locked(model)
-            return bool(victims)
+                    stops.append(self._unload_locked(model))
+            loads = [load for load in self._loading.values() if load.slot[0] == name]
+            for load in loads:
+                load.unload_requested = True
+        await self._stopped(stops)
+        return bool(victims or loads)
 
     async def shutdown(self) -> None:
+        """Unload everything; a load under way is cut short (its runner stopped) and its request fails."""
         async with self._changed:
-            for model in list(self._models.values()):
-                await self._unload_locked(model)
+            while True:
+                for load in self._loading.values():
+                    if not load.abandoned:
+                        load.abandoned = True
+                        if load.runner is not None:
+                            self._retire(load.runner, load.slot, 0, False)  # ends its start; the load retires it
+                for model in list(self._models.values()):
+                    self._unload_locked(model)
+                if not self._loading:
+                    break
+                await self._changed.wait()  # a request waiting for a load that failed may start another
+        await self._stopped(list(self._stopping))
 
     # --- loading ---------------------------------------------------------------------------------
     def _num_ctx(self, record: ModelRecord, options: dict[str, Any]) -> int:
@@ -283,32 +339,40 @@ class Scheduler:
                     current.users += 1
                     return current
                 if current is not None and current.users == 0:
-                    await self._unload_locked(current)  # changed model or options, or a dead runner
+                    self._unload_locked(current)  # changed model or options, or a dead runner
                     continue
-                if current is not None:
-                    await self._changed.wait()  # a reload must wait for the current users
+                if current is not None or slot in self._loading:
+                    # A reload waits for the current users; any request for a slot that is loading waits
+                    # for that load (and then shares its runner, or waits for its users like a reload).
+                    await self._changed.wait()
+                    continue
+                if any(stop.slot == slot for stop in self._stopping.values()):
+                    await self._changed.wait()  # a reload starts once the runner it replaces has exited
                     continue
                 config, size = self._load_config(record, options, embedding)
-                if self._wants_sharding(options, embedding, size):
+                sharded = self._wants_sharding(options, embedding, size)
+                if sharded:
                     holders = [m for m in self._models.values() if m.placement]
-                    if any(m.users for m in holders):
+                    if any(m.users for m in holders) or any(load.sharded for load in self._loading.values()):
                         await self._changed.wait()  # the workers serve one sharded model at a time
                         continue
                     for holder in holders:
-                        await self._unload_locked(holder)
+                        self._unload_locked(holder)
+                    if any(stop.sharded for stop in self._stopping.values()):
+                        await self._changed.wait()  # the workers are free once the old runner has exited
+                        continue
                     config, size = await self._shard(record, options, config)
                 if size > self.memory_budget:
                     raise InsufficientMemory(
                         f"model requires more memory ({size / 2**30:.1f} GiB) than the appliance may use "
                         f"({self.memory_budget / 2**30:.1f} GiB, APPLIANCE_MAX_MEMORY_BYTES)"
                     )
-                if not await self._make_room(size):
+                if not self._make_room(size):
                     await self._changed.wait()
                     continue
-                model = await self._start(slot, key, record, config, size)
-                model.users += 1
-                self._models[slot] = model
-                return model
+                load = self._loading[slot] = _Loading(slot, size, sharded)
+                break
+        return await self._load(load, key, record, config)
 
     def _wants_sharding(self, options: dict[str, Any], embedding: bool, size: int) -> bool:
         if embedding:
@@ -325,7 +389,7 @@ class Scheduler:
                 f"num_nodes {num_nodes} asks for sharding, but no worker is paired "
                 "(pair one with `appliance cluster pair HOST:PORT --code CODE`)"
             )
-        in_use = sum(m.size for m in self._models.values() if m.users)
+        in_use = sum(m.size for m in self._models.values() if m.users) + self._reserved()
         info = self.store.gguf_info(record.model_digest)
         plan, usable = await asyncio.to_thread(
             self.cluster.plan, info, config["n_ctx"], config["n_parallel"], self.memory_budget - in_use, num_nodes
@@ -338,57 +402,128 @@ class Scheduler:
         )
         return config, plan.local_bytes
 
-    async def _make_room(self, size: int) -> bool:
-        """Evict idle models, least recently used first, until `size` fits; False if it cannot yet."""
-        while (
-            len(self._models) >= self.settings.max_loaded_models
-            or sum(m.size for m in self._models.values()) + size > self.memory_budget
-        ):
+    def _reserved(self) -> int:
+        """Memory held by loads under way and by runners still stopping."""
+        return sum(load.size for load in self._loading.values()) + sum(stop.size for stop in self._stopping.values())
+
+    def _make_room(self, size: int) -> bool:
+        """Evict idle models, least recently used first, until `size` fits; False if it cannot yet.
+
+        Loads under way count as loaded models. Runners still stopping count too, but are not evicted
+        again: once enough is evicted, the answer is False until they have exited.
+        """
+
+        def fits(counting_stops: bool) -> bool:
+            stopping = self._stopping.values() if counting_stops else ()
+            count = len(self._models) + len(self._loading) + len(stopping)
+            used = sum(m.size for m in self._models.values()) + sum(load.size for load in self._loading.values())
+            return (
+                count < self.settings.max_loaded_models
+                and used + sum(stop.size for stop in stopping) + size <= self.memory_budget
+            )
+
+        while not fits(counting_stops=False):
             idle = [m for m in self._models.values() if m.users == 0]
             if not idle:
                 return False
             victim = min(idle, key=lambda m: m.last_used)
             log.info("unloading %s to make room", victim.slot[0])
-            await self._unload_locked(victim)
-        return True
+            self._unload_locked(victim)
+        return fits(counting_stops=True)
 
-    async def _start(self, slot, key, record: ModelRecord, config: dict, size: int) -> LoadedModel:
+    async def _load(self, load: _Loading, key: tuple, record: ModelRecord, config: dict) -> LoadedModel:
+        """Start the runner for the place `load` reserved, without the lock; install it, with the lock.
+
+        However the load ends otherwise (the runner fails or times out, the request is cancelled, the
+        scheduler shuts down), the reservation goes, the runner is stopped and waiting requests wake.
+        """
         started = time.perf_counter_ns()
-        await asyncio.to_thread(self.store.verify_blob, record.model_digest)
-        runner = self.runner_factory(config)
-        info = await runner.start(self.settings.load_timeout_s)
+        installed = False
+        try:
+            await asyncio.to_thread(self.store.verify_blob, record.model_digest)
+            if load.abandoned:
+                raise RunnerFailed("the appliance is shutting down; the model was not loaded")
+            load.runner = self.runner_factory(config)
+            info = await load.runner.start(self.settings.load_timeout_s)
+            async with self._changed:
+                if load.abandoned:
+                    raise RunnerFailed("the appliance is shutting down; the model was not loaded")
+                model = LoadedModel(
+                    slot=load.slot,
+                    key=key,
+                    record=record,
+                    runner=load.runner,
+                    size=load.size,
+                    n_ctx=int(info.get("n_ctx", config["n_ctx"])),
+                    gpu_layers=config["n_gpu_layers"],
+                    load_duration_ns=time.perf_counter_ns() - started,
+                    n_parallel=config["n_parallel"],
+                    admission=FairQueue(config["n_parallel"]),
+                    users=1,
+                    unload_requested=load.unload_requested,
+                    placement=config["cluster"]["placement"] if config.get("cluster") else None,
+                )
+                del self._loading[load.slot]
+                self._models[load.slot] = model
+                installed = True
+                self._changed.notify_all()
+        finally:
+            if not installed:
+                # No await before the reservation is gone: this runs even for a cancelled request.
+                if self._loading.get(load.slot) is load:
+                    del self._loading[load.slot]
+                self._retire(load.runner, load.slot, load.size if load.runner else 0, load.sharded)  # wakes waiters
         log.info(
             "loaded %s in runner pid %s (ctx %s, gpu layers %s)",
-            slot[0],
-            runner.pid,
-            info.get("n_ctx"),
-            config["n_gpu_layers"],
+            load.slot[0],
+            model.runner.pid,
+            model.n_ctx,
+            model.gpu_layers,
         )
-        return LoadedModel(
-            slot=slot,
-            key=key,
-            record=record,
-            runner=runner,
-            size=size,
-            n_ctx=int(info.get("n_ctx", config["n_ctx"])),
-            gpu_layers=config["n_gpu_layers"],
-            load_duration_ns=time.perf_counter_ns() - started,
-            n_parallel=config["n_parallel"],
-            admission=FairQueue(config["n_parallel"]),
-            placement=config["cluster"]["placement"] if config.get("cluster") else None,
-        )
+        return model
 
     # --- unloading -------------------------------------------------------------------------------
-    async def _unload_locked(self, model: LoadedModel) -> None:
+    def _unload_locked(self, model: LoadedModel) -> asyncio.Task:
+        """Take `model` out of the loaded ones and stop its runner in the background (the task)."""
         model.cancel_expiry()
         if self._models.get(model.slot) is model:
             del self._models[model.slot]
-        await model.runner.stop()
         self._changed.notify_all()
+        return self._retire(model.runner, model.slot, model.size, bool(model.placement))
+
+    def _retire(self, runner: Runner | None, slot: tuple[str, bool], size: int, sharded: bool) -> asyncio.Task:
+        """Stop `runner` (if any) in a task that holds its room (`_stopping`) until it has exited, then
+        wakes the waiting requests; no lock is needed to call it, none is held while the runner stops."""
+        task = asyncio.get_running_loop().create_task(self._stop(runner))
+        self._stopping[task] = _Stopping(slot, size, sharded)
+        return task
+
+    async def _stop(self, runner: Runner | None) -> None:
+        try:
+            if runner is not None:
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await runner.stop()
+        except TimeoutError:
+            log.error(
+                "runner pid %s did not stop within %.0f s; its memory is no longer counted", runner.pid, STOP_TIMEOUT_S
+            )
+        except Exception:
+            log.exception("stopping runner pid %s failed", runner.pid if runner else None)
+        finally:
+            async with self._changed:
+                self._stopping.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+                self._changed.notify_all()
+
+    @staticmethod
+    async def _stopped(stops: list[asyncio.Task]) -> None:
+        """Wait for these stops; cancelling the wait leaves them running."""
+        if stops:
+            await asyncio.wait(stops)
 
     async def _discard(self, model: LoadedModel) -> None:
         async with self._changed:
-            await self._unload_locked(model)
+            stop = self._unload_locked(model)
+        await self._stopped([stop])
 
     def _schedule_expiry(self, model: LoadedModel, keep: float | None) -> None:
         model.cancel_expiry()
@@ -409,4 +544,4 @@ class Scheduler:
         async with self._changed:
             if model.users == 0 and self._models.get(model.slot) is model:
                 log.info("keep_alive expired: unloading %s", model.slot[0])
-                await self._unload_locked(model)
+                self._unload_locked(model)
