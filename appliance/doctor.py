@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings
-from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine, make_url
 
 from appliance.config import ENV_PREFIX, Settings
+from appliance.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,19 @@ class Check:
 
 
 # --- the database, opened without creating or upgrading it ------------------------------------------
+def _inspect(settings: Settings, engine: Engine | None = None) -> Services:
+    """The home's core parts opened as they are (`Services(read_only=True)`): nothing made, migrated or
+    installed; on the doctor's own database engine when it has one."""
+    return Services(settings, read_only=True, **({"db": engine} if engine is not None else {}))
+
+
 def _open_database(settings: Settings) -> Engine | None:
     """An engine on the metadata database, or None when its SQLite file does not exist yet."""
     url = make_url(settings.resolved_database_url)
     if url.get_backend_name() == "sqlite":
         if not url.database or not Path(url.database).is_file():
             return None
-    return create_engine(url)
+    return _inspect(settings).db
 
 
 def _schema_state(engine: Engine, url: str) -> tuple[set[str], set[str], set[str]]:
@@ -256,9 +262,8 @@ def check_index(settings: Settings, engine: Engine | None) -> Check:
         return Check("index", WARN, "not checked: the schema is not at the newest revision")
     if not settings.chroma_url and not settings.chroma_dir.is_dir():
         return Check("index", FAIL, f"the vector store {settings.chroma_dir} is missing", REBUILD)
-    from appliance.index import ChunkIndex, open_vector_store
-
-    report = ChunkIndex(engine, open_vector_store(settings)).check()
+    with _inspect(settings, engine) as services:
+        report = services.index.check()
     summary = f"{report.documents} documents, {report.chunks} chunks"
     if report.clean:
         return Check("index", OK, f"{summary}: database, keyword index and vectors agree")
@@ -284,9 +289,8 @@ def check_offline(settings: Settings, engine: Engine | None) -> Check:
         )
     telemetry = "off (set in code)"
     if settings.chroma_url or settings.chroma_dir.is_dir():
-        from appliance.index import open_vector_store
-
-        telemetry = "on" if open_vector_store(settings).get_settings().anonymized_telemetry else "off"
+        with _inspect(settings) as services:
+            telemetry = "on" if services.vectors.get_settings().anonymized_telemetry else "off"
     if telemetry == "on":
         return Check("offline", FAIL, "Chroma's anonymized telemetry is on", "report this: the code turns it off")
     return Check(
@@ -411,14 +415,14 @@ def check_cpu_path(settings: Settings, engine: Engine | None) -> Check:
 def check_models(settings: Settings, engine: Engine | None) -> Check:
     from appliance.errors import ApplianceError
     from appliance.models import default_model
-    from appliance.models.store import ModelStore
 
     configured = settings.retrieval.rag_model
     if not (settings.models_dir / "manifests").is_dir():
         store = None
         record = None
     else:
-        store = ModelStore(settings.models_dir)
+        with _inspect(settings) as services:
+            store = services.store  # as it is: the default model is not installed here
         try:
             record = default_model.generation_model(store, configured)
         except ApplianceError as exc:

@@ -309,8 +309,8 @@ def evaluate_beir(
     """Index the corpus in a throw-away home and score dense, BM25 and hybrid on the split's queries."""
     query_ids = list(dataset.queries)[:limit] if limit else list(dataset.queries)
     corpus_ids = {document_key(doc_id): doc_id for doc_id in dataset.corpus}
-    with throwaway_home(settings, keep) as scoped:
-        retriever = Services(scoped).retriever
+    with throwaway_home(settings, keep) as scoped, Services(scoped) as services:
+        retriever = services.retriever
         started = time.perf_counter()
         chunks = indexed_chunks(retriever, corpus_ids)
         if chunks is None:
@@ -487,8 +487,7 @@ def evaluate_questions(
     root = path.parent
     answerable = [q for q in selected if q["kind"] == "answerable"]
     answerable = answerable[:limit] if limit else answerable
-    with throwaway_home(settings, keep) as scoped:
-        services = Services(scoped)
+    with throwaway_home(settings, keep) as scoped, Services(scoped) as services:
         retriever = services.retriever
         sources, failed, indexing_s = ingest_question_corpus(services, questions, root, progress)
         per_method: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
@@ -587,17 +586,15 @@ def answer_questions(
 async def _answer_all(
     scoped: Settings, retriever, questions: list[dict], sources: dict[str, str], mode: str, progress: Progress
 ) -> list[dict]:
-    from appliance.inference import hardware
-    from appliance.inference.engine import Engine
-    from appliance.inference.scheduler import Scheduler
-    from appliance.rag import AnswerDone, Answerer
+    from appliance.rag import AnswerDone
     from appliance.rbac import OPERATOR
 
     store = await asyncio.to_thread(_answer_store, scoped, mode)
-    scheduler = Scheduler(scoped.scheduler, store, hardware.detect())
     # The throw-away store holds only the default model (or none): the user's APPLIANCE_RAG_MODEL is not there.
-    retrieval = scoped.retrieval.model_copy(update={"rag_model": ""})
-    answerer = Answerer(retriever, Engine(store, scheduler, retriever.embedder), retrieval, scoped.scheduler.num_ctx)
+    answering = scoped.model_copy(update={"retrieval": scoped.retrieval.model_copy(update={"rag_model": ""})})
+    # The mode's store, the retriever and embedder already indexed with; the scheduler, engine and answerer built.
+    services = Services(answering, store=store, retriever=retriever, embedder=retriever.embedder)
+    answerer = services.answerer
     rows: list[dict] = []
     try:
         record = await asyncio.to_thread(answerer.generation_model, None)
@@ -619,7 +616,7 @@ async def _answer_all(
             rows.append(answer_row(item, done, sources, mode, model, time.perf_counter() - started, error))
             progress(f"answering ({mode})", done_count, len(questions))
     finally:
-        await scheduler.shutdown()
+        await services.aclose()  # the scheduler's runners
     return rows
 
 

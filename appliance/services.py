@@ -8,6 +8,12 @@ the heavy libraries are imported only by the parts that need them.
 
 `aclose()` stops what was started: the ingestor's parser processes, then the scheduler's runners (in the
 event loop that started them). `close()` stops the parser processes only, for callers without a loop.
+
+A part built elsewhere can be handed in by name (`Services(settings, embedder=shared)`: a test sharing one
+embedder, an evaluation answering from a model store of its own); it is used as it is, and the caller closes
+it. `read_only=True` inspects a home as it is (the doctor): the database is opened without being created or
+migrated, no default model is installed, and the home's folders are not made (the model store and an embedded
+Chroma still make their own when opened: open them only where they exist).
 """
 
 from __future__ import annotations
@@ -42,15 +48,29 @@ def _log_error(message: str) -> None:
 
 
 class Services:
-    def __init__(self, settings: Settings, *, warn: Callable[[str], None] = _log_error):
+    def __init__(
+        self, settings: Settings, *, warn: Callable[[str], None] = _log_error, read_only: bool = False, **parts: object
+    ):
         """`warn`: how a problem that must not stop anything is reported (a damaged default-model package);
-        logged by default."""
+        logged by default. `read_only`: the database, store, vectors and index opened as they are, for reading
+        (see above). `parts`: parts already built (db, store, embedder, retriever, ...), used instead of
+        building them; their caller closes them."""
         self.settings = settings
         self.warn = warn
+        self.read_only = read_only
+        for name, part in parts.items():
+            if not isinstance(getattr(type(self), name, None), cached_property):
+                raise TypeError(f"Services has no part named {name!r}")
+            self.__dict__[name] = part  # where cached_property looks first
+        self._given = frozenset(parts)
 
     @cached_property
     def db(self) -> DatabaseEngine:
         """The database engine, its schema migrated to this version."""
+        if self.read_only:  # as it is, not migrated (connecting makes a SQLite file that is not there: check first)
+            from sqlalchemy import create_engine
+
+            return create_engine(self.settings.resolved_database_url)
         from appliance.db import create_db_engine
 
         self.settings.ensure_dirs()
@@ -62,6 +82,8 @@ class Services:
         from appliance.models.default_model import ensure_default_model
         from appliance.models.store import ModelStore
 
+        if self.read_only:
+            return ModelStore(self.settings.models_dir)  # (the store itself makes its two folders)
         self.settings.ensure_dirs()
         store = ModelStore(self.settings.models_dir)
         try:
@@ -94,7 +116,8 @@ class Services:
         """The Chroma client (embedded in the home, or the server at APPLIANCE_CHROMA_URL)."""
         from appliance.index import open_vector_store
 
-        self.settings.ensure_dirs()
+        if not self.read_only:
+            self.settings.ensure_dirs()
         return open_vector_store(self.settings)
 
     @cached_property
@@ -135,7 +158,7 @@ class Services:
         return Ingestor(self.settings, self.index, self.embedder)
 
     def _built(self, name: str) -> bool:
-        return name in self.__dict__  # where cached_property keeps what it built
+        return name in self.__dict__ and name not in self._given  # where cached_property keeps what it built
 
     def close(self) -> None:
         """Stop the ingestor's parser processes, if it was built (safe to call again)."""

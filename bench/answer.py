@@ -73,23 +73,21 @@ def load_questions(limit: int | None) -> list[dict]:
 
 class Bench:
     def __init__(self, home: Path):
-        from appliance.cli import _cli_access, _retriever, _store
+        from appliance.cli.common import open_services
+        from appliance.cli.questions import access_as
         from appliance.config import load_settings
-        from appliance.inference import hardware
-        from appliance.inference.engine import Engine
-        from appliance.inference.scheduler import Scheduler
         from appliance.models.default_model import DEFAULT_MODEL_NAME
-        from appliance.rag import Answerer
 
         os.environ["APPLIANCE_HOME"] = str(home)
         self.settings = load_settings()
-        self.store = _store(self.settings)
+        self.services = open_services(self.settings)  # the home's core, as `appliance ask` opens it
+        self.store = self.services.store
         self.record = self.store.resolve(DEFAULT_MODEL_NAME)
-        self.retriever = _retriever(self.settings)
-        self.access = _cli_access(self.settings, None)
-        self.scheduler = Scheduler(self.settings.scheduler, self.store, hardware.detect())
-        self.engine = Engine(self.store, self.scheduler, self.retriever.embedder)
-        self.answerer = Answerer(self.retriever, self.engine, self.settings.retrieval, self.settings.scheduler.num_ctx)
+        self.retriever = self.services.retriever
+        self.access = access_as(self.services, None)
+        self.scheduler = self.services.scheduler
+        self.engine = self.services.engine
+        self.answerer = self.services.answerer
         self.threads = self.scheduler.hardware.physical_cores
 
     async def ask(self, item: dict, passages: int, max_tokens: int, penalty: float | None = None) -> dict:
@@ -277,7 +275,7 @@ async def run() -> int:
     report["baseline"] = {"ours": ours, "direct": direct, "overhead": overhead}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "answer.json").write_text(json.dumps(report, indent=2, default=str))
-    await bench.scheduler.shutdown()
+    await bench.services.aclose()  # the runner
     return 0
 
 

@@ -183,14 +183,10 @@ class Ours:
         self.embedder.load()  # both sides start with the model loaded
 
     def run(self, files: list[Path], home: Path) -> dict:
-        from appliance.db import create_db_engine
-        from appliance.index import ChunkIndex, open_vector_store
-        from ingest.pipeline import Ingestor
+        from appliance.services import Services
 
-        settings = Settings(home=home)
-        settings.ensure_dirs()
-        index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings))
-        ingestor = Ingestor(settings, index, self.embedder)
+        services = Services(Settings(home=home), embedder=self.embedder)  # the home wired as `appliance ingest`'s
+        ingestor = services.ingestor
         try:
             ingestor.warm_up()  # parser processes started and their imports done, as in a long-lived server
             started = time.perf_counter()
@@ -198,7 +194,7 @@ class Ours:
             results = [result for file_results in many for result in file_results]
             wall = time.perf_counter() - started
         finally:
-            ingestor.close()
+            services.close()  # the parser processes
         failed = [r for r in results if r.status == "failed"]
         if failed:
             raise SystemExit(f"our pipeline failed on {failed[0].source}: {failed[0].reason}")

@@ -97,12 +97,11 @@ class Account:
 
 # --- accounts and the server ---------------------------------------------------------------------
 def _engine(home: Path):
+    """The home's database, as the server opens it (migrated); the caller disposes of it."""
     from appliance.config import Settings
-    from appliance.db import create_db_engine
+    from appliance.services import Services
 
-    settings = Settings(home=home)
-    settings.ensure_dirs()
-    return create_db_engine(settings.resolved_database_url)
+    return Services(Settings(home=home)).db
 
 
 def browser_count(users: int, share: float) -> int:

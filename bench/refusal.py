@@ -44,6 +44,7 @@ from appliance import answerability  # noqa: E402
 from appliance.config import Settings  # noqa: E402
 from appliance.rbac import OPERATOR  # noqa: E402
 from appliance.retrieve import Hit  # noqa: E402
+from appliance.services import Services  # noqa: E402
 
 SAMPLE = ROOT / "sample_corpus"
 DEV = ROOT / "bench" / "refusal_questions.yaml"
@@ -74,40 +75,25 @@ def sample_collection(item: dict) -> str:
 # --- homes ---------------------------------------------------------------------------------------
 def _home(work: Path, name: str) -> Settings:
     settings = Settings(home=work / name)
+    settings.scheduler.default_model = False  # no generation model in these homes: `ask` answers extractively
     settings.ensure_dirs()
     return settings
 
 
-def _retriever(settings: Settings):
-    from appliance.db import create_db_engine
-    from appliance.embeddings import SentenceEmbedder
-    from appliance.index import ChunkIndex, open_vector_store
-    from appliance.retrieve import Retriever
-
-    index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings))
-    return Retriever(index, SentenceEmbedder(settings.embeddings), settings.retrieval)
-
-
-def _sources(retriever) -> dict[str, str]:
+def _sources(index) -> dict[str, str]:
     from sqlmodel import select
 
     from appliance.db import Document, session
 
-    with session(retriever.index.engine) as db:
+    with session(index.engine) as db:
         return {d.id: d.source for d in db.exec(select(Document).where(Document.status == "indexed"))}
 
 
-def _ingest(settings: Settings, folders: dict[str, list[Path]]) -> None:
+def _ingest(services: Services, folders: dict[str, list[Path]]) -> None:
     """Each collection's files through the real Ingestor, once (a home that holds documents is kept)."""
-    from appliance.db import create_db_engine
-    from appliance.embeddings import SentenceEmbedder
-    from appliance.index import ChunkIndex, open_vector_store
-    from ingest.pipeline import Ingestor
-
-    index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings))
-    ingestor = Ingestor(settings, index, SentenceEmbedder(settings.embeddings))
-    if _sources(_retriever(settings)):
+    if _sources(services.index):
         return
+    ingestor = services.ingestor
     try:
         for collection, paths in folders.items():
             for folder in paths:
@@ -117,7 +103,7 @@ def _ingest(settings: Settings, folders: dict[str, list[Path]]) -> None:
                     ):
                         print(f"  {result.status} {result.source} {result.reason}", file=sys.stderr)
     finally:
-        ingestor.parser.stop()
+        ingestor.close()
 
 
 def _record(retriever, question: str, hits: list[Hit], scope: list[str] | None, **extra) -> dict:
@@ -139,45 +125,53 @@ def collect(args) -> None:
     golden = yaml.safe_load((SAMPLE / "questions.yaml").read_text(encoding="utf-8"))
     off_topic = [q["question"] for q in dev if q["kind"] == "off_topic"]
 
-    settings = _home(work, "sample")
-    _ingest(settings, {c: [SAMPLE / c] for c in ("hospital", "lawfirm")})
-    retriever = _retriever(settings)
-    sources = _sources(retriever)
-    with (work / "sample.jsonl").open("w") as out:
-        for name, items in (("golden", golden), ("dev", dev)):
-            for item in items:
-                kind = item.get("kind") or ("answerable" if item.get("document") else "on_topic")
-                collection = sample_collection(item)
-                hits = retriever.search(item["question"], OPERATOR, [collection])
-                relevant = [d for d, s in sources.items() if item.get("document") and item["document"] in s]
-                out.write(
-                    json.dumps(
-                        _record(
-                            retriever, item["question"], hits, [collection], kind=kind, relevant=relevant, source=name
+    with Services(_home(work, "sample")) as services:
+        _ingest(services, {c: [SAMPLE / c] for c in ("hospital", "lawfirm")})
+        retriever = services.retriever
+        sources = _sources(services.index)
+        with (work / "sample.jsonl").open("w") as out:
+            for name, items in (("golden", golden), ("dev", dev)):
+                for item in items:
+                    kind = item.get("kind") or ("answerable" if item.get("document") else "on_topic")
+                    collection = sample_collection(item)
+                    hits = retriever.search(item["question"], OPERATOR, [collection])
+                    relevant = [d for d, s in sources.items() if item.get("document") and item["document"] in s]
+                    out.write(
+                        json.dumps(
+                            _record(
+                                retriever,
+                                item["question"],
+                                hits,
+                                [collection],
+                                kind=kind,
+                                relevant=relevant,
+                                source=name,
+                            )
                         )
+                        + "\n"
                     )
-                    + "\n"
-                )
     print("sample corpus: done", file=sys.stderr)
 
     evalset = Path(args.evalset)
     if (evalset / "questions.yaml").is_file():
         tune = tune_questions(evalset)  # the test half is dropped here, before anything else
-        settings = _home(work, "evalset")
-        _ingest(settings, {"sample": [evalset / "hospital", evalset / "lawfirm"]})
-        retriever = _retriever(settings)
-        sources = _sources(retriever)
-        with (work / "evalset.jsonl").open("w") as out:
-            for item in tune:
-                searched = searched_text(item)
-                hits = retriever.search(searched, OPERATOR, None)
-                relevant = [d for d, s in sources.items() if item.get("document") and item["document"] in s]
-                out.write(
-                    json.dumps(
-                        _record(retriever, searched, hits, None, kind=item["kind"], relevant=relevant, source="evalset")
+        with Services(_home(work, "evalset")) as services:
+            _ingest(services, {"sample": [evalset / "hospital", evalset / "lawfirm"]})
+            retriever = services.retriever
+            sources = _sources(services.index)
+            with (work / "evalset.jsonl").open("w") as out:
+                for item in tune:
+                    searched = searched_text(item)
+                    hits = retriever.search(searched, OPERATOR, None)
+                    relevant = [d for d, s in sources.items() if item.get("document") and item["document"] in s]
+                    out.write(
+                        json.dumps(
+                            _record(
+                                retriever, searched, hits, None, kind=item["kind"], relevant=relevant, source="evalset"
+                            )
+                        )
+                        + "\n"
                     )
-                    + "\n"
-                )
         print(f"evalset tune half: {len(tune)} questions", file=sys.stderr)
 
     if args.scifact:
@@ -187,42 +181,44 @@ def collect(args) -> None:
         claims = list(data.queries)
         random.Random(7).shuffle(claims)
         claims = claims[:CLAIMS]
-        settings = _home(work, "scifact")
-        retriever = _retriever(settings)
-        if not _sources(retriever):
-            needed = {d for q in claims for d, score in data.qrels[q].items() if score > 0 and d in data.corpus}
-            others = [d for d in data.corpus if d not in needed][: max(0, args.scifact_documents - len(needed))]
-            index_corpus(retriever, {d: data.corpus[d] for d in [*needed, *others]})
-        with (work / "scifact.jsonl").open("w") as out:
-            for claim in claims:
-                relevant = {document_key(d) for d, score in data.qrels[claim].items() if score > 0}
-                text = data.queries[claim]
-                hits = retriever.search(text, OPERATOR, None, 20)
-                out.write(
-                    json.dumps(
-                        _record(
-                            retriever,
-                            text,
-                            hits[:6],
-                            None,
-                            kind="answerable",
-                            relevant=sorted(relevant),
-                            source="scifact",
+        with Services(_home(work, "scifact")) as services:
+            retriever = services.retriever
+            if not _sources(services.index):
+                needed = {d for q in claims for d, score in data.qrels[q].items() if score > 0 and d in data.corpus}
+                others = [d for d in data.corpus if d not in needed][: max(0, args.scifact_documents - len(needed))]
+                index_corpus(retriever, {d: data.corpus[d] for d in [*needed, *others]})
+            with (work / "scifact.jsonl").open("w") as out:
+                for claim in claims:
+                    relevant = {document_key(d) for d, score in data.qrels[claim].items() if score > 0}
+                    text = data.queries[claim]
+                    hits = retriever.search(text, OPERATOR, None, 20)
+                    out.write(
+                        json.dumps(
+                            _record(
+                                retriever,
+                                text,
+                                hits[:6],
+                                None,
+                                kind="answerable",
+                                relevant=sorted(relevant),
+                                source="scifact",
+                            )
                         )
+                        + "\n"
                     )
-                    + "\n"
-                )
-                rest = [h for h in hits if h.document_id not in relevant][:6]
-                out.write(
-                    json.dumps(_record(retriever, text, rest, None, kind="on_topic", relevant=[], source="scifact"))
-                    + "\n"
-                )
-            for text in [q["question"] for q in golden] + off_topic:
-                hits = retriever.search(text, OPERATOR, None)
-                out.write(
-                    json.dumps(_record(retriever, text, hits, None, kind="off_topic", relevant=[], source="scifact"))
-                    + "\n"
-                )
+                    rest = [h for h in hits if h.document_id not in relevant][:6]
+                    out.write(
+                        json.dumps(_record(retriever, text, rest, None, kind="on_topic", relevant=[], source="scifact"))
+                        + "\n"
+                    )
+                for text in [q["question"] for q in golden] + off_topic:
+                    hits = retriever.search(text, OPERATOR, None)
+                    out.write(
+                        json.dumps(
+                            _record(retriever, text, hits, None, kind="off_topic", relevant=[], source="scifact")
+                        )
+                        + "\n"
+                    )
         print(f"scifact: {len(claims)} claims", file=sys.stderr)
 
 
@@ -314,11 +310,7 @@ def fit(args) -> None:
 
 # --- ask -----------------------------------------------------------------------------------------
 def ask(args) -> None:
-    from appliance.inference import hardware
-    from appliance.inference.engine import Engine
-    from appliance.inference.scheduler import Scheduler
-    from appliance.models.store import ModelStore
-    from appliance.rag import AnswerDone, Answerer
+    from appliance.rag import AnswerDone
 
     work = Path(args.work).expanduser().resolve()
     sets = {"sample": [], "evalset": []}
@@ -337,12 +329,10 @@ def ask(args) -> None:
             continue
         settings = _home(work, home)
         settings.retrieval.refusal = args.refusal
-        retriever = _retriever(settings)
-        store = ModelStore(settings.models_dir)
-        scheduler = Scheduler(settings.scheduler, store, hardware.detect())
-        answerer = Answerer(retriever, Engine(store, scheduler, retriever.embedder), settings.retrieval, 2048)
+        services = Services(settings)  # its store holds no model (see _home): answers are extractive
 
-        async def run(items=items, answerer=answerer, scheduler=scheduler):
+        async def run(items=items, services=services):
+            answerer = services.answerer
             for source, kind, question, history, scope, document in items:
                 async for event in answerer.ask(question, OPERATOR, scope, history=history):
                     if isinstance(event, AnswerDone):
@@ -359,7 +349,7 @@ def ask(args) -> None:
                         totals[(source, kind)].update({"questions": 1, "answered": answered, "cited expected": cited})
                         if args.verbose and answered != (kind == "answerable"):
                             print(f"  {source} {kind} {'answered' if answered else event.reason}: {question}")
-            await scheduler.shutdown()
+            await services.aclose()
 
         asyncio.run(run())
     print(f"refusal={args.refusal}")

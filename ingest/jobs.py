@@ -28,10 +28,10 @@ from sqlalchemy import text as sql
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import select
 
-from appliance import audit
+from appliance.actors import Actor
 from appliance.db import Document, Job, User, session, utcnow
 from appliance.errors import NotFound
-from appliance.rbac import NOBODY, OPERATOR, Access, access_for
+from appliance.rbac import NOBODY, access_for
 from appliance.users import Principal
 from ingest.pipeline import ContentInFlight, Ingestor, IngestResult, Started
 
@@ -49,14 +49,12 @@ _RUN_UNLOCK = sql(f"SELECT pg_advisory_unlock({_RUN_LOCK_CLASS}, hashtext(:id))"
 
 @dataclass
 class _Claimed:
-    """A job this worker has claimed: its uploader's rights as they were when it was claimed, and its file once
-    started through the pipeline."""
+    """A job this worker has claimed: its uploader, with their rights as they were when it was claimed, and its
+    file once started through the pipeline."""
 
     job: Job
     lock: Connection | None
-    access: Access
-    actor: str
-    actor_id: int
+    uploader: Actor
     denied: bool  # the uploader may no longer upload to the job's collection
     serial: bool  # run through the whole pipeline at its turn (an e-mail, or content the job before it holds)
     started: Started | None = None
@@ -66,7 +64,7 @@ class _Claimed:
         return f"upload:{self.job.collection}/{self.job.filename}"
 
     def may_replace(self, document: Document) -> bool:
-        return self.access.may_delete(document)
+        return self.uploader.access.may_delete(document)
 
 
 class JobWorker:
@@ -79,6 +77,7 @@ class JobWorker:
         self._stages: dict[str, str] = {}  # job id -> what it is doing (the running job, and the one parsed ahead)
         self._current: str | None = None  # the job being embedded and indexed
         self._ahead: _Claimed | None = None  # the next job: claimed, and parsing while the current one finishes
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop `run_forever` runs on, once it runs
         ingestor.on_stage = self._on_stage
 
     def _on_stage(self, stage: str, subject: str) -> None:
@@ -103,8 +102,16 @@ class JobWorker:
             db.add(job)
             db.commit()
             db.refresh(job)
-        self._wake.set()
+        self._wake_up()
         return job
+
+    def _wake_up(self) -> None:
+        """Tell `run_forever` that a job is waiting; `enqueue` may be called from any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
 
     def get(self, job_id: str) -> Job:
         with session(self.engine) as db:
@@ -222,9 +229,9 @@ class JobWorker:
         if claimed is None:
             return None
         job, lock = claimed
-        access, actor, actor_id = self._uploader(job)
+        uploader = self._uploader(job)
         serial = Path(job.filename).suffix.lower() == ".eml"  # its attachments follow it through the pipeline
-        return _Claimed(job, lock, access, actor, actor_id, not access.may("edit", job.collection), serial)
+        return _Claimed(job, lock, uploader, not uploader.may("edit", job.collection), serial)
 
     def _begin(self, claimed: _Claimed, in_flight: set[str] | None = None) -> None:
         """Check, store and start parsing the job's upload (not an e-mail's, nor content that `in_flight` holds:
@@ -249,15 +256,15 @@ class JobWorker:
             log.exception("starting ingestion job %s failed unexpectedly", job.id)
             claimed.serial = True
 
-    def _uploader(self, job: Job) -> tuple[Access, str, int]:
-        """The uploader's access now, and their name and id for the audit log (no user: the local operator)."""
+    def _uploader(self, job: Job) -> Actor:
+        """Who uploaded the job (no user: the local operator), with their access as it is now."""
         if job.user_id is None:
-            return OPERATOR, audit.LOCAL_OPERATOR, 0
+            return Actor.operator()
         with session(self.engine) as db:
             user = db.get(User, job.user_id)
         if user is None:
-            return NOBODY, f"user #{job.user_id}", job.user_id
-        return access_for(self.engine, Principal(job.user_id, user.name, user.role)), user.name, job.user_id
+            return Actor(f"user #{job.user_id}", job.user_id, NOBODY)
+        return Actor(user.name, job.user_id, access_for(self.engine, Principal(job.user_id, user.name, user.role)))
 
     def _run(self, claimed: _Claimed) -> None:
         job = claimed.job
@@ -296,7 +303,7 @@ class JobWorker:
         if attachments:
             log.info("job %s: %d attachment(s) ingested as documents of their own", job.id, len(attachments))
         outcome_word = "denied" if claimed.denied else "ok" if state == "done" else "failed"
-        self._audit(job, claimed.actor, claimed.actor_id, results, outcome_word)
+        self._audit(job, claimed.uploader, results, outcome_word)
         with session(self.engine) as db:
             stored = db.get(Job, job.id)
             stored.state, stored.result, stored.document_id, stored.reason = state, outcome, document_id, reason
@@ -305,23 +312,19 @@ class JobWorker:
             db.commit()
         upload.unlink(missing_ok=True)  # only once the job's outcome is recorded (a crash before re-runs it)
 
-    def _audit(self, job: Job, actor: str, actor_id: int, results: list[IngestResult], outcome: str) -> None:
+    def _audit(self, job: Job, uploader: Actor, results: list[IngestResult], outcome: str) -> None:
         """Each document the job replaced, as a delete by the uploader; then the job's end (`outcome` ok, failed,
         or denied: the uploader may no longer upload there)."""
         for result in results:
             for old in result.replaced:
-                audit.record(
+                uploader.record(
                     self.engine,
-                    actor,
                     "delete",
-                    actor_id=actor_id,
                     target=old.id,
-                    details={
-                        "collection": old.collection,
-                        "filename": old.filename,
-                        "reason": f"replaced by upload {job.id}",
-                        "replaced_by": result.document_id,
-                    },
+                    collection=old.collection,
+                    filename=old.filename,
+                    reason=f"replaced by upload {job.id}",
+                    replaced_by=result.document_id,
                 )
         result = results[0]
         details = {"job_id": job.id, "filename": job.filename}
@@ -331,11 +334,10 @@ class JobWorker:
             details.update(state="failed", reason=result.reason)
         if len(results) > 1:
             details["attachments"] = [r.document_id for r in results[1:]]
-        audit.record(
-            self.engine, actor, "upload", actor_id=actor_id, target=job.collection, outcome=outcome, details=details
-        )
+        uploader.record(self.engine, "upload", target=job.collection, outcome=outcome, **details)
 
     async def run_forever(self) -> None:
+        self._loop = asyncio.get_running_loop()
         checked = time.monotonic()
         while True:
             if self.engine.dialect.name == "postgresql" and time.monotonic() - checked > ORPHAN_CHECK_S:

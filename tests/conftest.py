@@ -159,17 +159,14 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def local_ingestor(home: Path, embedder=None, **settings_fields):
-    """An Ingestor on a fresh home of its own (SQLite, Chroma, originals), as `appliance ingest` builds it."""
+    """An Ingestor on a fresh home of its own (SQLite, Chroma, originals), as `appliance ingest` builds it
+    (`Services`); `embedder`: one already loaded, shared between tests. The caller closes the ingestor."""
     from appliance.config import Settings
-    from appliance.db import create_db_engine
-    from appliance.embeddings import SentenceEmbedder
-    from appliance.index import ChunkIndex, open_vector_store
-    from ingest.pipeline import Ingestor
+    from appliance.services import Services
 
     settings = Settings(home=home, **settings_fields)
-    settings.ensure_dirs()
-    index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings))
-    return Ingestor(settings, index, embedder or SentenceEmbedder(settings.embeddings))
+    given = {"embedder": embedder} if embedder is not None else {}
+    return Services(settings, **given).ingestor
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import pytest
 from sqlmodel import select
 
 from appliance import audit, documents, rbac
+from appliance.actors import Actor
 from appliance.db import Document, create_db_engine, session
 from appliance.errors import Forbidden
 from appliance.users import Principal, add_user, get_user
@@ -142,7 +143,7 @@ def _upload_records(engine) -> list[dict]:
 def test_a_reader_is_refused_by_role_and_the_refusal_is_audited(engine):
     alice = _principal(engine, "alice")
     with pytest.raises(Forbidden, match="editor \\(or admin\\) role"):
-        documents.check_upload_role(engine, alice, rbac.access_for_user(engine, "alice"))
+        documents.check_upload_role(engine, Actor.of(engine, alice))
     [refused] = _upload_records(engine)
     assert (refused["actor"], refused["actor_id"], refused["target"], refused["outcome"]) == (
         "alice",
@@ -153,17 +154,16 @@ def test_a_reader_is_refused_by_role_and_the_refusal_is_audited(engine):
     assert refused["details"] == {
         "reason": "uploading needs the editor (or admin) role and an editor grant on the collection"
     }
-    documents.check_upload_role(engine, _principal(engine, "ed"), rbac.access_for_user(engine, "ed"))
+    documents.check_upload_role(engine, Actor.of(engine, _principal(engine, "ed")))
     assert len(_upload_records(engine)) == 1  # allowed: nothing recorded
 
 
 def test_an_editor_uploads_only_where_granted_whether_the_collection_exists_or_not(engine):
-    ed = _principal(engine, "ed")
-    access = rbac.access_for_user(engine, "ed")
-    documents.authorize_upload(engine, ed, access, "wards")
+    ed = Actor.of(engine, _principal(engine, "ed"))
+    documents.authorize_upload(engine, ed, "wards")
     for collection in ("legal", "brand-new"):
         with pytest.raises(Forbidden) as refused:
-            documents.authorize_upload(engine, ed, access, collection)
+            documents.authorize_upload(engine, ed, collection)
         assert refused.value.message == f"uploading to collection '{collection}' needs an editor grant on it"
     assert "brand-new" not in {c["name"] for c in rbac.list_collections(engine)}  # an editor creates nothing
     records = _upload_records(engine)
@@ -175,18 +175,17 @@ def test_an_editor_uploads_only_where_granted_whether_the_collection_exists_or_n
 
 def test_an_admin_who_names_a_new_collection_creates_it_and_becomes_its_editor(engine):
     root = _principal(engine, "root")
-    documents.authorize_upload(engine, root, rbac.access_for_user(engine, "root"), "cases")
+    documents.authorize_upload(engine, Actor.of(engine, root), "cases")
     assert "cases" in {c["name"] for c in rbac.list_collections(engine)}
     assert {"collection": "cases", "kind": "user", "subject": "root", "role": "editor"} in rbac.list_grants(engine)
     assert rbac.access_for_user(engine, "root").may("edit", "cases")
     with pytest.raises(Forbidden):  # an existing collection without a grant: refused, as for an editor
-        documents.authorize_upload(engine, root, rbac.access_for_user(engine, "root"), "legal")
+        documents.authorize_upload(engine, Actor.of(engine, root), "legal")
     assert [(r["target"], r["outcome"]) for r in _upload_records(engine)] == [("legal", "denied")]
 
 
 def test_the_operator_uploads_anywhere_and_a_new_collection_is_created_without_a_grant(engine):
-    operator = Principal(0, "operator", "admin")
-    documents.authorize_upload(engine, operator, rbac.OPERATOR, "archive")
+    documents.authorize_upload(engine, Actor.operator(), "archive")
     assert "archive" in {c["name"] for c in rbac.list_collections(engine)}
     assert rbac.list_grants(engine, "archive") == []
     assert _upload_records(engine) == []

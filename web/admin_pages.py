@@ -1,8 +1,8 @@
-"""The administration page: users, groups, collections, grants, walls, API keys, and the audit log.
+"""The administration page: users, groups, collections, grants, walls, API keys, break-glass and the audit log.
 
-Every form posts to `/admin/<action>` with the session's CSRF token; each action names the rbac action
-it needs (`manage_users` or `manage_policy`) and calls the same service functions as the CLI, then
-writes an audit record. Errors come back on the page as a message.
+Every form posts to `/admin/<action>` with the session's CSRF token; its route parses the form and makes one
+call into `appliance.policy`, which checks the caller's right and writes the audit record, then goes back to the
+page with a notice (or the error). Viewing the page and its audit export needs `manage_users`.
 """
 
 from __future__ import annotations
@@ -13,29 +13,27 @@ from datetime import UTC, datetime
 from urllib.parse import urlencode
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
+from sqlalchemy.engine import Engine
+from starlette.datastructures import FormData
 
 from appliance import audit as audit_log
-from appliance import rbac, users
-from appliance.db import Document, session
-from appliance.errors import ApplianceError, BadRequest, Forbidden, NotFound
-from web.caller import caller
-from web.rendering import check_csrf, render, signed_in
-from web.security import audit
+from appliance import policy, rbac, users
+from appliance.actors import Actor
+from appliance.errors import ApplianceError, BadRequest
+from web.caller import Caller, caller, requires
+from web.rendering import render
 
 router = APIRouter()
 AUDIT_PAGE = 50
+VIEW = "manage_users"  # the right to see the page (it lists users and their keys) and its audit log
+viewer = requires(VIEW, policy.ADMINS_ONLY)
 
 
-def _require(request: Request, action: str):
-    signed = signed_in(request)
-    if not caller(request).may(action):
-        raise Forbidden("Only administrators may do this.")
-    return signed
-
-
-def _field(form, name: str, required: bool = True) -> str:
+def _field(form: FormData, name: str, required: bool = False) -> str:
+    """A form field, trimmed ('' when missing). The administration forms check nothing here: their use case
+    checks the caller's right first, then the values, so that who may not learns nothing about a form."""
     value = form.get(name)
     value = value.strip() if isinstance(value, str) else ""
     if required and not value:
@@ -43,136 +41,127 @@ def _field(form, name: str, required: bool = True) -> str:
     return value[:1024]
 
 
-def _subject(form) -> dict[str, str]:
-    kind, name = _field(form, "kind"), _field(form, "subject")
-    if kind not in rbac.SUBJECT_KINDS:
-        raise BadRequest("choose a user or a group")
-    return {kind: name}
+def _subject(form: FormData) -> dict[str, str]:
+    """The user or group a grant or wall form names, as `user=` or `group=` (none when the kind is not one)."""
+    kind = _field(form, "kind")
+    return {kind: _field(form, "subject")} if kind in rbac.SUBJECT_KINDS else {}
 
 
-# action -> (rbac action needed, audit action, function(engine, form, me) -> (target, notice, details))
-Handler = Callable[..., tuple[str, str, dict]]
+def _named(subject: dict[str, str]) -> str:
+    """'user NAME' or 'group NAME', for a notice (once the change is made, the form named one)."""
+    ((kind, name),) = subject.items()
+    return f"{kind} {name}"
 
 
-def _user_add(engine, form, me):
+# Each form: parse it, make its one change through appliance.policy, and say what was done.
+Form = Callable[[Engine, Actor, FormData], str]
+
+
+def _user_add(engine: Engine, me: Actor, form: FormData) -> str:
     name, role = _field(form, "name"), _field(form, "role")
-    password = _field(form, "password", required=False) or None
-    if password:
-        users.check_password_strength(password)
-    users.add_user(engine, name, role, password)
-    return f"user:{name}", f"User {name} created ({role}).", {"role": role}
+    user = policy.add_user(engine, me, name, role, _field(form, "password") or None)
+    return f"User {user.name} created ({user.role})."
 
 
-def _user_disable(engine, form, me):
+def _user_disable(engine: Engine, me: Actor, form: FormData) -> str:
     name = _field(form, "name")
-    if name == me.name:
-        raise BadRequest("You cannot disable your own account.")
-    revoked = users.disable_user(engine, name)
-    return f"user:{name}", f"User {name} disabled: sessions ended, {revoked} key(s) revoked.", {"keys": revoked}
+    revoked = policy.disable_user(engine, me, name)
+    return f"User {name} disabled: sessions ended, {revoked} key(s) revoked."
 
 
-def _user_enable(engine, form, me):
+def _user_enable(engine: Engine, me: Actor, form: FormData) -> str:
     name = _field(form, "name")
-    users.enable_user(engine, name)
-    return f"user:{name}", f"User {name} enabled (their old keys stay revoked).", {}
+    policy.enable_user(engine, me, name)
+    return f"User {name} enabled (their old keys stay revoked)."
 
 
-def _user_password(engine, form, me):
-    name, password = _field(form, "name"), _field(form, "password")
-    users.set_password(engine, name, password)
-    return f"user:{name}", f"Password of {name} set; their sessions ended.", {}
-
-
-def _user_mfa_reset(engine, form, me):
+def _user_password(engine: Engine, me: Actor, form: FormData) -> str:
     name = _field(form, "name")
-    users.reset_mfa(engine, name)
-    return (
-        f"user:{name}",
-        f"Two-factor sign-in of {name} removed; they enrol again at sign-in.",
-        {},
-    )
+    policy.set_password(engine, me, name, _field(form, "password"))
+    return f"Password of {name} set; their sessions ended."
 
 
-def _user_role(engine, form, me):
+def _user_mfa_reset(engine: Engine, me: Actor, form: FormData) -> str:
+    name = _field(form, "name")
+    policy.reset_mfa(engine, me, name)
+    return f"Two-factor sign-in of {name} removed; they enrol again at sign-in."
+
+
+def _user_role(engine: Engine, me: Actor, form: FormData) -> str:
     name, role = _field(form, "name"), _field(form, "role")
-    old = users.set_role(engine, name, role)
-    return f"user:{name}", f"{name} is now {role} (was {old}).", {"role": role, "previous": old}
+    previous = policy.set_role(engine, me, name, role)
+    return f"{name} is now {role} (was {previous})."
 
 
-def _group_add(engine, form, me):
-    name = _field(form, "name")
-    rbac.add_group(engine, name)
-    return f"group:{name}", f"Group {name} created.", {}
+def _group_add(engine: Engine, me: Actor, form: FormData) -> str:
+    group = policy.add_group(engine, me, _field(form, "name"))
+    return f"Group {group.name} created."
 
 
-def _member_add(engine, form, me):
+def _member_add(engine: Engine, me: Actor, form: FormData) -> str:
     group, user = _field(form, "group"), _field(form, "user")
-    rbac.add_member(engine, group, user)
-    return f"group:{group}", f"{user} added to {group}.", {"user": user}
+    policy.add_member(engine, me, group, user)
+    return f"{user} added to {group}."
 
 
-def _member_rm(engine, form, me):
+def _member_rm(engine: Engine, me: Actor, form: FormData) -> str:
     group, user = _field(form, "group"), _field(form, "user")
-    rbac.remove_member(engine, group, user)
-    return f"group:{group}", f"{user} removed from {group}.", {"user": user}
+    policy.remove_member(engine, me, group, user)
+    return f"{user} removed from {group}."
 
 
-def _collection_add(engine, form, me):
-    name = _field(form, "name")
-    rbac.add_collection(engine, name, _field(form, "description", required=False) or None)
-    return f"collection:{name}", f"Collection {name} created.", {}
-
-
-def _grant_add(engine, form, me):
-    collection, subject, role = _field(form, "collection"), _subject(form), _field(form, "role")
-    rbac.add_grant(engine, collection, role=role, **subject)
-    ((kind, name),) = subject.items()
-    return f"collection:{collection}", f"{kind} {name} may now {role} {collection}.", {kind: name, "role": role}
-
-
-def _grant_rm(engine, form, me):
-    collection, subject = _field(form, "collection"), _subject(form)
-    rbac.remove_grant(engine, collection, **subject)
-    ((kind, name),) = subject.items()
-    return f"collection:{collection}", f"Grant of {kind} {name} on {collection} removed.", {kind: name}
-
-
-def _wall_add(engine, form, me):
-    collection, subject = _field(form, "collection"), _subject(form)
-    rbac.add_wall(engine, collection, **subject)
-    ((kind, name),) = subject.items()
-    return f"collection:{collection}", f"{kind} {name} is walled off {collection}.", {kind: name}
-
-
-def _wall_rm(engine, form, me):
-    collection, subject = _field(form, "collection"), _subject(form)
-    rbac.remove_wall(engine, collection, **subject)
-    ((kind, name),) = subject.items()
-    return f"collection:{collection}", f"Wall of {kind} {name} on {collection} removed.", {kind: name}
-
-
-def _key_revoke(engine, form, me):
+def _key_revoke(engine: Engine, me: Actor, form: FormData) -> str:
     prefix = _field(form, "prefix")
-    count = users.revoke_key(engine, prefix)
-    return f"key:{prefix}", f"Key {prefix}… revoked.", {"count": count}
+    policy.revoke_key(engine, me, prefix)
+    return f"Key {prefix}… revoked."
 
 
-ACTIONS: dict[str, tuple[str, str, Handler]] = {
-    "user-add": ("manage_users", "user_add", _user_add),
-    "user-disable": ("manage_users", "user_disable", _user_disable),
-    "user-enable": ("manage_users", "user_enable", _user_enable),
-    "user-password": ("manage_users", "password_set", _user_password),
-    "user-mfa-reset": ("manage_users", "mfa_reset", _user_mfa_reset),
-    "user-role": ("manage_users", "role_set", _user_role),
-    "group-add": ("manage_users", "group_add", _group_add),
-    "member-add": ("manage_users", "member_add", _member_add),
-    "member-rm": ("manage_users", "member_rm", _member_rm),
-    "key-revoke": ("manage_users", "key_revoke", _key_revoke),
-    "collection-add": ("manage_policy", "collection_add", _collection_add),
-    "grant-add": ("manage_policy", "grant_add", _grant_add),
-    "grant-rm": ("manage_policy", "grant_rm", _grant_rm),
-    "wall-add": ("manage_policy", "wall_add", _wall_add),
-    "wall-rm": ("manage_policy", "wall_rm", _wall_rm),
+def _collection_add(engine: Engine, me: Actor, form: FormData) -> str:
+    description = _field(form, "description") or None
+    collection = policy.add_collection(engine, me, _field(form, "name"), description)
+    return f"Collection {collection.name} created."
+
+
+def _grant_add(engine: Engine, me: Actor, form: FormData) -> str:
+    collection, subject, role = _field(form, "collection"), _subject(form), _field(form, "role")
+    grant = policy.add_grant(engine, me, collection, role=role, **subject)
+    return f"{_named(subject)} may now {grant.role} {collection}."
+
+
+def _grant_rm(engine: Engine, me: Actor, form: FormData) -> str:
+    collection, subject = _field(form, "collection"), _subject(form)
+    policy.remove_grant(engine, me, collection, **subject)
+    return f"Grant of {_named(subject)} on {collection} removed."
+
+
+def _wall_add(engine: Engine, me: Actor, form: FormData) -> str:
+    collection, subject = _field(form, "collection"), _subject(form)
+    policy.add_wall(engine, me, collection, **subject)
+    return f"{_named(subject)} is walled off {collection}."
+
+
+def _wall_rm(engine: Engine, me: Actor, form: FormData) -> str:
+    collection, subject = _field(form, "collection"), _subject(form)
+    policy.remove_wall(engine, me, collection, **subject)
+    return f"Wall of {_named(subject)} on {collection} removed."
+
+
+ACTIONS: dict[str, Form] = {
+    "user-add": _user_add,
+    "user-disable": _user_disable,
+    "user-enable": _user_enable,
+    "user-password": _user_password,
+    "user-mfa-reset": _user_mfa_reset,
+    "user-role": _user_role,
+    "group-add": _group_add,
+    "member-add": _member_add,
+    "member-rm": _member_rm,
+    "key-revoke": _key_revoke,
+    "collection-add": _collection_add,
+    "grant-add": _grant_add,
+    "grant-rm": _grant_rm,
+    "wall-add": _wall_add,
+    "wall-rm": _wall_rm,
 }
 
 
@@ -206,7 +195,7 @@ def _page_data(engine, filters: dict[str, str]) -> dict:
     return data
 
 
-async def _admin_page(request: Request, signed, status: int = 200, **extra):
+async def _admin_page(request: Request, me: Caller, status: int = 200, **extra):
     filters = _audit_filters(request)
     data = await asyncio.to_thread(_page_data, request.app.state.db, filters)
     return render(
@@ -221,125 +210,80 @@ async def _admin_page(request: Request, signed, status: int = 200, **extra):
         scripts=["common.js"],
         **data,
         **extra,
-        **caller(request).nav(),
+        **me.nav(),
     )
 
 
+async def _page_with_error(request: Request, me: Caller, error: ApplianceError):
+    """Back to the page with the error, for whom may see the page; anyone else gets only the error."""
+    if not me.may(VIEW):
+        raise error
+    return await _admin_page(request, me, error.status, error=error.message)
+
+
 @router.get("/admin")
-async def admin_page(request: Request, done: str = ""):
-    signed = _require(request, "manage_users")
-    return await _admin_page(request, signed, notice=done[:300])
+async def admin_page(request: Request, done: str = "", me: Caller = Depends(viewer)):
+    return await _admin_page(request, me, notice=done[:300])
 
 
 @router.post("/admin/key-create")
-async def create_key(request: Request):
+async def create_key(request: Request, me: Caller = Depends(caller)):
     """The new key is shown on the page this once (no redirect: it is never stored in clear)."""
-    signed = _require(request, "manage_users")
     form = await request.form(max_files=0, max_fields=10)
-    check_csrf(signed, form.get("csrf"))
+    me.check_csrf(form.get("csrf"))
+    user, label = _field(form, "user"), _field(form, "label")
     try:
-        user, label = _field(form, "user"), _field(form, "label", required=False)
-        key = await asyncio.to_thread(users.create_key, request.app.state.db, user, label)
+        key = await asyncio.to_thread(policy.create_key, request.app.state.db, me.actor, user, label)
     except ApplianceError as exc:
-        return await _admin_page(request, signed, exc.status, error=exc.message)
-    audit(request, signed.user.name, "key_create", actor_id=signed.user.id, target=f"user:{user}", prefix=key[:12])
-    return await _admin_page(request, signed, new_key=key, new_key_user=user)
+        return await _page_with_error(request, me, exc)
+    return await _admin_page(request, me, new_key=key, new_key_user=user)
 
 
 @router.post("/admin/break-glass")
-async def break_glass(request: Request):
-    """An admin's own time-limited reader grant on a collection, with a reason; audited, refusals too."""
-    signed = _require(request, "manage_policy")
+async def break_glass(request: Request, me: Caller = Depends(caller)):
+    """The caller's own time-limited reader grant on a collection, with a reason (audited, refusals too)."""
     form = await request.form(max_files=0, max_fields=10)
-    check_csrf(signed, form.get("csrf"))
-    me, state = signed.principal, request.app.state
-    collection, reason = _field(form, "collection", required=False), _field(form, "reason", required=False)
-    minutes_text = _field(form, "minutes", required=False) or str(rbac.BREAK_GLASS_MINUTES)
-    details = {"user": me.name, "reason": reason[:500], "minutes": minutes_text[:16]}
+    me.check_csrf(form.get("csrf"))
+    collection, reason = _field(form, "collection"), _field(form, "reason")
+    minutes = _field(form, "minutes") or str(rbac.BREAK_GLASS_MINUTES)
+    max_minutes = request.app.state.settings.break_glass_max_minutes
     try:
-        if not minutes_text.isdigit():
+        if not minutes.isdigit():
             raise BadRequest("'minutes' must be a whole number of minutes")
         grant = await asyncio.to_thread(
-            rbac.break_glass,
-            state.db,
-            me.name,
+            policy.break_glass,
+            request.app.state.db,
+            me.actor,
+            me.actor.name,
             collection,
             reason,
-            int(minutes_text),
-            max_minutes=state.settings.break_glass_max_minutes,
+            int(minutes),
+            max_minutes=max_minutes,
         )
     except ApplianceError as exc:
-        outcome = "denied" if isinstance(exc, Forbidden) else "failed"
-        audit(request, me.name, "break_glass", actor_id=me.user_id, target=collection, outcome=outcome, **details)
-        return await _admin_page(request, signed, exc.status, error=exc.message)
-    assert grant.expires_at is not None
-    until = grant.expires_at.isoformat()
-    details.update(reason=grant.reason, minutes=int(minutes_text))
-    audit(request, me.name, "break_glass", actor_id=me.user_id, target=collection, expires_at=until, **details)
+        return await _page_with_error(request, me, exc)
     notice = f"Break-glass: you may read {collection} until {grant.expires_at:%Y-%m-%d %H:%M} UTC. This is audited."
     return RedirectResponse(f"/admin?{urlencode({'done': notice})}#break-glass", status_code=303)
 
 
-def _set_document_acl(index, document_id: str, acl_field: str):
-    """Who may read one document: its collection's readers, or named users and groups. The chunk index keeps
-    the document row and the vector store's metadata in step. Returns (document, new ACL)."""
-    from ingest.pipeline import parse_acl
-
-    with session(index.engine) as db:
-        document = db.get(Document, document_id) if len(document_id) == 64 else None
-    if document is None:
-        raise NotFound(f"document {document_id[:64]} not found")
-    acl = parse_acl(acl_field, document.collection)
-    rbac.check_acl_subjects(index.engine, acl, document.collection)
-    index.set_acl(document.id, acl)
-    return document, acl
-
-
-@router.post("/admin/document-acl")
-async def document_acl(request: Request):
-    """The access form of the document page; back to that page with a notice."""
-    signed = _require(request, "manage_policy")
-    form = await request.form(max_files=0, max_fields=10)
-    check_csrf(signed, form.get("csrf"))
-    me = signed.principal
-    try:
-        document_id = _field(form, "document")
-        document, acl = await asyncio.to_thread(
-            _set_document_acl, request.app.state.ingestor.index, document_id, _field(form, "acl", required=False)
-        )
-    except ApplianceError as exc:
-        audit(request, me.name, "acl_set", actor_id=me.user_id, outcome="failed", error=exc.message[:200])
-        return await _admin_page(request, signed, exc.status, error=exc.message)
-    details = {"collection": document.collection, "acl": acl, "previous": document.acl}
-    audit(request, me.name, "acl_set", actor_id=me.user_id, target=f"document:{document.id}", **details)
-    notice = f"{document.filename} is now readable by {', '.join(acl)}."
-    return RedirectResponse(f"/documents/{document.id}?{urlencode({'done': notice})}", status_code=303)
-
-
 @router.post("/admin/{action}")
-async def admin_action(request: Request, action: str):
+async def admin_action(request: Request, action: str, me: Caller = Depends(caller)):
     if action not in ACTIONS:
-        _require(request, "manage_users")  # who is not an administrator learns nothing about the forms
+        me.require(VIEW, message=policy.ADMINS_ONLY)  # who is not an administrator learns nothing about the forms
         raise BadRequest("no such administration action")
-    needed, audit_action, handler = ACTIONS[action]
-    signed = _require(request, needed)
     form = await request.form(max_files=0, max_fields=20)
-    check_csrf(signed, form.get("csrf"))
-    me = signed.principal
+    me.check_csrf(form.get("csrf"))
     try:
-        target, notice, details = await asyncio.to_thread(handler, request.app.state.db, form, me)
+        notice = await asyncio.to_thread(ACTIONS[action], request.app.state.db, me.actor, form)
     except ApplianceError as exc:
-        audit(request, me.name, audit_action, actor_id=me.user_id, outcome="failed", error=exc.message[:200])
-        return await _admin_page(request, signed, exc.status, error=exc.message)
-    audit(request, me.name, audit_action, actor_id=me.user_id, target=target, **details)
+        return await _page_with_error(request, me, exc)
     section = action.split("-")[0]
     return RedirectResponse(f"/admin?{urlencode({'done': notice})}#{section}", status_code=303)
 
 
-@router.get("/admin/audit.jsonl")
+@router.get("/admin/audit.jsonl", dependencies=[Depends(viewer)])
 async def export_audit(request: Request):
     """The matching audit records as JSON lines, downloaded (never rendered)."""
-    _require(request, "manage_users")
     filters = _audit_filters(request)
 
     def lines() -> bytes:

@@ -1,28 +1,25 @@
-"""The everyday pages: ask (chat with citations), documents (list, filter, open, delete), the document
-view with the cited passage highlighted, and upload.
+"""The everyday pages: ask, the documents list, one document with a cited passage highlighted, upload, and
+the document page's access form (`/admin/document-acl`).
 
-Each route authorizes through the caller's rbac Access, and reads through `appliance.documents`:
-collections offered on the ask page are the readable ones, the document list shows only documents
-`can_read` allows, delete and upload are offered only where `access.may("edit", collection)`. The
-pages' scripts call the JSON APIs with the session cookie and the session's CSRF token in a header.
-Document text is only ever rendered escaped.
+Each route takes its caller from `web.caller`, makes one call into `appliance.documents` (which holds the
+rules and writes the audit records) and renders. The pages' scripts call the JSON APIs with the session
+cookie and the session's CSRF token in a header. Document text is only ever rendered escaped.
 """
 
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import RedirectResponse
 
-from appliance import documents as documents_service
-from appliance.db import Chunk, Document, DocumentText, session
-from appliance.errors import NotFound, Withheld
-from appliance.rbac import list_groups
-from web.caller import caller
+from appliance import documents
+from appliance.errors import BadRequest
+from web.caller import Caller, caller
 from web.rendering import render, serve_asset
 
 router = APIRouter()
-MAX_PASSAGE = 20_000
 
 
 @router.get("/static/{name}")
@@ -31,9 +28,9 @@ async def static_file(name: str):
 
 
 async def ask_page(request: Request):
-    me = caller(request)
-    access = me.access
-    collections = await asyncio.to_thread(documents_service.readable_collections, request.app.state.db, access)
+    """The ask page (web.app serves it at / to browsers)."""
+    me = await asyncio.to_thread(caller, request)
+    collections = await asyncio.to_thread(documents.readable_collections, request.app.state.db, me.access)
     return render(
         request,
         "ask.html",
@@ -45,19 +42,17 @@ async def ask_page(request: Request):
 
 
 @router.get("/documents")
-async def documents_page(request: Request, collection: str = "", name: str = ""):
-    me = caller(request)
-    access = me.access
-    db = request.app.state.db
-    documents = await asyncio.to_thread(documents_service.readable_documents, db, access, collection[:128], name[:200])
-    readable = await asyncio.to_thread(documents_service.readable_document_collections, db, access)
-    rows = [{"doc": d, "can_delete": access.may("edit", d.collection)} for d in documents]
+async def documents_page(request: Request, collection: str = "", name: str = "", me: Caller = Depends(caller)):
+    listing = await asyncio.to_thread(
+        documents.list_documents, request.app.state.db, me.actor, collection[:128], name[:200]
+    )
+    rows = [{"doc": d, "can_delete": me.access.may_delete(d)} for d in listing.documents]
     return render(
         request,
         "documents.html",
         title="Documents",
         rows=rows,
-        collections=readable,
+        collections=listing.collections,
         collection=collection,
         name=name,
         scripts=["common.js", "documents.js"],
@@ -65,72 +60,71 @@ async def documents_page(request: Request, collection: str = "", name: str = "")
     )
 
 
-def _document_view(request: Request, access, document_id: str, chunk_id: str, start: int | None, end: int | None):
-    with session(request.app.state.db) as db:
-        document = db.get(Document, document_id) if len(document_id) == 64 else None
-        if document is None:
-            raise NotFound("No such document, or you may not read it.")
-        if not access.can_read(document.collection, document.acl):
-            raise Withheld("No such document, or you may not read it.")  # the same answer for both
-        text_row = db.get(DocumentText, document_id)
-        chunk = db.get(Chunk, chunk_id) if chunk_id else None
-    text = text_row.text if text_row else ""
-    if chunk is not None and chunk.document_id != document_id:
-        chunk = None
-    span = None
-    if start is not None and end is not None and 0 <= start < end <= len(text) and end - start <= MAX_PASSAGE:
-        span = (start, end)
-    elif chunk is not None and 0 <= chunk.start < chunk.end <= len(text):
-        span = (chunk.start, chunk.end)
+@router.get("/documents/{document_id}")
+async def document_page(
+    request: Request,
+    document_id: str,
+    chunk: str = "",
+    start: int | None = None,
+    end: int | None = None,
+    done: str = "",
+    me: Caller = Depends(caller),
+):
+    view = await asyncio.to_thread(
+        documents.view_document, request.app.state.db, me.actor, document_id, chunk[:100], start, end
+    )
+    text, span = view.text, view.span
     parts = {"before": text, "passage": "", "after": ""}
     if span:
         parts = {"before": text[: span[0]], "passage": text[span[0] : span[1]], "after": text[span[1] :]}
-    page = chunk.page if chunk is not None else None
-    section = " › ".join(chunk.headings) if chunk is not None else ""
-    return document, parts, page, section
-
-
-@router.get("/documents/{document_id}")
-async def document_page(
-    request: Request, document_id: str, chunk: str = "", start: int | None = None, end: int | None = None
-):
-    me = caller(request)
-    access = me.access
-    document, parts, page, section = await asyncio.to_thread(
-        _document_view, request, access, document_id, chunk[:100], start, end
-    )
     return render(
         request,
         "document.html",
-        title=document.filename,
-        doc=document,
+        title=view.document.filename,
+        doc=view.document,
         parts=parts,
-        page=page,
-        section=section,
-        can_delete=access.may("edit", document.collection),
-        can_set_access=access.may("manage_policy"),
-        done=request.query_params.get("done", "")[:300],
+        page=view.page,
+        section=" › ".join(view.headings),
+        can_delete=me.access.may_delete(view.document),
+        can_set_access=me.may("manage_policy"),
+        done=done[:300],
         scripts=["common.js", "documents.js"],
         **me.nav(),
     )
 
 
-@router.get("/upload")
-async def upload_page(request: Request):
-    me = caller(request)
-    access = me.access
+@router.post("/admin/document-acl")
+async def document_acl(request: Request, me: Caller = Depends(caller)):
+    """The document page's access form; back to that page with a notice."""
+    form = await request.form(max_files=0, max_fields=10)
+    me.check_csrf(form.get("csrf"))
+    document_id, acl_text = _field(form, "document"), _field(form, "acl")
+    if not document_id:
+        raise BadRequest("'document' is required.")
     state = request.app.state
-    editable = await asyncio.to_thread(documents_service.editable_collections, state.db, access)
-    # As uploads do (documents.authorize_upload): an admin may name a new collection and becomes its editor.
-    can_create = access.may_create_collection()
-    groups = [g["name"] for g in await asyncio.to_thread(list_groups, state.db)]
+    document, acl = await asyncio.to_thread(
+        documents.set_document_acl, state.db, state.ingestor.index, me.actor, document_id, acl_text
+    )
+    notice = f"{document.filename} is now readable by {', '.join(acl)}."
+    return RedirectResponse(f"/documents/{document.id}?{urlencode({'done': notice})}", status_code=303)
+
+
+def _field(form, name: str) -> str:
+    value = form.get(name)
+    return value.strip()[:1024] if isinstance(value, str) else ""
+
+
+@router.get("/upload")
+async def upload_page(request: Request, me: Caller = Depends(caller)):
+    state = request.app.state
+    choices = await asyncio.to_thread(documents.upload_choices, state.db, me.actor)
     return render(
         request,
         "upload.html",
         title="Upload",
-        collections=editable,
-        can_create=can_create,
-        groups=groups,
+        collections=choices.collections,
+        can_create=choices.can_create,
+        groups=choices.groups,
         max_mb=state.settings.ingest.max_upload_mb,
         scripts=["common.js", "upload.js"],
         **me.nav(),

@@ -1,44 +1,28 @@
-"""Who may read what: groups, collections, grants, break-glass and ethical walls."""
+"""Who may read what: groups, collections, grants, break-glass and ethical walls (changes through
+`appliance.policy`, which audits them; listings straight from `appliance.rbac`)."""
 
 from __future__ import annotations
 
-from appliance.cli.common import print_json, record_audit
-from appliance.errors import ApplianceError, Forbidden
+from appliance import policy
+from appliance.actors import Actor
+from appliance.cli.common import print_json
 from appliance.services import Services
 
 
-def _subject_details(args) -> dict[str, str]:
-    """Whom a grant or wall names, for its audit record."""
-    return (
-        {"subject_kind": "user", "subject": args.user}
-        if args.user
-        else {"subject_kind": "group", "subject": args.group}
-    )
-
-
 def cmd_groups_add(services: Services, args) -> int:
-    from appliance.rbac import add_group
-
-    group = add_group(services.db, args.name)
-    record_audit(services, "group_add", group.name)
+    group = policy.add_group(services.db, Actor.operator(), args.name)
     print(f"created group '{group.name}'")
     return 0
 
 
 def cmd_groups_add_member(services: Services, args) -> int:
-    from appliance.rbac import add_member
-
-    add_member(services.db, args.group, args.user)
-    record_audit(services, "member_add", args.group, user=args.user)
+    policy.add_member(services.db, Actor.operator(), args.group, args.user)
     print(f"added '{args.user}' to group '{args.group}'")
     return 0
 
 
 def cmd_groups_rm_member(services: Services, args) -> int:
-    from appliance.rbac import remove_member
-
-    remove_member(services.db, args.group, args.user)
-    record_audit(services, "member_rm", args.group, user=args.user)
+    policy.remove_member(services.db, Actor.operator(), args.group, args.user)
     print(f"removed '{args.user}' from group '{args.group}'")
     return 0
 
@@ -56,10 +40,7 @@ def cmd_groups_list(services: Services, args) -> int:
 
 
 def cmd_collections_add(services: Services, args) -> int:
-    from appliance.rbac import add_collection
-
-    collection = add_collection(services.db, args.name, args.description)
-    record_audit(services, "collection_add", collection.name)
+    collection = policy.add_collection(services.db, Actor.operator(), args.name, args.description)
     print(f"created collection '{collection.name}'")
     return 0
 
@@ -77,19 +58,17 @@ def cmd_collections_list(services: Services, args) -> int:
 
 
 def cmd_grants_add(services: Services, args) -> int:
-    from appliance.rbac import add_grant
-
-    grant = add_grant(services.db, args.collection, user=args.user, group=args.group, role=args.role or "reader")
-    record_audit(services, "grant_add", args.collection, **_subject_details(args), role=grant.role)
+    grant = policy.add_grant(
+        services.db, Actor.operator(), args.collection, user=args.user, group=args.group, role=args.role or "reader"
+    )
     print(f"granted {grant.role} on '{args.collection}' to {grant.subject_kind} '{args.user or args.group}'")
     return 0
 
 
 def cmd_grants_rm(services: Services, args) -> int:
-    from appliance.rbac import remove_grant
-
-    remove_grant(services.db, args.collection, user=args.user, group=args.group, role=args.role)
-    record_audit(services, "grant_rm", args.collection, **_subject_details(args), role=args.role)
+    policy.remove_grant(
+        services.db, Actor.operator(), args.collection, user=args.user, group=args.group, role=args.role
+    )
     print(f"revoked the grant on '{args.collection}' for '{args.user or args.group}'")
     return 0
 
@@ -111,43 +90,28 @@ def cmd_grants_list(services: Services, args) -> int:
 
 def cmd_break_glass(services: Services, args) -> int:
     """An admin's own time-limited reader grant, with a reason; audited, refused attempts too."""
-    from appliance.rbac import break_glass
-
-    details = {"user": args.user, "reason": args.reason[:500], "minutes": args.minutes}
-    try:
-        grant = break_glass(
-            services.db,
-            args.user,
-            args.collection,
-            args.reason,
-            args.minutes,
-            max_minutes=services.settings.break_glass_max_minutes,
-        )
-    except ApplianceError as exc:
-        outcome = "denied" if isinstance(exc, Forbidden) else "failed"
-        record_audit(services, "break_glass", args.collection, outcome=outcome, **details, error=exc.message[:200])
-        raise
+    grant = policy.break_glass(
+        services.db,
+        Actor.operator(),
+        args.user,
+        args.collection,
+        args.reason,
+        args.minutes,
+        max_minutes=services.settings.break_glass_max_minutes,
+    )
     assert grant.expires_at is not None
-    details["reason"] = grant.reason
-    record_audit(services, "break_glass", args.collection, **details, expires_at=grant.expires_at.isoformat())
     print(f"'{args.user}' may read '{args.collection}' until {grant.expires_at.isoformat()} (break-glass, audited)")
     return 0
 
 
 def cmd_walls_add(services: Services, args) -> int:
-    from appliance.rbac import add_wall
-
-    add_wall(services.db, args.collection, user=args.user, group=args.group)
-    record_audit(services, "wall_add", args.collection, **_subject_details(args))
+    policy.add_wall(services.db, Actor.operator(), args.collection, user=args.user, group=args.group)
     print(f"walled '{args.user or args.group}' off '{args.collection}'")
     return 0
 
 
 def cmd_walls_rm(services: Services, args) -> int:
-    from appliance.rbac import remove_wall
-
-    remove_wall(services.db, args.collection, user=args.user, group=args.group)
-    record_audit(services, "wall_rm", args.collection, **_subject_details(args))
+    policy.remove_wall(services.db, Actor.operator(), args.collection, user=args.user, group=args.group)
     print(f"removed the wall between '{args.user or args.group}' and '{args.collection}'")
     return 0
 

@@ -1,4 +1,4 @@
-"""What every command shares: the services it opens, the audit record it leaves, its JSON output."""
+"""What every command shares: the services it opens and its JSON output (the use cases write the audit records)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,3 @@ def open_services(settings: Settings) -> Services:
 
 def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
-
-
-def record_audit(services: Services, action: str, target: str | None = None, *, outcome: str = "ok", **details) -> None:
-    """An audit record of something the local operator did (the CLI acts as the local operator)."""
-    from appliance import audit
-
-    audit.record(services.db, audit.LOCAL_OPERATOR, action, actor_id=0, target=target, outcome=outcome, details=details)

@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from appliance.cli.common import print_json, record_audit
-from appliance.errors import BadRequest, NotFound
+from appliance.actors import Actor
+from appliance.cli.common import print_json
 from appliance.services import Services
 
 
@@ -25,18 +25,12 @@ def _walk(paths: list[str]) -> list[Path]:
 
 
 def cmd_ingest(services: Services, args) -> int:
-    from appliance.rbac import check_acl_subjects, ensure_collection
-    from ingest.pipeline import parse_acl
+    from appliance import documents
 
-    ensure_collection(services.db, args.collection)
-    acl = parse_acl(args.acl, args.collection)
-    check_acl_subjects(services.db, acl, args.collection)
     files = _walk(args.paths)
     # Parser processes share the cores with embedding: torch's OpenMP threads must sleep when they wait,
     # not spin, or they take the time parsing needs (set before torch is imported).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    ingestor = services.ingestor
-    results = []
     console = Console(stderr=True)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=True, disable=args.json) as bar:
@@ -47,29 +41,21 @@ def cmd_ingest(services: Services, args) -> int:
         def show_stage(stage: str, subject: str) -> None:
             bar.update(current, completed=stages[stage], description=f"  {stage} {subject[:40]}")
 
+        def show_file(file_results) -> None:
+            for result in file_results:
+                if not args.json:
+                    detail = f" ({result.chunks} chunks)" if result.status in ("added", "updated") else ""
+                    reason = f": {result.reason}" if result.reason else ""
+                    line = f"{result.status:<9} {result.source}{detail}{reason}"
+                    console.print(line, markup=False, highlight=False)
+            bar.advance(overall)
+
+        ingestor = services.ingestor
         ingestor.on_stage = show_stage
         try:
-            for file_results in ingestor.ingest_many(
-                ((path, str(path.resolve())) for path in files), args.collection, acl
-            ):
-                for result in file_results:
-                    results.append(result)
-                    record_audit(
-                        services,
-                        "upload",
-                        args.collection,
-                        outcome="failed" if result.status == "failed" else "ok",
-                        source=result.source,
-                        document_id=result.document_id,
-                        result=result.status,
-                        reason=result.reason or None,
-                    )
-                    if not args.json:
-                        detail = f" ({result.chunks} chunks)" if result.status in ("added", "updated") else ""
-                        reason = f": {result.reason}" if result.reason else ""
-                        line = f"{result.status:<9} {result.source}{detail}{reason}"
-                        console.print(line, markup=False, highlight=False)
-                bar.advance(overall)
+            results = documents.ingest_files(
+                services.db, ingestor, Actor.operator(), files, args.collection, args.acl, show_file
+            )
         finally:
             ingestor.close()
     counts = {
@@ -84,9 +70,8 @@ def cmd_ingest(services: Services, args) -> int:
 
 def cmd_documents_list(services: Services, args) -> int:
     from appliance.documents import readable_documents
-    from appliance.rbac import OPERATOR
 
-    rows = [d.summary() for d in readable_documents(services.db, OPERATOR, args.collection)]
+    rows = [d.summary() for d in readable_documents(services.db, Actor.operator().access, args.collection)]
     if args.json:
         print_json(rows)
     else:
@@ -98,56 +83,35 @@ def cmd_documents_list(services: Services, args) -> int:
     return 0
 
 
-def _find_document(services: Services, prefix: str):
-    from sqlmodel import select
-
-    from appliance.db import Document, session
-
-    if len(prefix) < 6 or not all(c in "0123456789abcdef" for c in prefix):
-        raise BadRequest("give the document id (at least its first 6 hex characters)")
-    with session(services.db) as db:
-        matches = list(db.exec(select(Document).where(Document.id.startswith(prefix))))
-    if not matches:
-        raise NotFound(f"document {prefix} not found")
-    if len(matches) > 1:
-        raise BadRequest(f"document id {prefix} is ambiguous; give more characters")
-    return matches[0]
-
-
 def cmd_documents_show(services: Services, args) -> int:
-    from sqlmodel import select
+    from appliance import documents
 
-    from appliance.db import Chunk, session
-
-    document = _find_document(services, args.id)
-    with session(services.db) as db:
-        chunks = list(db.exec(select(Chunk).where(Chunk.document_id == document.id).order_by(Chunk.position)))
+    operator = Actor.operator()
+    document = documents.find_document(services.db, operator, args.id)
     chunk_rows = [
         {"id": c.id, "page": c.page, "headings": c.headings, "start": c.start, "end": c.end, "characters": len(c.text)}
-        for c in chunks
+        for c in documents.document_chunks(services.db, operator, document)
     ]
     print_json({**document.model_dump(mode="json"), "chunks": chunk_rows})
     return 0
 
 
 def cmd_documents_rm(services: Services, args) -> int:
-    document = _find_document(services, args.id)
-    services.ingestor.remove(document.id)
-    record_audit(services, "delete", document.id, collection=document.collection, filename=document.filename)
+    from appliance import documents
+
+    operator = Actor.operator()
+    found = documents.find_document(services.db, operator, args.id)
+    document = documents.delete_document(services.db, services.ingestor, operator, found.id)
     print(f"removed {document.filename} ({document.id[:12]})")
     return 0
 
 
 def cmd_documents_acl(services: Services, args) -> int:
-    from appliance.rbac import check_acl_subjects
-    from ingest.pipeline import parse_acl
+    from appliance import documents
 
-    document = _find_document(services, args.id)
-    acl = parse_acl(args.acl, document.collection)
-    index = services.index
-    check_acl_subjects(index.engine, acl, document.collection)
-    index.set_acl(document.id, acl)
-    record_audit(services, "acl_set", document.id, collection=document.collection, acl=acl, previous=document.acl)
+    operator = Actor.operator()
+    found = documents.find_document(services.db, operator, args.id)
+    document, acl = documents.set_document_acl(services.db, services.index, operator, found.id, args.acl)
     print(f"{document.filename} ({document.id[:12]}): readable by {', '.join(acl)}")
     return 0
 

@@ -1,21 +1,21 @@
-"""Users and their API keys: add, list, change a role, disable; issue, list and revoke keys."""
+"""Users and their API keys: add, list, change a role, disable; issue, list and revoke keys (changes through
+`appliance.policy`, which audits them)."""
 
 from __future__ import annotations
 
 import sys
 
-from appliance.cli.common import print_json, record_audit
+from appliance import policy
+from appliance.actors import Actor
+from appliance.cli.common import print_json
 from appliance.services import Services
 
 ROLES = ["admin", "editor", "reader"]
 
 
 def cmd_users_add(services: Services, args) -> int:
-    from appliance.users import add_user
-
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
-    user = add_user(services.db, args.name, args.role, password)
-    record_audit(services, "user_add", user.name, role=user.role, with_password=password is not None)
+    user = policy.add_user(services.db, Actor.operator(), args.name, args.role, password)
     print(f"created user '{user.name}' with role {user.role}")
     return 0
 
@@ -36,28 +36,19 @@ def cmd_users_list(services: Services, args) -> int:
 
 
 def cmd_users_role(services: Services, args) -> int:
-    from appliance.users import set_role
-
-    old = set_role(services.db, args.name, args.role)
-    record_audit(services, "role_set", args.name, role=args.role, previous=old)
+    old = policy.set_role(services.db, Actor.operator(), args.name, args.role)
     print(f"user '{args.name}': role {old} -> {args.role}")
     return 0
 
 
 def cmd_users_disable(services: Services, args) -> int:
-    from appliance.users import disable_user
-
-    count = disable_user(services.db, args.name)
-    record_audit(services, "user_disable", args.name, keys_revoked=count)
+    count = policy.disable_user(services.db, Actor.operator(), args.name)
     print(f"disabled user '{args.name}' and revoked {count} key(s)")
     return 0
 
 
 def cmd_keys_create(services: Services, args) -> int:
-    from appliance.users import create_key
-
-    key = create_key(services.db, args.user, args.label or "")
-    record_audit(services, "key_create", args.user, prefix=key[:12], label=args.label or "")
+    key = policy.create_key(services.db, Actor.operator(), args.user, args.label or "")
     print(key)
     return 0
 
@@ -72,10 +63,7 @@ def cmd_keys_list(services: Services, args) -> int:
 
 
 def cmd_keys_revoke(services: Services, args) -> int:
-    from appliance.users import revoke_key
-
-    count = revoke_key(services.db, args.prefix)
-    record_audit(services, "key_revoke", args.prefix, revoked=count)
+    count = policy.revoke_key(services.db, Actor.operator(), args.prefix)
     print(f"revoked {count} key(s)")
     return 0
 
