@@ -34,7 +34,7 @@ from appliance.cli import (
     users,
 )
 from appliance.cli.common import open_services
-from appliance.config import Settings, load_settings
+from appliance.config import load_settings
 from appliance.errors import ApplianceError
 
 # In the order `appliance --help` lists them.
@@ -89,16 +89,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-# bench/answer.py wires its own answerer from these three.
-def _store(settings: Settings):
-    return open_services(settings).store
-
-
-def _retriever(settings: Settings):
-    return open_services(settings).retriever
-
-
-def _cli_access(settings: Settings, as_user: str | None):
-    return questions.access_as(open_services(settings), as_user)
