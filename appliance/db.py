@@ -345,7 +345,7 @@ def session(engine: Engine) -> Session:
 
 
 class AuditRecord(SQLModel, table=True):
-    """One append-only, hash-chained audit event (`appliance.audit` writes and verifies them).
+    """One append-only, hash-chained audit event (`appliance.access.audit` writes and verifies them).
 
     `details` holds identifiers only (collections, chunk ids, model, job id...), never document text,
     passwords or keys. On SQLite, triggers from migration 0007 refuse UPDATE and DELETE.

@@ -24,10 +24,8 @@ from sqlalchemy import text as sql
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from appliance.actors import Actor
-from appliance.db import Chunk, Collection, Document, DocumentText, Job, session
-from appliance.errors import ApplianceError, BadRequest, Conflict, Forbidden, NotFound, Withheld
-from appliance.rbac import (
+from appliance.access.actors import Actor
+from appliance.access.rbac import (
     COLLECTION_NAME,
     Access,
     add_collection,
@@ -37,11 +35,13 @@ from appliance.rbac import (
     list_groups,
     read_rule_sql,
 )
+from appliance.db import Chunk, Collection, Document, DocumentText, Job, session
+from appliance.errors import ApplianceError, BadRequest, Conflict, Forbidden, NotFound, Withheld
 from ingest.filenames import allowed_suffix, display_name
 from ingest.pipeline import IngestResult, parse_acl
 
 if TYPE_CHECKING:
-    from appliance.index import ChunkIndex
+    from appliance.retrieval.index import ChunkIndex
     from ingest.jobs import JobWorker
     from ingest.pipeline import Ingestor
 

@@ -29,15 +29,15 @@ from appliance.errors import ApplianceError
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine as DatabaseEngine
 
+    from appliance.answers.rag import Answerer
     from appliance.cluster.coordinator import Cluster
-    from appliance.embeddings import SentenceEmbedder
-    from appliance.index import ChunkIndex
     from appliance.inference.engine import Engine
     from appliance.inference.hardware import Hardware
     from appliance.inference.scheduler import Scheduler
     from appliance.models.store import ModelStore
-    from appliance.rag import Answerer
-    from appliance.retrieve import Retriever
+    from appliance.retrieval.embeddings import SentenceEmbedder
+    from appliance.retrieval.index import ChunkIndex
+    from appliance.retrieval.retrieve import Retriever
     from ingest.pipeline import Ingestor
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class Services:
     @cached_property
     def vectors(self):
         """The Chroma client (embedded in the home, or the server at APPLIANCE_CHROMA_URL)."""
-        from appliance.index import open_vector_store
+        from appliance.retrieval.index import open_vector_store
 
         if not self.read_only:
             self.settings.ensure_dirs()
@@ -122,14 +122,14 @@ class Services:
 
     @cached_property
     def index(self) -> ChunkIndex:
-        from appliance.index import ChunkIndex
+        from appliance.retrieval.index import ChunkIndex
 
         return ChunkIndex(self.db, self.vectors)
 
     @cached_property
     def embedder(self) -> SentenceEmbedder:
         """'auto' resolved against the index; raises Conflict when a named backend's vectors differ from it."""
-        from appliance.embeddings import open_embedder
+        from appliance.retrieval.embeddings import open_embedder
 
         return open_embedder(self.settings, self.index)
 
@@ -141,13 +141,13 @@ class Services:
 
     @cached_property
     def retriever(self) -> Retriever:
-        from appliance.retrieve import Retriever
+        from appliance.retrieval.retrieve import Retriever
 
         return Retriever(self.index, self.embedder, self.settings.retrieval)
 
     @cached_property
     def answerer(self) -> Answerer:
-        from appliance.rag import Answerer
+        from appliance.answers.rag import Answerer
 
         return Answerer(self.retriever, self.engine, self.settings.retrieval, self.settings.scheduler.num_ctx)
 

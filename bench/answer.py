@@ -91,8 +91,8 @@ class Bench:
         self.threads = self.scheduler.hardware.physical_cores
 
     async def ask(self, item: dict, passages: int, max_tokens: int, penalty: float | None = None) -> dict:
+        from appliance.answers.rag import AnswerDone
         from appliance.inference.engine import Token
-        from appliance.rag import AnswerDone
 
         self.answerer.settings = self.settings.retrieval.model_copy(
             update={"answer_passages": passages, "answer_max_tokens": max_tokens}
@@ -156,8 +156,8 @@ def direct_baseline(bench: Bench, prompts: list[str], max_tokens: int, penalty: 
     import llama_cpp
     from llama_cpp.llama_grammar import LlamaGrammar
 
+    from appliance.answers.rag import ANSWER_GRAMMAR
     from appliance.inference import cpu_path
-    from appliance.rag import ANSWER_GRAMMAR
 
     with cpu_path.model_params_with_extra_buffers(cpu_path.extra_buffers_enabled("auto")):
         llm = llama_cpp.Llama(

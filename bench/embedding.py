@@ -36,9 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from appliance import evaluation  # noqa: E402
 from appliance.config import EmbeddingSettings, Settings  # noqa: E402
-from appliance.embeddings import SentenceEmbedder, bundled_model_path, prepare_offline_hub  # noqa: E402
+from appliance.operations import evaluation  # noqa: E402
+from appliance.retrieval.embeddings import SentenceEmbedder, bundled_model_path, prepare_offline_hub  # noqa: E402
 
 log = logging.getLogger("bench.embedding")
 QUESTIONS = ROOT / "sample_corpus" / "questions.yaml"

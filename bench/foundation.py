@@ -31,10 +31,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from appliance.embeddings import bundled_model_path  # noqa: E402
 from appliance.inference.hardware import detect  # noqa: E402
 from appliance.models.synthetic_gguf import BENCH_0_7B, CHATML_TEMPLATE, write_gguf  # noqa: E402
 from appliance.models.template import render_chat  # noqa: E402
+from appliance.retrieval.embeddings import bundled_model_path  # noqa: E402
 
 N_CTX = 2048
 SENTENCE = "The retention period for adult medical records is ten years after the last episode of care. "

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance.config import Settings  # noqa: E402
-from appliance.embeddings import SentenceEmbedder, bundled_model_path  # noqa: E402
 from appliance.inference.hardware import detect  # noqa: E402
+from appliance.retrieval.embeddings import SentenceEmbedder, bundled_model_path  # noqa: E402
 from ingest.partition import prepare_offline  # noqa: E402
 
 STAGES = ("parse", "chunk", "embed", "index")

@@ -113,9 +113,9 @@ def browser_count(users: int, share: float) -> int:
 def prepare_users(home: Path, users: int, collection: str = "load", browser_share: float = 0.25) -> list[Account]:
     """Create the load users in a home: editors in a new group with an editor grant on `collection`; a key
     for each API user, a password for each browser user. Browser users come first."""
-    from appliance import audit
-    from appliance.rbac import add_grant, add_group, add_member, ensure_collection
-    from appliance.users import add_user, create_key
+    from appliance.access import audit
+    from appliance.access.rbac import add_grant, add_group, add_member, ensure_collection
+    from appliance.access.users import add_user, create_key
 
     engine = _engine(home)
 
@@ -150,8 +150,8 @@ def prepare_users(home: Path, users: int, collection: str = "load", browser_shar
 
 def retire_users(home: Path, accounts: list[Account]) -> None:
     """Disable the load users (ending their sessions and revoking their keys)."""
-    from appliance import audit
-    from appliance.users import disable_user
+    from appliance.access import audit
+    from appliance.access.users import disable_user
 
     engine = _engine(home)
     for account in accounts:

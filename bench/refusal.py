@@ -1,4 +1,4 @@
-"""The refusal check (appliance/answerability.py): collect its signals, refit its weights, measure its answers.
+"""The refusal check (appliance/answers/answerability.py): collect its signals, refit its weights, measure its answers.
 
     .venv/bin/python bench/refusal.py collect --work DIR [--scifact ../shared/eval/scifact] [--evalset evalset]
     .venv/bin/python bench/refusal.py fit --work DIR [--sources scifact,golden,dev,evalset] [--features ...]
@@ -40,10 +40,10 @@ os.environ.setdefault("APPLIANCE_EMBEDDING_BACKEND", "torch")  # the vectors eve
 
 import yaml  # noqa: E402
 
-from appliance import answerability  # noqa: E402
+from appliance.access.rbac import OPERATOR  # noqa: E402
+from appliance.answers import answerability  # noqa: E402
 from appliance.config import Settings  # noqa: E402
-from appliance.rbac import OPERATOR  # noqa: E402
-from appliance.retrieve import Hit  # noqa: E402
+from appliance.retrieval.retrieve import Hit  # noqa: E402
 from appliance.services import Services  # noqa: E402
 
 SAMPLE = ROOT / "sample_corpus"
@@ -175,7 +175,7 @@ def collect(args) -> None:
         print(f"evalset tune half: {len(tune)} questions", file=sys.stderr)
 
     if args.scifact:
-        from appliance.evaluation import document_key, index_corpus, load_beir
+        from appliance.operations.evaluation import document_key, index_corpus, load_beir
 
         data = load_beir(Path(args.scifact), "train")
         claims = list(data.queries)
@@ -242,7 +242,7 @@ def _hit(row: dict) -> Hit:
 
 def signals(work: Path) -> list[dict]:
     """Per question: its source, kind, and each passage's signals and label, computed by the module's code."""
-    from appliance.embeddings import SentenceEmbedder
+    from appliance.retrieval.embeddings import SentenceEmbedder
 
     embedder = SentenceEmbedder(Settings().embeddings)
     questions = []
@@ -310,7 +310,7 @@ def fit(args) -> None:
 
 # --- ask -----------------------------------------------------------------------------------------
 def ask(args) -> None:
-    from appliance.rag import AnswerDone
+    from appliance.answers.rag import AnswerDone
 
     work = Path(args.work).expanduser().resolve()
     sets = {"sample": [], "evalset": []}

@@ -43,14 +43,14 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from appliance import keyword_search, vector_search  # noqa: E402
+from appliance.access.rbac import access_for, add_collection, add_grant, add_group, add_member, add_wall  # noqa: E402
+from appliance.access.users import Principal, add_user  # noqa: E402
 from appliance.config import Settings  # noqa: E402
 from appliance.db import FTS_TABLE, Document  # noqa: E402
-from appliance.index import ChunkIndex  # noqa: E402
-from appliance.rbac import access_for, add_collection, add_grant, add_group, add_member, add_wall  # noqa: E402
-from appliance.retrieve import Retriever, fts_query  # noqa: E402
+from appliance.retrieval import keyword_search, vector_search  # noqa: E402
+from appliance.retrieval.index import ChunkIndex  # noqa: E402
+from appliance.retrieval.retrieve import Retriever, fts_query  # noqa: E402
 from appliance.services import Services  # noqa: E402
-from appliance.users import Principal, add_user  # noqa: E402
 from ingest.chunking import Chunk as Piece  # noqa: E402
 from ingest.pipeline import chunk_rows  # noqa: E402
 

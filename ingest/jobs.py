@@ -28,11 +28,11 @@ from sqlalchemy import text as sql
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import select
 
-from appliance.actors import Actor
+from appliance.access.actors import Actor
+from appliance.access.rbac import NOBODY, access_for
+from appliance.access.users import Principal
 from appliance.db import Document, Job, User, session, utcnow
 from appliance.errors import NotFound
-from appliance.rbac import NOBODY, access_for
-from appliance.users import Principal
 from ingest.pipeline import ContentInFlight, Ingestor, IngestResult, Started
 
 log = logging.getLogger(__name__)

@@ -32,9 +32,9 @@ from sqlmodel import col, select
 
 from appliance.config import Settings
 from appliance.db import Chunk, Document, session
-from appliance.embeddings import SentenceEmbedder
 from appliance.errors import ApplianceError, BadRequest
-from appliance.index import ChunkIndex
+from appliance.retrieval.embeddings import SentenceEmbedder
+from appliance.retrieval.index import ChunkIndex
 from ingest.attachments import extract_attachments
 from ingest.chunking import Chunk as Piece
 from ingest.chunking import chunk_document

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance.answerability import (
+from appliance.access.rbac import OPERATOR, access_for_user, add_collection, add_grant
+from appliance.access.users import add_user
+from appliance.answers.answerability import (
     closest_sentences,
     coverage,
     document_frequencies,
@@ -20,15 +22,13 @@ from appliance.answerability import (
     support,
     without_names,
 )
+from appliance.answers.rag import NOT_FOUND, AnswerDone, Answerer
 from appliance.db import DocumentText, session
 from appliance.inference import hardware
 from appliance.inference.engine import Engine
 from appliance.inference.scheduler import Scheduler
 from appliance.models.store import ModelStore
-from appliance.rag import NOT_FOUND, AnswerDone, Answerer
-from appliance.rbac import OPERATOR, access_for_user, add_collection, add_grant
-from appliance.retrieve import Hit, Retriever
-from appliance.users import add_user
+from appliance.retrieval.retrieve import Hit, Retriever
 from tests.conftest import HERE, local_ingestor
 
 CORPUS = HERE.parent / "sample_corpus"

@@ -1,4 +1,4 @@
-"""appliance.asking, with a stand-in answerer and retriever over a real database: one audit record per question
+"""appliance.answers.asking, with a stand-in answerer and retriever over a real database: one audit record per question
 (denied when refused, marked so the web adds no generic one; failed when the answer breaks off), and the
 question and answer kept in the asker's conversation."""
 
@@ -9,13 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from appliance import asking, audit, conversations
-from appliance.actors import Actor
+from appliance.access import audit
+from appliance.access.actors import Actor
+from appliance.access.rbac import OPERATOR
+from appliance.answers import asking, conversations
+from appliance.answers.rag import AnswerDone
 from appliance.db import create_db_engine
 from appliance.errors import ApplianceError, NotFound, RunnerFailed
 from appliance.inference.engine import Token
-from appliance.rag import AnswerDone
-from appliance.rbac import OPERATOR
 
 
 class Answerer:

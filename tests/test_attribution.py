@@ -1,7 +1,7 @@
-"""Attribution of a model's plain sentences to the passage that holds what they say (appliance/attribution.py),
+"""Attribution of a model's plain sentences to the passage that holds what they say (appliance/answers/attribution.py),
 on passages written the way the sample corpus writes them."""
 
-from appliance.attribution import added_terms, supporting_passage
+from appliance.answers.attribution import added_terms, supporting_passage
 from tests.test_citations import HITS, _hit
 
 QUESTION = "How long are maternity records kept?"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import audit
+from appliance.access import audit
 from appliance.db import create_db_engine
 from tests.conftest import run_cli
 
@@ -132,7 +132,7 @@ def test_concurrent_writers_keep_one_chain(tmp_path):
     url = f"sqlite:///{tmp_path / 'appliance.db'}"
     engine = create_db_engine(url)
     script = (
-        "import sys; from appliance import audit; from appliance.db import create_db_engine\n"
+        "import sys; from appliance.access import audit; from appliance.db import create_db_engine\n"
         "engine = create_db_engine(sys.argv[1])\n"
         "for n in range(20): audit.record(engine, f'proc{sys.argv[2]}', 'search', details={'n': n})\n"
     )

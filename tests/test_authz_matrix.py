@@ -25,7 +25,8 @@ import pytest
 from sqlalchemy import func, update
 from sqlmodel import select
 
-from appliance import audit, conversations, rbac, users
+from appliance.access import audit, rbac, users
+from appliance.answers import conversations
 from appliance.config import Settings
 from appliance.db import AuditRecord, Grant, WebSession, create_db_engine, session, utcnow
 from appliance.errors import Conflict, NotFound

@@ -7,10 +7,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from appliance import audit, rbac
+from appliance.access import audit, rbac
+from appliance.access.users import add_user, disable_user
 from appliance.db import Document, Grant, create_db_engine, session, utcnow
 from appliance.errors import BadRequest, Conflict, Forbidden
-from appliance.users import add_user, disable_user
 from tests.conftest import run_cli
 
 REASON = "Patient 4711 transferred from ICU, consultant asked for the ward notes"

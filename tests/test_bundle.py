@@ -127,7 +127,7 @@ def bundle(tmp_path_factory, tiny_gguf) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_bundle_holds_every_wheel_pinned_and_checksummed(bundle, tiny_gguf):
-    from appliance.bundle import file_sha256
+    from appliance.operations.bundle import file_sha256
 
     listed = dict(reversed(line.split("  ", 1)) for line in (bundle / "SHA256SUMS").read_text().splitlines())
     files = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
@@ -211,7 +211,7 @@ def _install(bundle: Path, target: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_install_refuses_a_changed_wheel_before_installing(bundle, tmp_path):
-    from appliance.bundle import file_sha256
+    from appliance.operations.bundle import file_sha256
 
     wheel = next(p for p in (bundle / "wheels").glob("*.whl") if p.name.startswith("knowledge_appliance"))
     name = f"wheels/{wheel.name}"
@@ -237,8 +237,8 @@ def test_install_refuses_a_file_the_checksums_do_not_list(bundle, tmp_path):
 
 
 def test_closure_follows_extras_and_refuses_what_this_environment_lacks():
-    from appliance.bundle import requirement_closure
     from appliance.errors import BadRequest
+    from appliance.operations.bundle import requirement_closure
 
     plain, with_docx = requirement_closure(["unstructured"]), requirement_closure(["unstructured[docx]"])
     assert set(with_docx) - set(plain) == {"python-docx"}  # an extra brings its own requirements, only then

@@ -1,8 +1,8 @@
 """Citation verification on answers written by hand against real passage/document text."""
 
-from appliance.citations import best_sentence, cited_numbers, find_verbatim, sources_block, verify
-from appliance.rag import passage_block, user_message
-from appliance.retrieve import Hit
+from appliance.answers.citations import best_sentence, cited_numbers, find_verbatim, sources_block, verify
+from appliance.answers.rag import passage_block, user_message
+from appliance.retrieval.retrieve import Hit
 
 DOCUMENT = (
     "Records Retention Policy\n\n3. Maternity records\n\n"
@@ -110,7 +110,7 @@ def test_passages_cannot_close_their_own_fence():
 
 
 def test_sentences_do_not_end_inside_numbers_abbreviations_or_initials():
-    from appliance.citations import sentence_spans, sentences
+    from appliance.answers.citations import sentence_spans, sentences
 
     text = (
         "Records Policy - St. Brigid's General Hospital welcomes visitors. The rate is £884.00 per day, e.g. for "

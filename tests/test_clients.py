@@ -24,9 +24,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from sqlmodel import Session, select
 
+from appliance.access.rbac import add_grant
+from appliance.access.users import add_user, create_key
 from appliance.db import Document, DocumentText, create_db_engine
-from appliance.rbac import add_grant
-from appliance.users import add_user, create_key
 from tests.conftest import Server, launch_server, run_cli, stop_server
 
 CORPUS = Path(__file__).parent.parent / "sample_corpus"

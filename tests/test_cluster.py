@@ -439,8 +439,8 @@ def test_a_worker_killed_mid_generation_gives_a_clear_error_and_the_cluster_reco
 
 @pytest.mark.slow
 def test_the_doctor_lists_paired_workers_as_configured_peers(cluster):
-    from appliance import doctor
     from appliance.config import Settings
+    from appliance.operations import doctor
 
     server, workers, _ = cluster
     check = doctor.check_peers(Settings(home=server.home), None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyotp
 
-from appliance import users
+from appliance.access import users
 from appliance.db import FTS_TABLE, alembic_config, create_db_engine
 from tests.conftest import run_cli
 

@@ -152,9 +152,9 @@ def _audit_export(home, *args: str) -> list[dict]:
 
 def test_documents_follow_grants_walls_and_acls_and_are_audited(server, uploads):
     """role x route x object -> status, with every upload and delete (allowed or not) in the audit log."""
+    from appliance.access.rbac import add_collection, add_grant, add_wall
+    from appliance.access.users import add_user, create_key
     from appliance.db import create_db_engine
-    from appliance.rbac import add_collection, add_grant, add_wall
-    from appliance.users import add_user, create_key
 
     engine = create_db_engine(f"sqlite:///{server.home / 'appliance.db'}")
     keys = {}

@@ -5,11 +5,12 @@ its audit records."""
 import pytest
 from sqlmodel import select
 
-from appliance import audit, documents, rbac
-from appliance.actors import Actor
+from appliance import documents
+from appliance.access import audit, rbac
+from appliance.access.actors import Actor
+from appliance.access.users import Principal, add_user, get_user
 from appliance.db import Document, create_db_engine, session
 from appliance.errors import Forbidden
-from appliance.users import Principal, add_user, get_user
 from tests.test_rbac import _document
 
 # name: (collection, acl, status)

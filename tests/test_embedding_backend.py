@@ -14,10 +14,10 @@ from pydantic import ValidationError
 
 from appliance.config import EmbeddingSettings, Settings, load_settings
 from appliance.db import create_db_engine
-from appliance.embeddings import SentenceEmbedder
 from appliance.errors import BadRequest, Conflict
-from appliance.index import ChunkIndex, open_vector_store
-from appliance.onnx_embedder import EmbedderUnavailable, OnnxModel, export_path
+from appliance.retrieval.embeddings import SentenceEmbedder
+from appliance.retrieval.index import ChunkIndex, open_vector_store
+from appliance.retrieval.onnx_embedder import EmbedderUnavailable, OnnxModel, export_path
 from tests.conftest import APPLIANCE, cli_env
 from tests.test_index import _document
 
@@ -182,7 +182,7 @@ def _settings(home, **embeddings) -> Settings:
 
 
 def test_auto_takes_the_fastest_backend_whose_vectors_match_the_index(tmp_path, torch_embedder, int8_embedder):
-    from appliance.embeddings import open_embedder
+    from appliance.retrieval.embeddings import open_embedder
 
     # A new index: int8 weights, recorded as soon as it is opened.
     fresh = _index(tmp_path / "new")

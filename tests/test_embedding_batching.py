@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from appliance.config import EmbeddingSettings
-from appliance.embeddings import SentenceEmbedder
 from appliance.errors import BadRequest
+from appliance.retrieval.embeddings import SentenceEmbedder
 
 WORDS = "the patient was given two doses of amoxicillin after the ward round and reviewed at noon".split()
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance.citations import Citation
+from appliance.answers.citations import Citation
+from appliance.answers.rag import NOT_FOUND, AnswerDone
 from appliance.config import Settings
 from appliance.errors import BadRequest
-from appliance.evaluation import (
+from appliance.models.default_model import DEFAULT_MODEL_NAME, packaged_file
+from appliance.operations.evaluation import (
     answer_metrics,
     answer_row,
     answer_table,
@@ -26,8 +28,6 @@ from appliance.evaluation import (
     question_metrics,
     recall_at,
 )
-from appliance.models.default_model import DEFAULT_MODEL_NAME, packaged_file
-from appliance.rag import NOT_FOUND, AnswerDone
 from tests.conftest import run_cli
 
 SAMPLE = Path(__file__).parent.parent / "sample_corpus"

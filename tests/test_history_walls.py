@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance import conversations
+from appliance.access.rbac import access_for_user, add_grant, add_wall
+from appliance.access.users import add_user, create_key, get_user
+from appliance.answers import conversations
+from appliance.answers.rag import FALLBACK_NOTE, NO_MODEL_NOTE, Answerer
 from appliance.db import create_db_engine
 from appliance.models.default_model import DEFAULT_MODEL_NAME, packaged_file
-from appliance.rag import FALLBACK_NOTE, NO_MODEL_NOTE, Answerer
-from appliance.rbac import access_for_user, add_grant, add_wall
-from appliance.users import add_user, create_key, get_user
 from tests.conftest import launch_server, run_cli, stop_server
 
 CORPUS = Path(__file__).parent.parent / "sample_corpus"

@@ -8,7 +8,7 @@ from sqlalchemy import text as sql
 from appliance.config import Settings
 from appliance.db import FTS_TABLE, Document, DocumentText, create_db_engine, session
 from appliance.errors import NotFound
-from appliance.index import ChunkIndex, open_vector_store
+from appliance.retrieval.index import ChunkIndex, open_vector_store
 from ingest.chunking import chunk_document
 from ingest.partition import Element
 from ingest.pipeline import chunk_rows

@@ -10,7 +10,7 @@ from sqlmodel import select
 
 from appliance.config import IngestSettings, Settings
 from appliance.db import Chunk, Document, session
-from appliance.embeddings import SentenceEmbedder
+from appliance.retrieval.embeddings import SentenceEmbedder
 from ingest.pipeline import Ingestor
 from ingest.sandbox import ParserPool
 from tests.conftest import local_ingestor

@@ -1,6 +1,7 @@
-"""The in-memory BM25 index (appliance/keyword_search.py): it ranks as SQLite's FTS5 bm25() does, masks unreadable
-documents before the top-k, and follows writes made by another process. Runs on the embedded stores (SQLite +
-Chroma) and on PostgreSQL + a Chroma server, where it is the only BM25 (the comparisons with FTS5 on SQLite only)."""
+"""The in-memory BM25 index (appliance/retrieval/keyword_search.py): it ranks as SQLite's FTS5 bm25() does,
+masks unreadable documents before the top-k, and follows writes made by another process. Runs on the
+embedded stores (SQLite + Chroma) and on PostgreSQL + a Chroma server, where it is the only BM25 (the
+comparisons with FTS5 on SQLite only)."""
 
 import hashlib
 import itertools
@@ -10,14 +11,14 @@ import numpy as np
 import pytest
 from sqlalchemy import text as sql
 
-from appliance import keyword_search
+from appliance.access.rbac import OPERATOR, Access
 from appliance.config import EmbeddingSettings, RetrievalSettings, Settings
 from appliance.db import FTS_TABLE, Chunk, Document, create_db_engine, session
 from appliance.errors import ApplianceError
-from appliance.index import ChunkIndex, open_vector_store
-from appliance.keyword_search import KeywordMirror, term
-from appliance.rbac import OPERATOR, Access
-from appliance.retrieve import Retriever, match_expression, query_words
+from appliance.retrieval import keyword_search
+from appliance.retrieval.index import ChunkIndex, open_vector_store
+from appliance.retrieval.keyword_search import KeywordMirror, term
+from appliance.retrieval.retrieve import Retriever, match_expression, query_words
 
 WORDS = (
     "adult maternity records retention retained retaining kept years treatment birth nurse nurses check checked "
@@ -365,7 +366,7 @@ def test_a_misspelt_question_word_is_searched_as_the_word_the_readers_passages_h
     """'expences' is in no dictionary and no passage: it is searched as 'expenses', one letter away. The correction
     is chosen among the words of passages the caller may read: a word only an unreadable document holds is never
     found through a typo (nor is the typo corrected towards it), and a dictionary word is never 'corrected'."""
-    from appliance.embeddings import SentenceEmbedder
+    from appliance.retrieval.embeddings import SentenceEmbedder
 
     claims = add(index, "claims", ["Expenses claims are paid with the monthly salary."], ("user:a",))
     secret = add(index, "secret", ["The receipt for the settlement is in the safe."], ("user:x",))

@@ -9,8 +9,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
+from appliance.access.users import add_user, authenticate_key, create_key
 from appliance.db import FTS_TABLE, alembic_config, create_db_engine, include_name, migrate
-from appliance.users import add_user, authenticate_key, create_key
 from tests.conftest import database_url
 
 pytestmark = pytest.mark.usefixtures("fresh_stores")

@@ -17,9 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from appliance import users
+from appliance.access import users
 from appliance.config import Settings
-from appliance.logs import JsonFormatter
+from appliance.operations.logs import JsonFormatter
 from tests.conftest import run_cli, start_server, stop_server
 from web.app import create_app
 

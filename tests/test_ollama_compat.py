@@ -11,10 +11,10 @@ from pathlib import Path
 import ollama
 import pytest
 
+from appliance.access.rbac import add_grant
+from appliance.access.users import add_user, create_key
 from appliance.db import create_db_engine
 from appliance.models.synthetic_gguf import TINY, write_gguf
-from appliance.rbac import add_grant
-from appliance.users import add_user, create_key
 from tests.conftest import Server, launch_server, run_cli, stop_server
 
 CORPUS = Path(__file__).parent.parent / "sample_corpus"

@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from appliance.access.rbac import add_grant, add_group, add_member, add_wall
+from appliance.access.users import add_user, create_key
+from appliance.answers.rag import FALLBACK_NOTE, NOT_FOUND, SYSTEM_PROMPT
 from appliance.db import create_db_engine
-from appliance.rag import FALLBACK_NOTE, NOT_FOUND, SYSTEM_PROMPT
-from appliance.rbac import add_grant, add_group, add_member, add_wall
-from appliance.users import add_user, create_key
 from tests.conftest import Server, launch_server, run_cli, stop_server
 
 CORPUS = Path(__file__).parent.parent / "sample_corpus"
@@ -305,7 +305,7 @@ def test_conversations_are_stored_continued_and_private(world):
 
 
 def test_a_revoked_grant_withholds_stored_answers(world):
-    from appliance import conversations
+    from appliance.answers import conversations
     from appliance.db import create_db_engine
 
     home = world.server.home

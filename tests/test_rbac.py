@@ -8,13 +8,13 @@ from alembic import command
 from sqlalchemy import create_engine
 from sqlmodel import select
 
-from appliance import rbac
+from appliance.access import rbac
+from appliance.access.users import Principal, add_user, authenticate_key, create_key, disable_user, get_user, oidc_user
 from appliance.config import Settings
 from appliance.db import Collection, Document, alembic_config, create_db_engine, session
 from appliance.errors import BadRequest, Conflict, NotFound, Unauthorized
-from appliance.index import ChunkIndex, open_vector_store
-from appliance.retrieve import Retriever
-from appliance.users import Principal, add_user, authenticate_key, create_key, disable_user, get_user, oidc_user
+from appliance.retrieval.index import ChunkIndex, open_vector_store
+from appliance.retrieval.retrieve import Retriever
 from tests.conftest import run_cli
 
 DOCUMENTS = {

@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 
+from appliance.access.rbac import OPERATOR
 from appliance.config import RetrievalSettings
-from appliance.embeddings import bundled_model_path
 from appliance.errors import BadRequest
-from appliance.rbac import OPERATOR
-from appliance.retrieve import Retriever
+from appliance.retrieval.embeddings import bundled_model_path
+from appliance.retrieval.retrieve import Retriever
 from tests.conftest import local_ingestor
 
 

@@ -5,11 +5,11 @@ in the results."""
 import pytest
 from sqlmodel import select
 
+from appliance.access.rbac import OPERATOR, access_for_user, add_collection, add_grant, add_group, add_member, add_wall
+from appliance.access.users import add_user
 from appliance.db import Document, session
 from appliance.errors import BadRequest, NotFound
-from appliance.rbac import OPERATOR, access_for_user, add_collection, add_grant, add_group, add_member, add_wall
-from appliance.retrieve import Retriever, document_frequencies, fts_query, fuse
-from appliance.users import add_user
+from appliance.retrieval.retrieve import Retriever, document_frequencies, fts_query, fuse
 from tests.conftest import local_ingestor
 
 RETENTION = """# Records retention

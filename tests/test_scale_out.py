@@ -192,7 +192,7 @@ def test_a_running_job_is_taken_back_only_when_its_process_died(tmp_path, shared
 
 
 AUDIT_WRITER = (
-    "import sys; from appliance import audit; from appliance.db import create_db_engine\n"
+    "import sys; from appliance.access import audit; from appliance.db import create_db_engine\n"
     "engine = create_db_engine(sys.argv[1])\n"
     "for n in range(25): audit.record(engine, sys.argv[2], 'search', actor_id=n, target='wards')\n"
 )
@@ -203,7 +203,7 @@ def test_audit_log_on_postgres_is_chained_under_concurrent_writers_and_append_on
     them); UPDATE, DELETE and TRUNCATE are refused by the database itself."""
     import psycopg
 
-    from appliance import audit
+    from appliance.access import audit
     from appliance.db import create_db_engine
 
     url = shared["APPLIANCE_DATABASE_URL"]

@@ -1,6 +1,6 @@
 """`Services`: the core of a home, each part built on first use, so a command opens only what it needs."""
 
-from appliance import users
+from appliance.access import users
 from appliance.config import Settings
 from appliance.services import Services
 

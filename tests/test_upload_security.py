@@ -20,9 +20,9 @@ LIMIT_MB = 1  # APPLIANCE_MAX_UPLOAD_MB of this module's server
 def world(tmp_path_factory):
     """A server with collection `firm`: `partner` (group partners) and `associate` both edit it; `lawyer`
     edits the walled-off `litigation-acme`, which the associate may not see at all."""
+    from appliance.access.rbac import add_collection, add_grant, add_group, add_member, add_wall
+    from appliance.access.users import add_user, create_key
     from appliance.db import create_db_engine
-    from appliance.rbac import add_collection, add_grant, add_group, add_member, add_wall
-    from appliance.users import add_user, create_key
 
     server = start_server(tmp_path_factory.mktemp("home"), {}, APPLIANCE_MAX_UPLOAD_MB=str(LIMIT_MB))
     engine = create_db_engine(f"sqlite:///{server.home / 'appliance.db'}")
@@ -253,9 +253,9 @@ def test_each_part_is_held_to_the_limit(world):
 def test_a_job_runs_with_its_uploaders_rights_as_they_are_when_it_runs(tmp_path):
     """Finding 2: the check is made when the job runs: an uploader whose grant was revoked meanwhile
     changes nothing, and the refusal is audited."""
-    from appliance import audit
-    from appliance.rbac import add_collection, add_grant, remove_grant
-    from appliance.users import add_user
+    from appliance.access import audit
+    from appliance.access.rbac import add_collection, add_grant, remove_grant
+    from appliance.access.users import add_user
     from ingest.jobs import JobWorker
     from tests.conftest import local_ingestor
 

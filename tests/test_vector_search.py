@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from sqlmodel import col, select
 
+from appliance.access.rbac import OPERATOR
 from appliance.db import Chunk, session
-from appliance.rbac import OPERATOR
-from appliance.retrieve import Retriever
+from appliance.retrieval.retrieve import Retriever
 from tests.conftest import local_ingestor, run_cli
 
 pytestmark = pytest.mark.usefixtures("fresh_stores")
@@ -76,8 +76,8 @@ def test_a_document_indexed_again_between_two_queries_is_read_again(tmp_path):
     """Same id (the same bytes), other chunks (say, new chunking settings): the copy must not keep the old rows."""
     from appliance.config import Settings
     from appliance.db import create_db_engine
-    from appliance.index import ChunkIndex, open_vector_store
-    from appliance.vector_search import VectorMirror
+    from appliance.retrieval.index import ChunkIndex, open_vector_store
+    from appliance.retrieval.vector_search import VectorMirror
 
     settings = Settings(home=tmp_path)
     index = ChunkIndex(create_db_engine(settings.resolved_database_url), open_vector_store(settings))
@@ -102,11 +102,11 @@ def test_a_document_indexed_again_between_two_queries_is_read_again(tmp_path):
 def test_patched_copy_equals_a_fresh_read(tmp_path, monkeypatch, shares):
     """Documents added, removed and indexed again one at a time, the copy patched after each write: it finds
     what a copy read afresh finds, with the same similarities, whether writes are folded in or kept apart."""
-    from appliance import vector_search
     from appliance.config import Settings
     from appliance.db import create_db_engine
-    from appliance.index import ChunkIndex, open_vector_store
-    from appliance.vector_search import VectorMirror
+    from appliance.retrieval import vector_search
+    from appliance.retrieval.index import ChunkIndex, open_vector_store
+    from appliance.retrieval.vector_search import VectorMirror
 
     monkeypatch.setattr(vector_search, "READ_DOCUMENTS", 2)
     monkeypatch.setattr(vector_search, "RECENT_SHARE", shares[0])

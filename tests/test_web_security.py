@@ -11,10 +11,10 @@ import httpx
 import pyotp
 import pytest
 
-from appliance import audit
+from appliance.access import audit
+from appliance.access.rbac import add_grant, add_group, add_member
+from appliance.access.users import add_user, create_key, set_totp
 from appliance.db import create_db_engine
-from appliance.rbac import add_grant, add_group, add_member
-from appliance.users import add_user, create_key, set_totp
 from tests.conftest import Server, launch_server, run_cli, stop_server
 
 CORPUS = Path(__file__).parent.parent / "sample_corpus"

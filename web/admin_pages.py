@@ -1,7 +1,7 @@
 """The administration page: users, groups, collections, grants, walls, API keys, break-glass and the audit log.
 
 Every form posts to `/admin/<action>` with the session's CSRF token; its route parses the form and makes one
-call into `appliance.policy`, which checks the caller's right and writes the audit record, then goes back to the
+call into `appliance.access.policy`, which checks the caller's right and writes the audit record, then goes back to the
 page with a notice (or the error). Viewing the page and its audit export needs `manage_users`.
 """
 
@@ -18,9 +18,9 @@ from fastapi.responses import RedirectResponse, Response
 from sqlalchemy.engine import Engine
 from starlette.datastructures import FormData
 
-from appliance import audit as audit_log
-from appliance import policy, rbac, users
-from appliance.actors import Actor
+from appliance.access import audit as audit_log
+from appliance.access import policy, rbac, users
+from appliance.access.actors import Actor
 from appliance.errors import ApplianceError, BadRequest
 from web.caller import Caller, caller, requires
 from web.rendering import render
@@ -53,7 +53,7 @@ def _named(subject: dict[str, str]) -> str:
     return f"{kind} {name}"
 
 
-# Each form: parse it, make its one change through appliance.policy, and say what was done.
+# Each form: parse it, make its one change through appliance.access.policy, and say what was done.
 Form = Callable[[Engine, Actor, FormData], str]
 
 

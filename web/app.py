@@ -22,7 +22,7 @@ from starlette.routing import Match
 from appliance import __version__
 from appliance.config import RetrievalSettings, Settings
 from appliance.errors import ApplianceError, Forbidden, Withheld
-from appliance.retrieve import Retriever
+from appliance.retrieval.retrieve import Retriever
 from appliance.services import Services
 from ingest.jobs import JobWorker
 from web import (

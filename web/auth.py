@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 from fastapi import Request
 
+from appliance.access.users import Principal, authenticate_key
 from appliance.errors import Unauthorized
-from appliance.users import Principal, authenticate_key
 from web import rate_limits, sessions
 from web.security import CsrfRefused
 

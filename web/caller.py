@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from appliance.actors import Actor
-from appliance.rbac import Access
-from appliance.users import Principal
+from appliance.access.actors import Actor
+from appliance.access.rbac import Access
+from appliance.access.users import Principal
 from web import sessions
 from web.auth import require_user
 from web.rendering import check_csrf, is_page, nav, signed_in

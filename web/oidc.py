@@ -44,11 +44,11 @@ from sqlalchemy import delete, func
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
+from appliance.access.rbac import sync_mapped_groups
+from appliance.access.users import oidc_user
 from appliance.config import OidcSettings
 from appliance.db import OidcLogin, session, utcnow
 from appliance.errors import ApplianceError, NotFound
-from appliance.rbac import sync_mapped_groups
-from appliance.users import oidc_user
 from web import sessions
 from web.rendering import render, safe_next
 from web.security import audit

@@ -1,7 +1,7 @@
 """The Ollama-compatible API (/api/*), wire-compatible with the official clients.
 
 Routes parse and authorize (`web.caller`; managing models is the `manage_models` right), then call the
-inference engine, the model store, or `appliance.asking` for a `rag/<collection>` chat; nothing else.
+inference engine, the model store, or `appliance.answers.asking` for a `rag/<collection>` chat; nothing else.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from appliance import __version__
+from appliance.answers.rag import AnswerDone
 from appliance.db import Document, session
-from appliance.embeddings import DEFAULT_EMBEDDING_MODEL
 from appliance.errors import BadRequest, NotFound, Withheld
 from appliance.inference.engine import Finished, GenerationRequest, Token
 from appliance.models.create import create_model, modelfile_from_api
 from appliance.models.modelfile import parse_modelfile, render_modelfile
 from appliance.models.names import parse_digest, parse_name
 from appliance.models.store import ModelRecord
-from appliance.rag import AnswerDone
+from appliance.retrieval.embeddings import DEFAULT_EMBEDDING_MODEL
 from web.body import get, model_name, read_json
 from web.caller import Caller, caller, requires
 from web.rag_api import rag_chat_events, rag_collection, readable_collections

@@ -12,11 +12,11 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from appliance.embeddings import DEFAULT_EMBEDDING_MODEL
+from appliance.answers.rag import AnswerDone
 from appliance.errors import BadRequest, NotFound
 from appliance.inference.engine import Finished, GenerationRequest, Token
 from appliance.models.names import parse_name
-from appliance.rag import AnswerDone
+from appliance.retrieval.embeddings import DEFAULT_EMBEDDING_MODEL
 from web.body import get, read_json
 from web.caller import Caller, caller
 from web.rag_api import created_at, rag_chat_events, rag_collection, readable_collections, refuse_outside_chat

@@ -1,7 +1,7 @@
 """Grounded answers over HTTP: /api/rag/search, /api/rag/ask, the caller's conversations, and the helpers that
 serve `rag/<collection>` as a model through the Ollama and OpenAI APIs.
 
-Routes parse the request and call `appliance.asking`, which answers as the caller and writes each question's
+Routes parse the request and call `appliance.answers.asking`, which answers as the caller and writes each question's
 audit record (denied when refused); a collection the caller cannot read is answered exactly like one that does
 not exist.
 """
@@ -16,14 +16,15 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from sqlmodel import select
 
-from appliance import asking, conversations, documents
+from appliance import documents
+from appliance.access.rbac import Access
+from appliance.answers import asking, conversations
+from appliance.answers.rag import AnswerDone, require_collections
 from appliance.db import Collection, session
 from appliance.errors import BadRequest, NotFound, Withheld
 from appliance.inference.engine import Token
 from appliance.models.names import parse_name
-from appliance.rag import AnswerDone, require_collections
-from appliance.rbac import Access
-from appliance.retrieve import check_query
+from appliance.retrieval.retrieve import check_query
 from web.body import get, read_json
 from web.caller import Caller, caller
 from web.responses import json_response, ndjson_response

@@ -17,8 +17,8 @@ from fastapi import Request
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
+from appliance.access.users import Principal
 from appliance.errors import ApplianceError, TooManyRequests
-from appliance.users import Principal
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from fastapi import Request, Response
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader
 
+from appliance.access.rbac import Access, access_for
 from appliance.errors import NotFound, Unauthorized
-from appliance.rbac import Access, access_for
 from web import sessions
 from web.security import CsrfRefused, audit
 

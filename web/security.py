@@ -21,7 +21,7 @@ from datetime import timedelta
 from fastapi import Request, Response
 from sqlalchemy.engine import Engine
 
-from appliance import audit as audit_log
+from appliance.access import audit as audit_log
 from appliance.config import WebSettings
 from appliance.db import LoginThrottle, session, utcnow
 from appliance.errors import ApplianceError, Forbidden
@@ -194,7 +194,7 @@ def audit(
     outcome: str = "ok",
     **details,
 ) -> None:
-    """An audit record (appliance.audit's vocabulary: signin, signin_failed, signout, user_add, ...), with the
+    """An audit record (appliance.access.audit's vocabulary: signin, signin_failed, signout, user_add, ...), with the
     client address. Never a secret or document text in `details`. An action the audit log does not know
     yet is logged instead (names only)."""
     if action not in audit_log.ACTIONS:

@@ -23,9 +23,9 @@ from sqlalchemy import delete
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
+from appliance.access.users import Principal
 from appliance.config import WebSettings
 from appliance.db import User, WebSession, session, utcnow
-from appliance.users import Principal
 
 SECURE_COOKIE = "__Host-session"
 PLAIN_COOKIE = "appliance_session"

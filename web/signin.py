@@ -18,9 +18,16 @@ import segno
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse
 
+from appliance.access.rbac import access_for
+from appliance.access.users import (
+    add_user,
+    check_password_strength,
+    count_admins,
+    list_users,
+    set_totp,
+    verify_password,
+)
 from appliance.errors import ApplianceError, BadRequest, Forbidden
-from appliance.rbac import access_for
-from appliance.users import add_user, check_password_strength, count_admins, list_users, set_totp, verify_password
 from web import sessions
 from web.rendering import check_csrf, nav, render, safe_next
 from web.security import (

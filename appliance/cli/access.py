@@ -1,10 +1,10 @@
 """Who may read what: groups, collections, grants, break-glass and ethical walls (changes through
-`appliance.policy`, which audits them; listings straight from `appliance.rbac`)."""
+`appliance.access.policy`, which audits them; listings straight from `appliance.access.rbac`)."""
 
 from __future__ import annotations
 
-from appliance import policy
-from appliance.actors import Actor
+from appliance.access import policy
+from appliance.access.actors import Actor
 from appliance.cli.common import print_json
 from appliance.services import Services
 
@@ -28,7 +28,7 @@ def cmd_groups_rm_member(services: Services, args) -> int:
 
 
 def cmd_groups_list(services: Services, args) -> int:
-    from appliance.rbac import list_groups
+    from appliance.access.rbac import list_groups
 
     groups = list_groups(services.db)
     if args.json:
@@ -46,7 +46,7 @@ def cmd_collections_add(services: Services, args) -> int:
 
 
 def cmd_collections_list(services: Services, args) -> int:
-    from appliance.rbac import list_collections
+    from appliance.access.rbac import list_collections
 
     collections = list_collections(services.db)
     if args.json:
@@ -74,7 +74,7 @@ def cmd_grants_rm(services: Services, args) -> int:
 
 
 def cmd_grants_list(services: Services, args) -> int:
-    from appliance.rbac import list_grants
+    from appliance.access.rbac import list_grants
 
     grants = list_grants(services.db, args.collection)
     if args.json:
@@ -117,7 +117,7 @@ def cmd_walls_rm(services: Services, args) -> int:
 
 
 def cmd_walls_list(services: Services, args) -> int:
-    from appliance.rbac import list_walls
+    from appliance.access.rbac import list_walls
 
     walls = list_walls(services.db, args.collection)
     if args.json:

@@ -9,7 +9,7 @@ from appliance.services import Services
 
 
 def cmd_audit_verify(services: Services, args) -> int:
-    from appliance import audit
+    from appliance.access import audit
 
     result = audit.check(services.db)
     if result.ok:
@@ -20,7 +20,7 @@ def cmd_audit_verify(services: Services, args) -> int:
 
 
 def cmd_audit_export(services: Services, args) -> int:
-    from appliance import audit
+    from appliance.access import audit
 
     for item in audit.export(services.db, since=args.since, actor=args.user, action=args.only_action):
         sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")

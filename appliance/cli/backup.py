@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.actors import Actor
-from appliance.backup import backup, restore
+from appliance.access.actors import Actor
 from appliance.cli import index
+from appliance.operations.backup import backup, restore
 from appliance.services import Services
 
 

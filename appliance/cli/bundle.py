@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from appliance.bundle import DEFAULT_CMAKE_ARGS, build_bundle
+from appliance.operations.bundle import DEFAULT_CMAKE_ARGS, build_bundle
 from appliance.services import Services
 
 log = logging.getLogger(__name__)

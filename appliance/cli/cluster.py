@@ -3,10 +3,10 @@ how a model's layers would be split over them."""
 
 from __future__ import annotations
 
-from appliance import logs
 from appliance.cli.common import print_json
 from appliance.cluster.plan import gib
 from appliance.errors import BadRequest
+from appliance.operations import logs
 from appliance.services import Services
 
 

@@ -20,7 +20,7 @@ def cmd_config_show(services: Services, args) -> int:
 
 
 def cmd_doctor(services: Services, args) -> int:
-    from appliance import doctor
+    from appliance.operations import doctor
 
     checks = doctor.run(services.settings)
     failed = any(check.status == doctor.FAIL for check in checks)

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from appliance.actors import Actor
+from appliance.access.actors import Actor
 from appliance.cli.common import print_json
 from appliance.services import Services
 

@@ -9,9 +9,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from appliance import evaluation
 from appliance.cli.common import print_json
 from appliance.errors import BadRequest
+from appliance.operations import evaluation
 from appliance.services import Services
 
 

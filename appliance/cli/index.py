@@ -11,7 +11,7 @@ from appliance.services import Services
 
 def check(services: Services, as_json: bool = False) -> int:
     """Print what `index check` finds; 0 when clean, else 1 (also after `index rebuild` and `restore`)."""
-    from appliance.index import describe_embedder
+    from appliance.retrieval.index import describe_embedder
 
     report = services.index.check()
     if as_json:
@@ -31,7 +31,7 @@ def cmd_index_check(services: Services, args) -> int:
 
 def cmd_index_rebuild(services: Services, args) -> int:
     """Re-embed every chunk with the configured backend ('auto': the fastest for a new index) and record it."""
-    from appliance.embeddings import SentenceEmbedder
+    from appliance.retrieval.embeddings import SentenceEmbedder
 
     settings = services.settings
     index = services.index

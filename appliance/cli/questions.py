@@ -1,5 +1,5 @@
 """Questions from the command line: `search` ranks passages, `ask` answers with verified citations. Both read as
-the local operator (everything), or with `--as USER` exactly what that user may read; `appliance.asking` answers
+the local operator (everything), or with `--as USER` exactly what that user may read; `appliance.answers.asking` answers
 them and writes their audit records."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from appliance.services import Services
 
 def access_as(services: Services, as_user: str | None):
     """The local operator reads everything; `--as USER` shows exactly what that user would see."""
-    from appliance.rbac import OPERATOR, access_for_user
+    from appliance.access.rbac import OPERATOR, access_for_user
 
     return access_for_user(services.db, as_user) if as_user else OPERATOR
 
@@ -23,7 +23,7 @@ def access_as(services: Services, as_user: str | None):
 def actor_as(services: Services, as_user: str | None):
     """The local operator, reading what `--as USER` may read (the audit records name the operator, and
     `as_user`)."""
-    from appliance.actors import Actor
+    from appliance.access.actors import Actor
 
     return replace(Actor.operator(), access=access_as(services, as_user))
 
@@ -38,7 +38,7 @@ def _where(item: dict) -> str:
 
 
 def cmd_search(services: Services, args) -> int:
-    from appliance import asking
+    from appliance.answers import asking
 
     actor = actor_as(services, args.as_user)
     hits = asking.search(services, actor, args.query, args.collection or None, args.top_k, as_user=args.as_user)
@@ -55,9 +55,9 @@ def cmd_search(services: Services, args) -> int:
 
 
 def cmd_ask(services: Services, args) -> int:
-    from appliance import asking
+    from appliance.answers import asking
+    from appliance.answers.rag import AnswerDone
     from appliance.inference.engine import Token
-    from appliance.rag import AnswerDone
 
     actor = actor_as(services, args.as_user)
 

@@ -11,9 +11,9 @@ import json
 import os
 from typing import Any
 
-from appliance import logs
 from appliance.config import Settings
 from appliance.errors import ApplianceError, BadRequest
+from appliance.operations import logs
 from appliance.services import Services
 
 

@@ -1,12 +1,12 @@
 """Users and their API keys: add, list, change a role, disable; issue, list and revoke keys (changes through
-`appliance.policy`, which audits them)."""
+`appliance.access.policy`, which audits them)."""
 
 from __future__ import annotations
 
 import sys
 
-from appliance import policy
-from appliance.actors import Actor
+from appliance.access import policy
+from appliance.access.actors import Actor
 from appliance.cli.common import print_json
 from appliance.services import Services
 
@@ -21,7 +21,7 @@ def cmd_users_add(services: Services, args) -> int:
 
 
 def cmd_users_list(services: Services, args) -> int:
-    from appliance.users import list_users
+    from appliance.access.users import list_users
 
     users = [
         {"name": u.name, "role": u.role, "disabled": u.disabled, "created_at": u.created_at.isoformat()}
@@ -54,7 +54,7 @@ def cmd_keys_create(services: Services, args) -> int:
 
 
 def cmd_keys_list(services: Services, args) -> int:
-    from appliance.users import list_keys
+    from appliance.access.users import list_keys
 
     for key, user in list_keys(services.db, args.user):
         state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"

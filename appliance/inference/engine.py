@@ -21,13 +21,13 @@ from typing import Any
 import jinja2
 from jinja2 import meta
 
-from appliance.embeddings import DEFAULT_EMBEDDING_MODEL, EmbeddingResult, SentenceEmbedder, shorten
 from appliance.errors import BadRequest
 from appliance.inference.scheduler import Scheduler, parse_keep_alive
 from appliance.models.modelfile import PARAMETER_TYPES, coerce_parameter
 from appliance.models.names import parse_name
 from appliance.models.store import ModelRecord, ModelStore
 from appliance.models.template import is_go_template, parse_tool_calls, render_chat, render_chat_isolated
+from appliance.retrieval.embeddings import DEFAULT_EMBEDDING_MODEL, EmbeddingResult, SentenceEmbedder, shorten
 
 log = logging.getLogger(__name__)
 # Prompts are rendered on threads of their own, never on the shared default pool that file reads,

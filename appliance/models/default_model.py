@@ -14,7 +14,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from appliance.bundle import file_sha256
+from appliance.checksums import file_sha256
 from appliance.errors import ApplianceError
 from appliance.models.store import ModelRecord, ModelStore
 

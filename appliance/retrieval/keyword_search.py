@@ -43,7 +43,7 @@ from sqlalchemy import text as sql
 from sqlmodel import select
 
 from appliance.db import Document, session
-from appliance.vector_search import IndexCopy, readable_rows
+from appliance.retrieval.vector_search import IndexCopy, readable_rows
 
 log = logging.getLogger(__name__)
 

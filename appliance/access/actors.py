@@ -1,9 +1,9 @@
 """Who does something: the name the audit log gives them, what they may do, and where they called from.
 
-Every use case (`appliance.policy`, `appliance.documents`, `appliance.asking`) takes an `Actor`, checks it
-with `Actor.require`, and writes its own audit records with `Actor.record`, so web routes, pages and CLI
-commands only parse, call and render. The web builds one per request (`web.caller`); the CLI acts as
-`Actor.operator()`.
+Every use case (`appliance.access.policy`, `appliance.documents`, `appliance.answers.asking`, backup and
+restore) takes an `Actor`, checks it with `Actor.require`, and writes its own audit records with
+`Actor.record`, so web routes, pages and CLI commands only parse, call and render. The web builds one per
+request (`web.caller`); the CLI acts as `Actor.operator()`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from appliance import audit
+from appliance.access import audit
+from appliance.access.rbac import OPERATOR, Access, access_for
+from appliance.access.users import Principal
 from appliance.errors import ApplianceError, Forbidden
-from appliance.rbac import OPERATOR, Access, access_for
-from appliance.users import Principal
 
 
 @dataclass(frozen=True)

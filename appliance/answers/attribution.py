@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import math
 
-from appliance.answerability import question_terms
-from appliance.citations import sentences
-from appliance.keyword_search import term, tokens
-from appliance.retrieve import Hit
+from appliance.answers.answerability import question_terms
+from appliance.answers.citations import sentences
+from appliance.retrieval.keyword_search import term, tokens
+from appliance.retrieval.retrieve import Hit
 
 # What a model says about the passages rather than from them.
 SELF_REFERENCE = frozenset(term(w) for w in "answer passage passages question document documents text".split())

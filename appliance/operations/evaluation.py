@@ -287,7 +287,7 @@ def indexed_chunks(retriever, corpus_ids: dict[str, str]) -> int | None:
 def rankings(retriever, query: str) -> dict[str, list[str]]:
     """The three chunk rankings of one question through the real retrieval code, as the operator: the
     single searches deep enough for recall@100, the fusion exactly as `search` computes it."""
-    from appliance.rbac import OPERATOR
+    from appliance.access.rbac import OPERATOR
 
     deep = retriever.rank(query, OPERATOR, dense_candidates=DEEP_CANDIDATES, keyword_candidates=DEEP_CANDIDATES)
     hybrid = retriever.rank(query, OPERATOR)
@@ -586,8 +586,8 @@ def answer_questions(
 async def _answer_all(
     scoped: Settings, retriever, questions: list[dict], sources: dict[str, str], mode: str, progress: Progress
 ) -> list[dict]:
-    from appliance.rag import AnswerDone
-    from appliance.rbac import OPERATOR
+    from appliance.access.rbac import OPERATOR
+    from appliance.answers.rag import AnswerDone
 
     store = await asyncio.to_thread(_answer_store, scoped, mode)
     # The throw-away store holds only the default model (or none): the user's APPLIANCE_RAG_MODEL is not there.

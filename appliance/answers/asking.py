@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance import audit, conversations
-from appliance.actors import Actor
+from appliance.access import audit
+from appliance.access.actors import Actor
+from appliance.answers import conversations
+from appliance.answers.rag import AnswerDone
 from appliance.errors import ApplianceError, BadRequest, Forbidden, NotFound
 from appliance.inference.engine import Token
-from appliance.rag import AnswerDone
-from appliance.retrieve import Hit
+from appliance.retrieval.retrieve import Hit
 from appliance.services import Services
 
 

@@ -26,9 +26,9 @@ from sqlalchemy import text as sql
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from appliance.access.users import Principal, get_user
 from appliance.db import Collection, Document, Grant, Group, GroupMember, User, Wall, acl_names_any, session, utcnow
 from appliance.errors import BadRequest, Conflict, Forbidden, NotFound
-from appliance.users import Principal, get_user
 
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.checksums import file_sha256
 from appliance.errors import ApplianceError
 
 log = logging.getLogger(__name__)
@@ -62,16 +63,8 @@ def _digest(stamp: tuple) -> str:
     total = hashlib.sha256()
     for name, _size, _mtime in stamp:
         total.update(Path(name).name.encode() + b"\0")
-        total.update(_file_sha256(Path(name)).encode())
+        total.update(file_sha256(Path(name)).encode())
     return total.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def require_runtime():

@@ -14,9 +14,9 @@ import secrets
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
+from appliance.access.rbac import Access
 from appliance.db import Conversation, ConversationMessage, Document, session, utcnow
 from appliance.errors import NotFound, Withheld
-from appliance.rbac import Access
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 HISTORY_MESSAGES = 12  # the most recent messages a follow-up is read against

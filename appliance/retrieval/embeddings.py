@@ -64,7 +64,7 @@ class _Call:
 
 def onnx_suits(model_dir: Path) -> bool:
     """Whether the ONNX backends can run this model here (runtime installed, model pooled as the export does)."""
-    from appliance.onnx_embedder import EmbedderUnavailable, check_model_shape, require_runtime
+    from appliance.retrieval.onnx_embedder import EmbedderUnavailable, check_model_shape, require_runtime
 
     try:
         require_runtime()
@@ -164,7 +164,7 @@ class SentenceEmbedder:
     def fingerprint(self) -> dict:
         """What made this embedder's vectors: backend, digest of the model's files, and the vectors' kind
         (torch and ONNX fp32 give the same vectors, to float rounding; int8 weights give other ones)."""
-        from appliance.onnx_embedder import VARIANTS, model_digest
+        from appliance.retrieval.onnx_embedder import VARIANTS, model_digest
 
         return {
             "backend": self.backend,
@@ -192,7 +192,7 @@ class SentenceEmbedder:
     def _load_onnx(self):
         import tempfile
 
-        from appliance.onnx_embedder import OnnxModel
+        from appliance.retrieval.onnx_embedder import OnnxModel
 
         prepare_offline_hub()  # the export imports transformers
         threads = self.settings.embedding_threads

@@ -19,16 +19,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.answerability import Support, closest_sentences, question_terms, support
-from appliance.attribution import supporting_passage
-from appliance.citations import Citation, Flag, sources_block, verify
+from appliance.access.rbac import Access
+from appliance.answers.answerability import Support, closest_sentences, question_terms, support
+from appliance.answers.attribution import supporting_passage
+from appliance.answers.citations import Citation, Flag, sources_block, verify
 from appliance.config import RetrievalSettings
 from appliance.errors import ApplianceError, BadRequest
 from appliance.inference.engine import Engine, Finished, GenerationRequest, Token
 from appliance.models import default_model
 from appliance.models.store import ModelRecord
-from appliance.rbac import Access
-from appliance.retrieve import Hit, Retriever, SearchScope, check_query
+from appliance.retrieval.retrieve import Hit, Retriever, SearchScope, check_query
 
 log = logging.getLogger(__name__)
 

@@ -27,14 +27,14 @@ from sqlalchemy import String, bindparam
 from sqlalchemy import text as sql
 from sqlmodel import select
 
+from appliance.access.rbac import Access, read_rule_sql, read_rule_where
 from appliance.config import RetrievalSettings
 from appliance.db import FTS_TABLE, Chunk, Document, session
-from appliance.embeddings import SentenceEmbedder, dictionary_words
 from appliance.errors import ApplianceError, BadRequest, NotFound
-from appliance.index import ChunkIndex
-from appliance.keyword_search import KeywordMirror
-from appliance.rbac import Access, read_rule_sql, read_rule_where
-from appliance.vector_search import VectorMirror
+from appliance.retrieval.embeddings import SentenceEmbedder, dictionary_words
+from appliance.retrieval.index import ChunkIndex
+from appliance.retrieval.keyword_search import KeywordMirror
+from appliance.retrieval.vector_search import VectorMirror
 
 log = logging.getLogger(__name__)
 
@@ -441,7 +441,7 @@ class Retriever:
                     raise BadRequest(f"APPLIANCE_RERANKER_MODEL_PATH: no model in '{path}' (config.json missing)")
                 from sentence_transformers import CrossEncoder
 
-                from appliance.embeddings import prepare_offline_hub
+                from appliance.retrieval.embeddings import prepare_offline_hub
 
                 prepare_offline_hub()
                 self._reranker = CrossEncoder(str(path), device="cpu", local_files_only=True)

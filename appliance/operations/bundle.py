@@ -47,6 +47,7 @@ from importlib import metadata
 from pathlib import Path
 
 from appliance import __version__
+from appliance.checksums import file_sha256
 from appliance.config import Settings
 from appliance.errors import ApplianceError, BadRequest, Conflict
 
@@ -85,7 +86,7 @@ class BundleReport:
 # --- what goes in ------------------------------------------------------------------------------------
 def source_root() -> Path:
     """The checkout this code runs from (the bundle builds the appliance's wheel from it)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # appliance/operations/bundle.py
     pyproject = root / "pyproject.toml"
     if not pyproject.is_file() or f'name = "{DISTRIBUTION}"' not in pyproject.read_text():
         raise BadRequest(
@@ -304,14 +305,6 @@ def _export_models(settings: Settings, names: list[str], dest: Path) -> list[dic
 
 
 # --- checksums ---------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK * 8):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_checksums(out: Path) -> dict[str, str]:
     """SHA256SUMS (the format `sha256sum --check` reads) over every other file; returns path -> hex."""
     sums = {

@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from urllib.parse import quote as quote_url
 
-from appliance.retrieve import Hit
+from appliance.retrieval.retrieve import Hit
 
 _MARKER = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 _QUOTED = re.compile(r"[\"“”«»]([^\"“”«»]{8,600})[\"“”«»]")

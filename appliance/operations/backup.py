@@ -35,7 +35,7 @@ from appliance.config import Settings
 from appliance.errors import BadRequest, Conflict
 
 if TYPE_CHECKING:
-    from appliance.actors import Actor
+    from appliance.access.actors import Actor
     from appliance.services import Services
 
 FORMAT = 1

@@ -48,11 +48,11 @@ import numpy as np
 from sqlalchemy import func
 from sqlmodel import select
 
-from appliance.citations import STOPWORDS, content_words, sentence_spans, sentences
+from appliance.answers.citations import STOPWORDS, content_words, sentence_spans, sentences
 from appliance.config import RetrievalSettings
 from appliance.db import Document, session
-from appliance.keyword_search import term, tokens
-from appliance.retrieve import Hit, Retriever, SearchScope
+from appliance.retrieval.keyword_search import term, tokens
+from appliance.retrieval.retrieve import Hit, Retriever, SearchScope
 
 # Words that frame a question without naming what it is about.
 FRAMING = frozenset(

@@ -1,11 +1,12 @@
 """Changing who may do what: users, API keys, groups, collections, grants, walls and break-glass.
 
-The one use case behind the administration page and the `appliance users|keys|groups|collections|grants|walls|
-break-glass` commands. Each function checks the actor's right (`manage_users` for users, keys, groups and members;
-`manage_policy` for collections, grants, walls and break-glass), makes the change through `appliance.users` or
-`appliance.rbac`, and writes the change's one audit record: `ok`; `failed` with the error; `denied` when the actor
-may not (the error is marked audited). Targets: `user:NAME` for a user or their key, the bare name for a group,
-a collection or a key prefix. Read-only listings stay in `rbac` and `users`.
+The one use case behind the administration page and the `appliance users|keys|groups|collections|grants|
+walls|break-glass` commands. Each function checks the actor's right (`manage_users` for users, keys, groups
+and members; `manage_policy` for collections, grants, walls and break-glass), makes the change through
+`appliance.access.users` or `appliance.access.rbac`, and writes the change's one audit record: `ok`; `failed`
+with the error; `denied` when the actor may not (the error is marked audited). Targets: `user:NAME` for a
+user or their key, the bare name for a group, a collection or a key prefix. Read-only listings stay in
+`rbac` and `users`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from appliance import rbac, users
-from appliance.actors import Actor
+from appliance.access import rbac, users
+from appliance.access.actors import Actor
 from appliance.db import Collection, Grant, Group, User, Wall
 from appliance.errors import ApplianceError, BadRequest, Forbidden
 

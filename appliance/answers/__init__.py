@@ -1,0 +1,1 @@
+"""Answering from passages: asking (the use case), the refusal gate, quotes and citations, conversations."""

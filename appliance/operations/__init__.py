@@ -1,0 +1,1 @@
+"""Running a home: backup and restore, the offline bundle, doctor, evaluation, logs."""

@@ -1,0 +1,1 @@
+"""Finding passages: the chunk index, its in-memory copies (vectors, keywords), embedders, hybrid search."""
