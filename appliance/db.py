@@ -247,7 +247,7 @@ class OidcLogin(SQLModel, table=True):
 
 class LoginThrottle(SQLModel, table=True):
     """Failed sign-ins per account name from a client address ("pair:IP|NAME"), per client address ("addr:IP")
-    or, for TOTP codes, per account ("totp:NAME"), and the lockout (web.security)."""
+    or, for TOTP codes, per account ("totp:NAME"), and the lockout (appliance.access.signin)."""
 
     __tablename__ = "login_throttle"
     key: str = Field(primary_key=True, max_length=200)

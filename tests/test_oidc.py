@@ -26,11 +26,12 @@ from joserfc.jwk import RSAKey
 
 from appliance.access import audit
 from appliance.access.rbac import add_group, add_member, list_groups, sync_mapped_groups
+from appliance.access.signin import claimed_groups
 from appliance.access.users import add_user, create_key, disable_user, get_user, list_users, oidc_user, set_totp
 from appliance.config import OidcSettings
 from appliance.db import create_db_engine
 from tests.conftest import Server, launch_server, stop_server
-from web.oidc import OidcRefused, claimed_groups
+from web.oidc import OidcRefused
 from web.oidc import Provider as OidcProvider
 from web.rendering import safe_next
 

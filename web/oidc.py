@@ -10,12 +10,12 @@ when a token names an unknown `kid`) by an asymmetric algorithm the provider adv
 or `none` —, `iss` exactly the configured issuer, `aud` holding the client id (and `azp` the client id
 when there are several audiences), `exp`/`iat`/`nbf` within `LEEWAY_S`, `nonce` the stored one.
 
-The user is found by issuer + subject only (created on the first sign-in, with no password), never by
-name or e-mail. Groups named in the configured claim join the user to the mapped appliance groups and
-leave the mapped groups no longer named. The session then starts as the password sign-in's does: a
-disabled user is refused, a user with TOTP still enters a code, an admin without TOTP must enrol (the
-provider is not trusted for the second factor). Every success and refusal is an audit record; no token,
-code or secret is ever logged or audited.
+What the verified claims then mean for this appliance's users is `appliance.access.signin.with_provider`:
+the user is found by issuer + subject only (created on the first sign-in, with no password), never by
+name or e-mail; the groups claim decides the mapped groups; a disabled user is refused; a user with TOTP
+still enters a code, an admin without TOTP must enrol (the provider is not trusted for the second factor).
+It writes the audit records of the sign-in, and `signin.provider_refused` those of a refusal here; no
+token, code or secret is ever logged or audited.
 """
 
 from __future__ import annotations
@@ -44,14 +44,13 @@ from sqlalchemy import delete, func
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from appliance.access.rbac import sync_mapped_groups
-from appliance.access.users import oidc_user
+from appliance.access import signin
 from appliance.config import OidcSettings
 from appliance.db import OidcLogin, session, utcnow
-from appliance.errors import ApplianceError, NotFound
+from appliance.errors import ApplianceError, Forbidden, NotFound
 from web import sessions
 from web.rendering import render, safe_next
-from web.security import audit
+from web.security import client_address
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -386,27 +385,16 @@ def take_login(engine: Engine, state: str, binding: str) -> OidcLogin:
     return row
 
 
-def claimed_groups(claims: dict[str, Any], claim: str) -> set[str]:
-    """The values of the groups claim (a list of strings, or one string); a dotted name reaches nested
-    objects (`realm_access.roles`) when no claim has that name itself."""
-    value: Any = claims.get(claim)
-    if value is None and "." in claim:
-        value = claims
-        for part in claim.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-    if isinstance(value, str):
-        return {value}
-    if isinstance(value, list):
-        return {item for item in value if isinstance(item, str)}
-    return set()
-
-
 # --- routes ------------------------------------------------------------------------------------------
-def _refusal(request: Request, exc: OidcRefused, actor: str = "-", actor_id: int | None = None) -> Response:
-    audit(request, actor, "signin_failed", actor_id=actor_id, outcome="denied", reason=exc.reason, via="oidc")
-    response = render(request, "error.html", exc.status, title="Sign-in refused", message=exc.message)
+def _refused_page(request: Request, status: int, message: str) -> Response:
+    response = render(request, "error.html", status, title="Sign-in refused", message=message)
     _clear_binding(request, response)
     return response
+
+
+def _refusal(request: Request, exc: OidcRefused) -> Response:
+    signin.provider_refused(request.app.state.db, client_address(request), exc.reason)
+    return _refused_page(request, exc.status, exc.message)
 
 
 @router.get("/login/oidc")
@@ -454,31 +442,17 @@ async def oidc_callback(request: Request, state: str = "", code: str = "", error
         claims = await idp.verify_id_token(metadata, id_token, pending.nonce)
     except OidcRefused as exc:
         return _refusal(request, exc)
-    settings = state_db.settings.oidc
-    preferred = str(claims.get("preferred_username") or claims.get("email") or claims.get("name") or "")
-    user, created = await asyncio.to_thread(
-        oidc_user, state_db.db, idp.issuer, claims["sub"], preferred, settings.oidc_default_role
-    )
-    assert user.id is not None
-    if created:
-        audit(request, user.name, "user_add", actor_id=user.id, target=f"user:{user.name}", via="oidc", role=user.role)
-    if user.disabled:
-        refused = OidcRefused("disabled", "Your account on this appliance has been disabled.", 403)
-        return _refusal(request, refused, user.name, user.id)
-    mapping = settings.oidc_group_map
-    wanted = {mapping[value] for value in claimed_groups(claims, settings.oidc_groups_claim) if value in mapping}
-    joined, left = await asyncio.to_thread(sync_mapped_groups, state_db.db, user.id, wanted, set(mapping.values()))
-    for group in joined:
-        audit(request, user.name, "member_add", actor_id=user.id, target=f"group:{group}", user=user.name, via="oidc")
-    for group in left:
-        audit(request, user.name, "member_rm", actor_id=user.id, target=f"group:{group}", user=user.name, via="oidc")
-    # The same steps as the password sign-in: TOTP when the user has it, enrolment for an admin without it.
-    stage = "mfa" if user.totp_secret else ("enrol" if user.role == "admin" else "full")
+    address = client_address(request)
+    try:
+        done = await asyncio.to_thread(
+            signin.with_provider, state_db.db, state_db.settings.oidc, address, idp.issuer, claims
+        )
+    except Forbidden as exc:  # a disabled user: refused and recorded by the sign-in
+        return _refused_page(request, exc.status, exc.message)
+    assert done.user.id is not None
     old = request.cookies.get(sessions.cookie_name(request))
-    token = await asyncio.to_thread(sessions.create, state_db.db, user.id, stage, old)
-    if stage == "full":
-        audit(request, user.name, "signin", actor_id=user.id, factor="oidc")
-    location = {"mfa": "/login/totp", "enrol": "/mfa/enrol"}.get(stage, safe_next(pending.next_path))
+    token = await asyncio.to_thread(sessions.create, state_db.db, done.user.id, done.stage, old)
+    location = {"mfa": "/login/totp", "enrol": "/mfa/enrol"}.get(done.stage, safe_next(pending.next_path))
     # A page that moves on by itself rather than a redirect: browsers do not send the SameSite=Strict
     # session cookie on the rest of a redirect chain that began at the provider's site.
     response = render(request, "signed_in.html", title="Signed in", location=location, refresh=location)

@@ -1,13 +1,9 @@
-"""Browser-facing protections: security headers, the pre-sign-in CSRF token, sign-in throttling, audit.
+"""Browser-facing protections: security headers, the pre-sign-in CSRF token, the edge's own audit records.
 
 Every response carries a strict CSP (no inline script or style, nothing from another origin), nosniff,
 no referrer and no framing. Forms before sign-in (login, setup) carry a token bound to a random cookie
 (HMAC with a per-process key); after sign-in forms and fetch calls carry the session's own token.
-Failed sign-ins are counted per account name *and* client address together, and per client address: a
-stranger guessing someone's password locks only their own address out of that account, never the account
-itself (an account-wide lock would let anyone lock anyone out, admins included). Failed TOTP codes also
-count for the account as a whole, since only someone who knew its password reaches that step. Over the
-limit a key is locked, and each further failure doubles the lock (up to a day).
+Sign-in throttling (lockouts per name and address) is a rule of signing in: `appliance.access.signin`.
 """
 
 from __future__ import annotations
@@ -16,14 +12,10 @@ import hashlib
 import hmac
 import logging
 import secrets
-from datetime import timedelta
 
 from fastapi import Request, Response
-from sqlalchemy.engine import Engine
 
 from appliance.access import audit as audit_log
-from appliance.config import WebSettings
-from appliance.db import LoginThrottle, session, utcnow
 from appliance.errors import ApplianceError, Forbidden
 
 log = logging.getLogger(__name__)
@@ -42,7 +34,6 @@ SECURITY_HEADERS = {
 }
 PRELOGIN_SECURE = "__Host-prelogin"
 PRELOGIN_PLAIN = "appliance_prelogin"
-MAX_LOCK_S = 86_400
 STALE_FORM = "This form has expired or did not come from this site. Reload the page and try again."
 
 
@@ -90,61 +81,6 @@ def check_prelogin(request: Request, sent: object) -> None:
     nonce = request.cookies.get(_prelogin_cookie(request))
     if not nonce or not isinstance(sent, str) or not hmac.compare_digest(sent, _form_token(request, nonce)):
         raise CsrfRefused(STALE_FORM)
-
-
-# --- sign-in throttling --------------------------------------------------------------------------
-def throttle_keys(name: str, address: str) -> list[str]:
-    """What a password attempt counts toward: this name from this address, and this address."""
-    return [f"pair:{address[:64]}|{name.lower()[:64]}", f"addr:{address[:64]}"]
-
-
-def totp_keys(name: str, address: str) -> list[str]:
-    """What a code attempt counts toward: the password's keys and the account itself."""
-    return [*throttle_keys(name, address), f"totp:{name.lower()[:64]}"]
-
-
-def locked_for(engine: Engine, keys: list[str]) -> int:
-    """Seconds until every one of these keys may try again (0: none is locked)."""
-    now = utcnow()
-    wait = 0
-    with session(engine) as db:
-        for key in keys:
-            row = db.get(LoginThrottle, key)
-            if row is not None and row.locked_until is not None and row.locked_until > now:
-                wait = max(wait, int((row.locked_until - now).total_seconds()) + 1)
-    return wait
-
-
-def record_failure(engine: Engine, settings: WebSettings, keys: list[str]) -> None:
-    now = utcnow()
-    window = timedelta(seconds=max(900, settings.login_lockout_s))
-    with session(engine) as db:
-        for key in keys:
-            limit = settings.login_max_failures_per_address if key.startswith("addr:") else settings.login_max_failures
-            row = db.get(LoginThrottle, key) or LoginThrottle(key=key)
-            unlocked = row.locked_until is None or row.locked_until <= now
-            if unlocked and now - row.updated_at > window and row.failures < limit:
-                row.failures = 0  # old failures below the limit are forgotten
-            row.failures += 1
-            if row.failures >= limit:
-                lock = min(MAX_LOCK_S, settings.login_lockout_s * 2 ** min(20, row.failures - limit))
-                row.locked_until = now + timedelta(seconds=lock)
-            row.updated_at = now
-            db.add(row)
-        db.commit()
-
-
-def clear_failures(engine: Engine, name: str, address: str) -> None:
-    """After a sign-in: forget the failures of this name from this address and of the account's codes. Never
-    the address's own count, or a sprayer could reset it by signing in to an account of their own."""
-    with session(engine) as db:
-        for key in totp_keys(name, address):
-            if key.startswith("addr:"):
-                continue
-            row = db.get(LoginThrottle, key)
-            if row is not None:
-                db.delete(row)
-        db.commit()
 
 
 def client_address(request: Request) -> str:

@@ -37,11 +37,6 @@ class Actor:
         name, actor_id = audit.actor_of(principal)
         return cls(name, actor_id, access_for(engine, principal), address)
 
-    @property
-    def requester(self) -> str:
-        """Who asks, as the inference queue counts requests for fair turns."""
-        return self.access.requester
-
     def may(self, action: str, collection: str | None = None) -> bool:
         return self.access.may(action, collection)
 

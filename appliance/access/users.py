@@ -37,15 +37,6 @@ class Principal:
     name: str
     role: str
 
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
-
-    @property
-    def requester(self) -> str:
-        """Who asks, as the inference queue counts requests for fair turns (same as `Access.requester`)."""
-        return f"user:{self.name}"
-
 
 def _hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
