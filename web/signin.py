@@ -8,6 +8,7 @@ admin without TOTP must enrol first) or `full` stage; every step up issues a new
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import segno
@@ -72,7 +73,9 @@ async def login(request: Request):
     password = str(form.get("password") or "")[:1024]
     target = safe_next(str(form.get("next") or "/"))
     try:
-        done = signin.with_password(state.db, state.settings.web, client_address(request), name, password)
+        done = await asyncio.to_thread(
+            signin.with_password, state.db, state.settings.web, client_address(request), name, password
+        )
     except (Unauthorized, TooManyRequests) as exc:
         return _login_form(request, exc.status, next=target, username=name, error=exc.message)
     return _start(request, done, target, request.cookies.get(sessions.cookie_name(request)))
@@ -103,7 +106,9 @@ async def totp_check(request: Request):
     state = request.app.state
     code = str(form.get("code") or "")
     try:
-        done = signin.with_code(state.db, state.settings.web, client_address(request), signed.user, code)
+        done = await asyncio.to_thread(
+            signin.with_code, state.db, state.settings.web, client_address(request), signed.user, code
+        )
     except (Unauthorized, TooManyRequests) as exc:
         return render(request, "totp.html", exc.status, title="Authenticator code", csrf=signed.csrf, error=exc.message)
     return _start(request, done, "/", signed.token)
@@ -153,7 +158,9 @@ async def enrol(request: Request):
     check_csrf(signed, form.get("csrf"))
     code = str(form.get("code") or "")
     try:
-        done = signin.enrol(request.app.state.db, client_address(request), signed.user, signed.row.pending_totp, code)
+        done = await asyncio.to_thread(
+            signin.enrol, request.app.state.db, client_address(request), signed.user, signed.row.pending_totp, code
+        )
     except BadRequest as exc:
         return _enrolment(request, signed, exc.status, exc.message)
     return _start(request, done, "/", signed.token)
@@ -196,7 +203,10 @@ async def setup(request: Request):
     password, repeated = str(form.get("password") or ""), str(form.get("password2") or "")
     address = client_address(request)
     try:
-        done = signin.first_admin(request.app.state.db, address, name, password, repeated, request_actor(request))
+        actor = request_actor(request)
+        done = await asyncio.to_thread(
+            signin.first_admin, request.app.state.db, address, name, password, repeated, actor
+        )
     except Forbidden:
         raise  # an administrator exists: refused (and recorded), not a form to correct
     except ApplianceError as exc:

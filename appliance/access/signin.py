@@ -22,6 +22,7 @@ by signing in to an account of their own).
 from __future__ import annotations
 
 import hmac
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,6 +37,7 @@ from appliance.db import LoginThrottle, User, session, utcnow
 from appliance.errors import BadRequest, Forbidden, TooManyRequests, Unauthorized
 
 TOTP_PERIOD = 30
+_setup_lock = threading.Lock()
 MAX_LOCK_S = 86_400
 WRONG_SIGN_IN = "Wrong user name or password, or the account is disabled."
 WRONG_CODE = "That code is not right."
@@ -237,6 +239,13 @@ def first_admin(
     """First-run setup: the administrator, who enrols TOTP next. Once an administrator exists it is refused
     (Forbidden, audited, naming the `requester`: who sent the request, "-" for nobody signed in); two
     passwords that differ, a weak password or a bad name are BadRequest (Conflict for a taken name)."""
+    with _setup_lock:  # two first-run forms sent at once create one administrator (in this process)
+        return _first_admin(engine, address, name, password, repeated, requester)
+
+
+def _first_admin(
+    engine: Engine, address: str, name: str, password: str, repeated: str, requester: tuple[str, int | None]
+) -> SignIn:
     if not setup_open(engine):
         actor, actor_id = requester
         _record(engine, address, actor, "setup", actor_id=actor_id, outcome="denied", reason="an administrator exists")
