@@ -1,4 +1,4 @@
-"""The documents use cases: what a caller may read, uploading, deleting, and who may read one document.
+"""The documents use cases: what a caller may read, uploading, deleting, re-parsing, and who may read one document.
 
 Each use case takes the `Actor` who acts, applies the rule, and writes the audit records (allowed, denied
 or failed) itself, so the documents API, the pages and `appliance documents` / `appliance ingest` only
@@ -38,7 +38,7 @@ from appliance.access.rbac import (
 from appliance.db import Chunk, Collection, Document, DocumentText, Job, session
 from appliance.errors import ApplianceError, BadRequest, Conflict, Forbidden, NotFound, Withheld
 from ingest.filenames import allowed_suffix, display_name
-from ingest.pipeline import IngestResult, parse_acl
+from ingest.pipeline import IngestResult, ReparseResult, parse_acl
 
 if TYPE_CHECKING:
     from appliance.retrieval.index import ChunkIndex
@@ -390,3 +390,40 @@ def set_document_acl(
     details = {"collection": document.collection, "acl": acl, "previous": document.acl}
     actor.record(engine, "acl_set", target=target, **details)
     return document, acl
+
+
+def reparse_documents(
+    engine: Engine,
+    ingestor: Ingestor,
+    actor: Actor,
+    collection: str | None = None,
+    document_ids: list[str] | None = None,
+    on_result: Callable[[ReparseResult], None] = lambda result: None,
+) -> list[ReparseResult]:
+    """Parse indexed documents again from their stored originals with this version's parser (after an upgrade
+    that reads some formats better), so their passages are what a new upload would give. The actor must be
+    able to delete each document (`Access.may_delete`: read it, edit its collection); the others are left
+    out, as are documents still being indexed. One `reparse` audit record for the run, with the counts.
+
+    Earlier answers keep the quotes they showed; their links open the document at the span recorded then,
+    which may have moved if its text changed."""
+    query = select(Document).where(Document.status == "indexed").order_by(Document.collection, Document.filename)
+    if collection:
+        query = query.where(Document.collection == collection)
+    if document_ids:
+        query = query.where(Document.id.in_(document_ids))  # type: ignore[attr-defined]
+    with session(engine) as db:
+        documents = [d for d in db.exec(query) if actor.access.may_delete(d)]
+    results = []
+    try:
+        for document in documents:
+            result = ingestor.reparse(document)
+            results.append(result)
+            on_result(result)
+    finally:
+        counts = {status: sum(r.status == status for r in results) for status in ("reparsed", "unchanged", "failed")}
+        if counts["reparsed"]:
+            ingestor.index.mark_reparsed()  # in-memory copies read the index again: texts changed, not only counts
+        outcome = "ok" if len(results) == len(documents) else "failed"
+        actor.record(engine, "reparse", target=collection or None, outcome=outcome, documents=len(documents), **counts)
+    return results

@@ -60,6 +60,15 @@ class IngestResult:
     replaced: list[Document] = field(default_factory=list)  # older versions removed by this one
 
 
+@dataclass
+class ReparseResult:
+    document: Document
+    status: str  # reparsed | unchanged | failed
+    chunks_before: int = 0
+    chunks_after: int = 0
+    reason: str = ""
+
+
 MayReplace = Callable[[Document], bool]  # may the one ingesting delete (and so replace or reuse) this document?
 
 
@@ -480,6 +489,31 @@ class Ingestor:
     def _count(self, stage: str, seconds: float) -> None:
         with self._timings_lock:
             self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+    def reparse(self, document: Document) -> ReparseResult:
+        """Parse an indexed document's stored original again with this version's parser and chunker, and give
+        it the new chunks when they differ (re-embedded; id, collection, ACL and name kept). Nothing changes
+        when the parse fails or the original was not kept."""
+        before = document.chunk_count
+        original = self.original_path(document)
+        if not original.is_file():
+            return ReparseResult(document, "failed", before, before, "its original was not kept")
+        try:
+            kind, elements = self.parser.partition(original)
+            text, pieces = chunk_document(elements)
+        except (ApplianceError, OSError) as exc:
+            reason = exc.message if isinstance(exc, ApplianceError) else _unreadable(exc)
+            return ReparseResult(document, "failed", before, before, reason)
+        chunks = chunk_rows(document.id, pieces)
+        with session(self.index.engine) as db:
+            current = [
+                c.text for c in db.exec(select(Chunk).where(Chunk.document_id == document.id).order_by(Chunk.position))
+            ]
+        if current == [c.text for c in chunks]:
+            return ReparseResult(document, "unchanged", before, before)
+        vectors = self.embedder.encode([c.text for c in chunks], batch_size=EMBED_BATCH).vectors
+        self.index.replace_chunks(document.id, kind, text, chunks, vectors)
+        return ReparseResult(document, "reparsed", before, len(chunks))
 
     def remove(self, document_id: str) -> None:
         """Remove a document: its chunks everywhere, its text, and its original."""

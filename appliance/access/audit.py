@@ -64,6 +64,7 @@ ACTIONS = (
     "acl_set",
     "backup",
     "restore",
+    "reparse",
     "access_refused",  # a 403, or a 404 that hides something the caller may not see
 )
 # Keys that must never appear in details: they would carry secrets or document text.

@@ -116,6 +116,42 @@ def cmd_documents_acl(services: Services, args) -> int:
     return 0
 
 
+def cmd_documents_reparse(services: Services, args) -> int:
+    from appliance import documents
+
+    operator = Actor.operator()
+    ids = [documents.find_document(services.db, operator, prefix).id for prefix in args.ids]
+
+    def show(result) -> None:
+        if args.json:
+            return
+        d = result.document
+        detail = f"{result.chunks_before} -> {result.chunks_after} passages" if result.status == "reparsed" else ""
+        print(f"{result.status:<9} {d.collection}/{d.filename} ({d.id[:12]}) {detail or result.reason}".rstrip())
+
+    results = documents.reparse_documents(
+        services.db, services.ingestor, operator, args.collection, ids or None, on_result=show
+    )
+    summary = {status: sum(r.status == status for r in results) for status in ("reparsed", "unchanged", "failed")}
+    if args.json:
+        rows = [
+            {
+                "id": r.document.id,
+                "collection": r.document.collection,
+                "filename": r.document.filename,
+                "status": r.status,
+                "chunks_before": r.chunks_before,
+                "chunks_after": r.chunks_after,
+                "reason": r.reason,
+            }
+            for r in results
+        ]
+        print_json({"documents": rows, **summary})
+    else:
+        print(", ".join(f"{count} {status}" for status, count in summary.items()))
+    return 1 if summary["failed"] else 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("ingest", help="ingest files and folders into a collection")
     p.add_argument("paths", nargs="+")
@@ -135,6 +171,15 @@ def register(sub) -> None:
     p = documents.add_parser("rm")
     p.add_argument("id")
     p.set_defaults(func=cmd_documents_rm)
+    p = documents.add_parser(
+        "reparse",
+        help="parse indexed documents again from their stored originals with this version's parser "
+        "(after an upgrade); unchanged ones are left as they are",
+    )
+    p.add_argument("ids", nargs="*", help="document ids (or unique prefixes); default: every document")
+    p.add_argument("--collection")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_documents_reparse)
     p = documents.add_parser("acl", help="set who may read one document (effective on the next request)")
     p.add_argument("id")
     p.add_argument("--acl", default="", help="user:NAME,group:NAME,... (empty: the collection's readers)")

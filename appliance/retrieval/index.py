@@ -274,6 +274,54 @@ class ChunkIndex:
             _bump_generation(db)
             db.commit()
 
+    def replace_chunks(
+        self, document_id: str, kind: str, text: str, chunks: list[Chunk], embeddings: np.ndarray
+    ) -> None:
+        """Give an indexed document new text and chunks (a parse by a newer parser), keeping its id, collection,
+        ACL and name. The database changes in one transaction; Chroma follows. In-memory copies notice a new
+        chunk count at once; `mark_reparsed` makes them read everything again (texts may change, not counts)."""
+        if len(chunks) != len(embeddings):
+            raise ValueError("one embedding per chunk")
+        if self.embedder is not None:
+            self.require_embedder(self.embedder)
+        with session(self.engine) as db:
+            document = db.get(Document, document_id)
+            if document is None or document.status != "indexed":
+                raise NotFound(f"document {document_id} not found")
+            if has_fts(db):
+                db.exec(sql(f"DELETE FROM {FTS_TABLE} WHERE document_id = :id"), params={"id": document_id})  # noqa: S608
+            db.exec(
+                sql("DELETE FROM chunkvector WHERE chunk_id IN (SELECT id FROM chunk WHERE document_id = :id)"),
+                params={"id": document_id},
+            )
+            for old in db.exec(select(Chunk).where(Chunk.document_id == document_id)):
+                db.delete(old)
+            db.flush()
+            text_row = db.get(DocumentText, document_id)
+            if text_row is None:
+                db.add(DocumentText(document_id=document_id, text=text))
+            else:
+                text_row.text = text
+                db.add(text_row)
+            document.kind, document.chunk_count = kind, len(chunks)
+            db.add(document)
+            db.add_all(chunks)
+            db.flush()
+            _insert_fts(db, chunks, {document_id: document})
+            db.add_all(_vector_rows([c.id for c in chunks], embeddings))
+            _bump_generation(db)
+            db.commit()
+            db.refresh(document)
+        self.vectors.delete(where={"document_id": document_id})
+        if chunks:
+            self._upsert_vectors(chunks, np.asarray(embeddings, dtype=np.float32), {document_id: document})
+
+    def mark_reparsed(self) -> None:
+        """Tell every process holding an in-memory copy to read the index again (after `replace_chunks`)."""
+        with session(self.engine) as db:
+            _bump_generation(db, rebuilt=True)
+            db.commit()
+
     def set_acl(self, document_id: str, acl: list[str]) -> None:
         """Change who may read one document: its row (which the BM25 join and the in-memory vector search read
         on every query) and its chunks' metadata in Chroma (which `vector_search=chroma` filters on)."""
