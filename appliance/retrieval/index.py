@@ -142,6 +142,18 @@ def _vector_rows(chunk_ids: list[str], embeddings) -> list[ChunkVector]:
     return [ChunkVector(chunk_id=i, vector=v.tobytes()) for i, v in zip(chunk_ids, vectors, strict=True)]
 
 
+def _delete_chunks(db, document_id: str) -> None:
+    """A document's chunks, their keyword rows and their stored vectors, out of the database (not Chroma)."""
+    if has_fts(db):
+        db.exec(sql(f"DELETE FROM {FTS_TABLE} WHERE document_id = :id"), params={"id": document_id})  # noqa: S608
+    db.exec(
+        sql("DELETE FROM chunkvector WHERE chunk_id IN (SELECT id FROM chunk WHERE document_id = :id)"),
+        params={"id": document_id},
+    )
+    for chunk in db.exec(select(Chunk).where(Chunk.document_id == document_id)):
+        db.delete(chunk)
+
+
 def _bump_generation(db, rebuilt: bool = False) -> None:
     """Tell processes holding a copy of the vectors (vector_search.VectorMirror) that the index changed."""
     db.exec(
@@ -258,14 +270,7 @@ class ChunkIndex:
             db.commit()
         self.vectors.delete(where={"document_id": document_id})
         with session(self.engine) as db:
-            if has_fts(db):
-                db.exec(sql(f"DELETE FROM {FTS_TABLE} WHERE document_id = :id"), params={"id": document_id})  # noqa: S608
-            db.exec(
-                sql("DELETE FROM chunkvector WHERE chunk_id IN (SELECT id FROM chunk WHERE document_id = :id)"),
-                params={"id": document_id},
-            )
-            for chunk in db.exec(select(Chunk).where(Chunk.document_id == document_id)):
-                db.delete(chunk)
+            _delete_chunks(db, document_id)
             text_row = db.get(DocumentText, document_id)
             if text_row is not None:
                 db.delete(text_row)
@@ -288,14 +293,7 @@ class ChunkIndex:
             document = db.get(Document, document_id)
             if document is None or document.status != "indexed":
                 raise NotFound(f"document {document_id} not found")
-            if has_fts(db):
-                db.exec(sql(f"DELETE FROM {FTS_TABLE} WHERE document_id = :id"), params={"id": document_id})  # noqa: S608
-            db.exec(
-                sql("DELETE FROM chunkvector WHERE chunk_id IN (SELECT id FROM chunk WHERE document_id = :id)"),
-                params={"id": document_id},
-            )
-            for old in db.exec(select(Chunk).where(Chunk.document_id == document_id)):
-                db.delete(old)
+            _delete_chunks(db, document_id)
             db.flush()
             text_row = db.get(DocumentText, document_id)
             if text_row is None:
