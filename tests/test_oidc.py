@@ -296,7 +296,7 @@ def test_later_sign_ins_find_the_same_user_and_follow_the_group_claim(site, idp)
     assert len(list_users(site.engine)) == before  # found by issuer + subject, not created again
     assert groups_of(site.engine, "gary") == {"clinical", "local-only"}  # legal left; local-only untouched
     record = newest(site.engine, "member_rm")
-    assert record["target"] == "group:legal" and record["details"]["via"] == "oidc"
+    assert record["target"] == "legal" and record["details"]["via"] == "oidc"  # as the admin page names groups
 
 
 def test_a_provider_account_cannot_take_over_a_local_account_of_the_same_name(site, idp):

@@ -316,28 +316,10 @@ def with_provider(engine: Engine, settings: OidcSettings, address: str, issuer: 
     mapping = settings.oidc_group_map
     wanted = {mapping[value] for value in claimed_groups(claims, settings.oidc_groups_claim) if value in mapping}
     joined, left = rbac.sync_mapped_groups(engine, user.id, wanted, set(mapping.values()))
-    for group in joined:
-        _record(
-            engine,
-            address,
-            user.name,
-            "member_add",
-            actor_id=user.id,
-            target=f"group:{group}",
-            user=user.name,
-            via="oidc",
-        )
-    for group in left:
-        _record(
-            engine,
-            address,
-            user.name,
-            "member_rm",
-            actor_id=user.id,
-            target=f"group:{group}",
-            user=user.name,
-            via="oidc",
-        )
+    # Group targets are the bare group name, as `appliance.access.policy` writes them.
+    for action, groups in (("member_add", joined), ("member_rm", left)):
+        for group in groups:
+            _record(engine, address, user.name, action, actor_id=user.id, target=group, user=user.name, via="oidc")
     stage = _stage(user)
     if stage == "full":
         _record(engine, address, user.name, "signin", actor_id=user.id, factor="oidc")
