@@ -191,7 +191,7 @@ def _setup_form(request: Request, status: int = 200, **context):
 @router.get("/setup")
 async def setup_page(request: Request):
     if not signin.setup_open(request.app.state.db):
-        raise Forbidden(signin.ADMIN_EXISTS)
+        raise Forbidden(signin.closed_setup_message(request.app.state.db))
     return _setup_form(request)
 
 

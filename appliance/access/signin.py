@@ -43,6 +43,10 @@ WRONG_SIGN_IN = "Wrong user name or password, or the account is disabled."
 WRONG_CODE = "That code is not right."
 WRONG_ENROLMENT_CODE = "That code is not right: check the time on your phone and try again."
 ADMIN_EXISTS = "The administrator already exists. Sign in instead."
+ACCOUNTS_EXIST = (
+    "This appliance has accounts already: create its administrator on the appliance with "
+    "`appliance users add NAME --role admin`."
+)
 DISABLED = "Your account on this appliance has been disabled."
 
 
@@ -224,8 +228,15 @@ def sign_out(engine: Engine, address: str, user: User) -> None:
 
 
 def setup_open(engine: Engine) -> bool:
-    """Whether first-run setup may create the administrator: only while there is none."""
-    return not users.count_admins(engine)
+    """Whether first-run setup may create the administrator: only on a new install, with no account at all
+    (as `GET /login` offers it). Accounts the operator made with the CLI close it, so nobody who reaches the
+    page can claim the first administrator of an install that is already in use."""
+    return not users.list_users(engine)
+
+
+def closed_setup_message(engine: Engine) -> str:
+    """Why setup is closed, for the one who asks (`setup_open` is False)."""
+    return ADMIN_EXISTS if users.count_admins(engine) else ACCOUNTS_EXIST
 
 
 def first_admin(
@@ -248,8 +259,10 @@ def _first_admin(
 ) -> SignIn:
     if not setup_open(engine):
         actor, actor_id = requester
-        _record(engine, address, actor, "setup", actor_id=actor_id, outcome="denied", reason="an administrator exists")
-        error = Forbidden(ADMIN_EXISTS)
+        message = closed_setup_message(engine)
+        reason = "an administrator exists" if message == ADMIN_EXISTS else "accounts exist"
+        _record(engine, address, actor, "setup", actor_id=actor_id, outcome="denied", reason=reason)
+        error = Forbidden(message)
         error.audited = True
         raise error
     if password != repeated:
