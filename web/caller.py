@@ -1,9 +1,10 @@
 """The one FastAPI dependency every route, API and page alike, uses to learn who is calling and what they may do.
 
-`caller` authenticates the request once — an API key or the CLI token for `/api` and `/v1` (a 401 without
-one), the browser session for pages (a redirect to sign in) — and reads the caller's `Access` from the
-database once per request. Routes then ask `me.require(action, collection)` or `me.may(...)`, the same
-vocabulary as the core, and pass `me.actor` to the use cases, which write the audit records.
+`caller` authenticates the request once — an API key or the CLI token for `/api`, `/v1` and `/metrics` (a
+401 without one; a signed-in browser session counts too), the browser session for pages (a redirect to sign
+in) — and reads the caller's `Access` from the database once per request. Routes then ask
+`me.require(action, collection)` or `me.may(...)`, the same vocabulary as the core, and pass `me.actor` to
+the use cases, which write the audit records.
 `requires(action)` is `caller` plus one `require`, for routes that need a global right.
 """
 
