@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import secrets
 
 from fastapi import Request, Response
 
 from appliance.access import audit as audit_log
 from appliance.errors import ApplianceError, Forbidden
-
-log = logging.getLogger(__name__)
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -105,7 +102,7 @@ def request_actor(request: Request) -> tuple[str, int | None]:
 def audit_refusal(request: Request, error: ApplianceError) -> None:
     """The generic record of a refused request (a 403, or a Withheld 404), unless the route already wrote
     one of its own: who (key, session or nobody), which route, and the reason the caller was given."""
-    if error.audited or getattr(request.state, "refusal_audited", False):
+    if error.audited:
         return
     actor, actor_id = request_actor(request)
     audit(
@@ -130,14 +127,8 @@ def audit(
     outcome: str = "ok",
     **details,
 ) -> None:
-    """An audit record (appliance.access.audit's vocabulary: signin, signin_failed, signout, user_add, ...), with the
-    client address. Never a secret or document text in `details`. An action the audit log does not know
-    yet is logged instead (names only)."""
-    if action not in audit_log.ACTIONS:
-        log.info("audit (no such audit action yet) %s %s by %s on %s", action, outcome, actor, target)
-        return
-    if outcome == "denied":
-        request.state.refusal_audited = True  # the route named the refusal itself: no generic record too
+    """One of the edge's own audit records (access_refused, csrf_refused, session_refused: about the request, not
+    a use case), with the client address. Never a secret or document text in `details`."""
     audit_log.record(
         request.app.state.db,
         actor or "-",
@@ -145,5 +136,6 @@ def audit(
         actor_id=actor_id,
         target=target,
         outcome=outcome,
-        details={"address": client_address(request), **details},
+        details=details,
+        address=client_address(request),
     )

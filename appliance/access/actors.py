@@ -49,9 +49,16 @@ class Actor:
         self, engine: Engine, action: str, *, target: str | None = None, outcome: str = "ok", **details: Any
     ) -> None:
         """One audit record of something this actor did (or was refused, or failed to do)."""
-        if self.address is not None:
-            details = {"address": self.address, **details}
-        audit.record(engine, self.name, action, actor_id=self.id, target=target, outcome=outcome, details=details)
+        audit.record(
+            engine,
+            self.name,
+            action,
+            actor_id=self.id,
+            target=target,
+            outcome=outcome,
+            details=details,
+            address=self.address,
+        )
 
     def refuse(self, engine: Engine, action: str, error: ApplianceError, *, target: str | None = None, **details):
         """Record a refusal under the use case's own audit action and return the error, marked as audited so

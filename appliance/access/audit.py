@@ -132,8 +132,12 @@ def record(
     target: str | None = None,
     outcome: str = "ok",
     details: dict[str, Any] | None = None,
+    address: str | None = None,
 ) -> AuditRecord:
-    """Append one record to the chain and return it."""
+    """Append one record to the chain and return it; `address`, the client address of a request, comes first
+    in the details."""
+    if address is not None:
+        details = {"address": address, **(details or {})}
     if action not in ACTIONS:
         raise ValueError(f"unknown audit action {action!r}")
     if outcome not in OUTCOMES:

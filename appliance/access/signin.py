@@ -69,9 +69,17 @@ def _record(
     outcome: str = "ok",
     **details: Any,
 ) -> None:
-    """One audit record of a sign-in step, with the client address first (as `Actor.record` writes it)."""
-    details = {"address": address, **details}
-    audit.record(engine, actor or "-", action, actor_id=actor_id, target=target, outcome=outcome, details=details)
+    """One audit record of a sign-in step, with the client address."""
+    audit.record(
+        engine,
+        actor or "-",
+        action,
+        actor_id=actor_id,
+        target=target,
+        outcome=outcome,
+        details=details,
+        address=address,
+    )
 
 
 def _stage(user: User) -> str:
