@@ -13,6 +13,7 @@ import pytest
 
 from appliance.inference.fair_queue import FairQueue
 from appliance.inference.runner_process import RunnerProcess
+from appliance.models.synthetic_gguf import TINY_SLOW, write_gguf
 from tests.conftest import start_server, stop_server
 
 GREEDY = {"temperature": 0, "seed": 1, "repeat_penalty": 1.0}
@@ -22,10 +23,11 @@ LONG_PROMPT = "tell me a story"  # some prompts do reach the end token early; th
 
 
 @pytest.fixture(scope="module")
-def batch_server(tmp_path_factory, tiny_gguf, tiny_long_gguf):
+def batch_server(tmp_path_factory, model_dir, tiny_gguf, tiny_long_gguf):
+    tiny_slow_gguf = write_gguf(model_dir / "tiny-slow.gguf", TINY_SLOW, seed=2)
     srv = start_server(
         tmp_path_factory.mktemp("batching"),
-        {"tiny": tiny_gguf, "tiny-long": tiny_long_gguf},
+        {"tiny": tiny_gguf, "tiny-long": tiny_long_gguf, "tiny-slow": tiny_slow_gguf},
         APPLIANCE_NUM_PARALLEL="4",
         APPLIANCE_NUM_CTX="16384",  # a stream without num_predict runs for many seconds: until it is closed
         APPLIANCE_NUM_THREAD="1",  # a model this small decodes faster on one thread, and a busy machine slows it less
@@ -76,6 +78,8 @@ def test_disconnected_clients_free_their_sequences(batch_server):
         for stream in streams:
             assert not next(stream).done
             stream.close()
+        # Given back when the server notices the client has gone, not when the garbage collector runs.
+        _wait_for_scheduler(batch_server, queued=0, running=0, timeout=20)
     # Had the abandoned sequences kept their places, these would wait for 1500 tokens each.
     replies = [
         client.generate(model="tiny-long", prompt=f"quick {i}", options={**GREEDY, "num_predict": 3}) for i in range(4)
@@ -238,9 +242,9 @@ def test_one_users_many_requests_do_not_starve_another(batch_server):
 
     In arrival order the reader would wait until at least four of the admin's queued requests had
     finished; admitted fairly it takes the first place that frees and is done two tokens later.
-    The four streams would run to the end of the context (16k tokens, several seconds) and are closed
-    once the server holds the admin's eight and the reader's request in its queue. (A fixed sleep with
-    1500-token streams failed on CI: the runner had finished them, unread, before the reader asked.)
+    The four streams would run to the end of the context and are closed once the server holds the
+    admin's eight and the reader's request in its queue. They decode the slow model (16k tokens, well over
+    a minute): on CI, streams of the fast one ran out of context (16k tokens) before the queue was full.
     """
     admin = _client(batch_server)
     until_closed = {**LONG, "num_predict": -1}
@@ -248,7 +252,7 @@ def test_one_users_many_requests_do_not_starve_another(batch_server):
     ended_early: list[str] = []
 
     def stream_until_stopped(index: int) -> None:
-        stream = admin.generate(model="tiny-long", prompt=LONG_PROMPT, stream=True, options=until_closed)
+        stream = admin.generate(model="tiny-slow", prompt=LONG_PROMPT, stream=True, options=until_closed)
         for chunk in stream:
             if stop.is_set():
                 stream.close()
@@ -260,19 +264,22 @@ def test_one_users_many_requests_do_not_starve_another(batch_server):
 
     def request(key: str | None, label: str, num_predict: int) -> None:
         reply = _client(batch_server, key).generate(
-            model="tiny-long", prompt=LONG_PROMPT, options={**LONG, "num_predict": num_predict}
+            model="tiny-slow", prompt=LONG_PROMPT, options={**LONG, "num_predict": num_predict}
         )
         assert reply.eval_count == num_predict
         finished_at[label] = time.monotonic()
 
+    _wait_for_scheduler(batch_server, queued=0, running=0)
     with ThreadPoolExecutor(13) as pool:
         streams = [pool.submit(stream_until_stopped, i) for i in range(4)]
-        _wait_for_scheduler(batch_server, queued=0, running=4)
-        waiting = [pool.submit(request, None, f"admin {i}", 1500) for i in range(8)]
-        _wait_for_scheduler(batch_server, queued=8, running=4)
-        reader = pool.submit(request, batch_server.reader_key, "reader", 2)
-        _wait_for_scheduler(batch_server, queued=9, running=4)
-        stop.set()  # the streams close at their next token, freeing the four places one by one
+        try:
+            _wait_for_scheduler(batch_server, queued=0, running=4)
+            waiting = [pool.submit(request, None, f"admin {i}", 200) for i in range(8)]
+            _wait_for_scheduler(batch_server, queued=8, running=4)
+            reader = pool.submit(request, batch_server.reader_key, "reader", 2)
+            _wait_for_scheduler(batch_server, queued=9, running=4)
+        finally:
+            stop.set()  # the streams close at their next token, freeing the four places one by one
         for future in [*streams, reader, *waiting]:
             future.result(300)
     assert ended_early == [], "a stream ended before the queue was full: the test proved nothing"

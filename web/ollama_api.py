@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -129,8 +130,9 @@ async def _respond(events: AsyncIterator[Any], stream: bool, shape, final):
     if stream:
 
         async def items() -> AsyncIterator[dict[str, Any]]:
-            async for event in events:
-                yield shape(event.text) if isinstance(event, Token) else final(event, "")
+            async with aclosing(events):
+                async for event in events:
+                    yield shape(event.text) if isinstance(event, Token) else final(event, "")
 
         return ndjson_response(items())
     pieces: list[str] = []

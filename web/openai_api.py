@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -177,18 +178,19 @@ async def chat_completions(request: Request, me: Caller = Depends(caller)):
 
         async def items() -> AsyncIterator[dict[str, Any]]:
             first = True
-            async for event in events:
-                if isinstance(event, Token):
-                    delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
-                    first = False
-                    yield chunk(delta, None)
-                else:
-                    delta = {"role": "assistant", "content": ""} if first else {}
-                    if event.tool_calls:
-                        delta["tool_calls"] = _openai_tool_calls(event)
-                    yield chunk(delta, _finish_reason(event))
-                    if include_usage:
-                        yield _usage_chunk(chunk({}, None), _usage(event))
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, Token):
+                        delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
+                        first = False
+                        yield chunk(delta, None)
+                    else:
+                        delta = {"role": "assistant", "content": ""} if first else {}
+                        if event.tool_calls:
+                            delta["tool_calls"] = _openai_tool_calls(event)
+                        yield chunk(delta, _finish_reason(event))
+                        if include_usage:
+                            yield _usage_chunk(chunk({}, None), _usage(event))
 
         return sse_response(items(), error_body)
 
@@ -244,18 +246,19 @@ async def _rag_completion(
 
         async def items() -> AsyncIterator[dict[str, Any]]:
             first = True
-            async for event in events:
-                if isinstance(event, Token):
-                    delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
-                    first = False
-                    yield envelope("chat.completion.chunk", {"index": 0, "delta": delta, "finish_reason": None})
-                elif isinstance(event, AnswerDone):
-                    finish = {"index": 0, "delta": {}, "finish_reason": event.done_reason}
-                    item = envelope("chat.completion.chunk", finish)
-                    item.update(citations=[c.public() for c in event.citations], grounded=event.grounded)
-                    yield item
-                    if include_usage:
-                        yield _usage_chunk(envelope("chat.completion.chunk", finish), usage(event))
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, Token):
+                        delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
+                        first = False
+                        yield envelope("chat.completion.chunk", {"index": 0, "delta": delta, "finish_reason": None})
+                    elif isinstance(event, AnswerDone):
+                        finish = {"index": 0, "delta": {}, "finish_reason": event.done_reason}
+                        item = envelope("chat.completion.chunk", finish)
+                        item.update(citations=[c.public() for c in event.citations], grounded=event.grounded)
+                        yield item
+                        if include_usage:
+                            yield _usage_chunk(envelope("chat.completion.chunk", finish), usage(event))
 
         return sse_response(items(), error_body)
     pieces: list[str] = []
@@ -303,13 +306,14 @@ async def completions(request: Request, me: Caller = Depends(caller)):
         include_usage = _include_usage(body)
 
         async def items() -> AsyncIterator[dict[str, Any]]:
-            async for event in events:
-                if isinstance(event, Token):
-                    yield shaped(event.text, None)
-                else:
-                    yield shaped("", _finish_reason(event))
-                    if include_usage:
-                        yield _usage_chunk(shaped("", None), _usage(event))
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, Token):
+                        yield shaped(event.text, None)
+                    else:
+                        yield shaped("", _finish_reason(event))
+                        if include_usage:
+                            yield _usage_chunk(shaped("", None), _usage(event))
 
         return sse_response(items(), error_body)
     pieces: list[str] = []

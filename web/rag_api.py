@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -125,11 +126,12 @@ async def ask(request: Request, me: Caller = Depends(caller)):
     if get(body, "stream", bool, True):
 
         async def items() -> AsyncIterator[dict[str, Any]]:
-            async for event in asked.events:
-                if isinstance(event, Token):
-                    yield {"response": event.text, "done": False}
-                elif isinstance(event, AnswerDone):
-                    yield {"response": "", **final(event)}
+            async with aclosing(asked.events):
+                async for event in asked.events:
+                    if isinstance(event, Token):
+                        yield {"response": event.text, "done": False}
+                    elif isinstance(event, AnswerDone):
+                        yield {"response": "", **final(event)}
 
         return ndjson_response(items())
     async for event in asked.events:

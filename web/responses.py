@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
+import anyio
 import orjson
 from fastapi.responses import Response, StreamingResponse
 
@@ -58,26 +60,44 @@ def _error_text(exc: Exception) -> str:
     return "internal error while streaming the response"
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """A stream whose body is closed as soon as the response ends, the client gone included.
+
+    Starlette leaves a body that was not read to the end for the garbage collector; ours hold a place
+    on a model runner (and its generation) until they are closed, so a client that went away would keep
+    the place until a collection that may not come for minutes.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[union-attr]
+
+
 def ndjson_response(items: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     async def body() -> AsyncIterator[bytes]:
-        try:
-            async for item in items:
-                yield dumps(item) + b"\n"
-        except Exception as exc:
-            yield dumps({"error": _error_text(exc)}) + b"\n"
+        async with aclosing(items):
+            try:
+                async for item in items:
+                    yield dumps(item) + b"\n"
+            except Exception as exc:
+                yield dumps({"error": _error_text(exc)}) + b"\n"
 
-    return StreamingResponse(body(), media_type="application/x-ndjson")
+    return ClosingStreamingResponse(body(), media_type="application/x-ndjson")
 
 
 def sse_response(items: AsyncIterator[dict[str, Any]], error_body: Callable[[str], dict]) -> StreamingResponse:
     async def body() -> AsyncIterator[bytes]:
-        try:
-            async for item in items:
-                yield b"data: " + dumps(item) + b"\n\n"
-        except Exception as exc:
-            yield b"data: " + dumps(error_body(_error_text(exc))) + b"\n\n"
+        async with aclosing(items):
+            try:
+                async for item in items:
+                    yield b"data: " + dumps(item) + b"\n\n"
+            except Exception as exc:
+                yield b"data: " + dumps(error_body(_error_text(exc))) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(
+    return ClosingStreamingResponse(
         body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,9 +176,10 @@ async def chat(
     )
 
     async def stream() -> AsyncIterator[Token | AnswerDone]:
-        async for event in asking.events:
-            if isinstance(event, AnswerDone) and event.citations:
-                yield Token(event.sources())
-            yield event
+        async with aclosing(asking.events):
+            async for event in asking.events:
+                if isinstance(event, AnswerDone) and event.citations:
+                    yield Token(event.sources())
+                yield event
 
     return stream()

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,10 +237,11 @@ class Answerer:
             events = self._generated(
                 record, question, supporting, texts, searched, retrieved, history, options, access.requester
             )
-        async for event in events:
-            if isinstance(event, AnswerDone):
-                event.timings = retrieval | event.timings
-            yield event
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, AnswerDone):
+                    event.timings = retrieval | event.timings
+                yield event
 
     def supporting(self, question: str, hits: list[Hit], scope: SearchScope) -> list[Hit]:
         """The retrieved passages that answer the question, in rank order; none when none does
@@ -326,20 +328,21 @@ class Answerer:
             candidate = f"{text.strip()} [{number}]." if number else ""
             return candidate if candidate and verify(candidate, used, texts)[0] else None
 
-        async for event in self.engine.generate(request):
-            if not isinstance(event, Token):
-                finished = event
-                continue
-            *ended, sentence_rest = (sentence + event.text).split(".")  # a full stop only ends a sentence
-            for text in ended:
-                piece = cited(text)
-                if piece is None:
-                    dropped += 1
+        async with aclosing(self.engine.generate(request)) as events:
+            async for event in events:
+                if not isinstance(event, Token):
+                    finished = event
                     continue
-                piece = (" " if shown else "") + piece
-                shown.append(piece)
-                yield Token(piece)
-            sentence = sentence_rest
+                *ended, sentence_rest = (sentence + event.text).split(".")  # a full stop only ends a sentence
+                for text in ended:
+                    piece = cited(text)
+                    if piece is None:
+                        dropped += 1
+                        continue
+                    piece = (" " if shown else "") + piece
+                    shown.append(piece)
+                    yield Token(piece)
+                sentence = sentence_rest
         if sentence.strip() and (piece := cited(sentence)) is not None:  # cut short by num_predict
             shown.append((" " if shown else "") + piece)
             yield Token(shown[-1])

@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -221,31 +222,49 @@ class Engine:
         self._check_capabilities(record, request)
         threads = _REQUEST_TEMPLATE_THREADS if request.template else _MODEL_TEMPLATE_THREADS
         prompt = await asyncio.get_running_loop().run_in_executor(threads, self._prompt, record, request)
+        finished: Finished | None = None
         async with self.scheduler.use(record, options, request.keep_alive, user=request.user) as model:
             load_duration = time.perf_counter_ns() - started
             pieces: list[str] = []
             payload = {"prompt": prompt, "options": options, "grammar": grammar, "truncate": request.truncate}
-            async for event in model.runner.request("complete", payload):
-                if event["event"] == "token":
-                    pieces.append(event["text"])
-                    yield Token(event["text"])
-                elif event["event"] == "done":
-                    tool_calls = []
-                    if request.tools:
-                        names = {t.get("function", {}).get("name") for t in request.tools if isinstance(t, dict)}
-                        tool_calls = parse_tool_calls("".join(pieces), names)
-                    self.usage.add(record.name.display, event["prompt_eval_count"], event["eval_count"])
-                    yield Finished(
-                        done_reason=event["done_reason"] if event["done_reason"] != "cancelled" else "stop",
-                        total_duration=time.perf_counter_ns() - started,
-                        load_duration=load_duration,
-                        prompt_eval_count=event["prompt_eval_count"],
-                        prompt_eval_duration=event["prompt_eval_duration"],
-                        eval_count=event["eval_count"],
-                        eval_duration=event["eval_duration"],
-                        prompt_cache_count=event.get("prompt_cache_count", 0),
-                        tool_calls=tool_calls,
-                    )
+            async with aclosing(model.runner.request("complete", payload)) as events:
+                async for event in events:
+                    if event["event"] == "token":
+                        pieces.append(event["text"])
+                        yield Token(event["text"])
+                    elif event["event"] == "done":
+                        finished = self._finished(request, record, event, pieces, started, load_duration)
+        # Passed on once the sequence is given back: a caller that reads the last event and then stops
+        # (without closing this generator) holds no place on the runner.
+        if finished is not None:
+            yield finished
+
+    def _finished(
+        self,
+        request: GenerationRequest,
+        record: ModelRecord,
+        event: dict[str, Any],
+        pieces: list[str],
+        started: int,
+        load_duration: int,
+    ) -> Finished:
+        """The runner's done event as a Finished, with the tool calls found in the text; counts the usage."""
+        tool_calls = []
+        if request.tools:
+            names = {t.get("function", {}).get("name") for t in request.tools if isinstance(t, dict)}
+            tool_calls = parse_tool_calls("".join(pieces), names)
+        self.usage.add(record.name.display, event["prompt_eval_count"], event["eval_count"])
+        return Finished(
+            done_reason=event["done_reason"] if event["done_reason"] != "cancelled" else "stop",
+            total_duration=time.perf_counter_ns() - started,
+            load_duration=load_duration,
+            prompt_eval_count=event["prompt_eval_count"],
+            prompt_eval_duration=event["prompt_eval_duration"],
+            eval_count=event["eval_count"],
+            eval_duration=event["eval_duration"],
+            prompt_cache_count=event.get("prompt_cache_count", 0),
+            tool_calls=tool_calls,
+        )
 
     async def embed(
         self,
@@ -274,9 +293,10 @@ class Engine:
         started = time.perf_counter_ns()
         async with self.scheduler.use(record, merged, keep_alive, embedding=True, user=user) as model:
             load_ns = time.perf_counter_ns() - started
-            async for event in model.runner.request("embed", {"texts": inputs, "truncate": truncate}):
-                vectors = shorten(event["embeddings"], dimensions)
-                return EmbeddingResult(
-                    vectors, event["prompt_eval_count"], time.perf_counter_ns() - started - load_ns
-                ), load_ns
+            async with aclosing(model.runner.request("embed", {"texts": inputs, "truncate": truncate})) as events:
+                async for event in events:
+                    vectors = shorten(event["embeddings"], dimensions)
+                    return EmbeddingResult(
+                        vectors, event["prompt_eval_count"], time.perf_counter_ns() - started - load_ns
+                    ), load_ns
         raise BadRequest("the runner returned no embeddings")

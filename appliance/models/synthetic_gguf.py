@@ -64,6 +64,9 @@ class Shape:
 TINY = Shape(n_vocab=320, n_embd=64, n_layer=2, n_ff=128, n_head=4, n_head_kv=2, n_ctx=512)
 # The same with a context long enough for a question and its passages (and for a long generation).
 TINY_LONG = Shape(n_vocab=320, n_embd=64, n_layer=2, n_ff=128, n_head=4, n_head_kv=2, n_ctx=16384)
+# About ten times slower to decode than TINY_LONG (some 2.5 ms a token on one core), with a long context:
+# streams that hold their sequences for tens of seconds even on a busy two-core machine.
+TINY_SLOW = Shape(n_vocab=320, n_embd=512, n_layer=4, n_ff=1536, n_head=8, n_head_kv=4, n_ctx=16384)
 # Rows a multiple of 256, so k-quants (q4_K_M) apply to every matrix.
 TINY_QUANTIZABLE = Shape(n_vocab=320, n_embd=256, n_layer=2, n_ff=512, n_head=4, n_head_kv=2, n_ctx=512)
 BENCH_0_7B = Shape(n_vocab=32000, n_embd=1536, n_layer=20, n_ff=4096, n_head=12, n_head_kv=4, n_ctx=4096)
