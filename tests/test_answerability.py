@@ -292,6 +292,25 @@ def test_a_heading_as_long_as_a_sentence_is_quoted_but_a_title_is_not(world):
     assert [text[slice(*span)] for span in quoted] == [text.split("\n\n")[1]]
 
 
+def test_a_follow_up_quotes_the_sentence_that_answers_what_it_adds(world):
+    """Searched with the question before it, a follow-up is answered by the sentence about what it adds: the
+    weekend line, not the weekday booking line that the first question alone is closest to."""
+    embedder = world.answerer.retriever.embedder
+    weekdays = "Outpatient journeys are booked through the Transport Booking Hub on extension 5120, Monday to Friday."
+    weekend = "On Saturdays and Sundays the Hub is closed; urgent transport goes through the Site Manager."
+    text = f"{weekdays} {weekend}"
+    hit = Hit("c:0", "d", "hospital", "Patient transport", "transport.docx", None, "Booking", text, 0, len(text), 1.0)
+    first = "What's the number to book hospital transport for one of my patients?"
+    follow_up = "what about on a sunday?"
+    searched = f"{first} {follow_up}"  # what a follow-up is searched with when no model rewrites it
+
+    def quoted(**follow) -> str:
+        return text[slice(*closest_sentences(embedder, searched, hit, **follow)[0])]
+
+    assert quoted() == weekdays  # the conversation as a whole is about booking
+    assert quoted(follow_up=follow_up) == weekend
+
+
 def test_a_question_reads_the_documents_its_caller_may_read_once(world):
     """The search and the refusal check share one scope: the permitted documents are one query per question, not
     one per search and per question term."""

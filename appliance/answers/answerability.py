@@ -281,15 +281,22 @@ def evidence(
     return found
 
 
-def closest_sentences(embedder, question: str, hit: Hit, count: int = 1) -> list[tuple[int, int]]:
+def closest_sentences(
+    embedder, question: str, hit: Hit, count: int = 1, follow_up: str | None = None
+) -> list[tuple[int, int]]:
     """Where, in the passage's text, the `count` sentences closest in meaning to the question are (each alone or
     under its heading, as `passage_sentences` compares them), closest first; none when no sentence says
     anything beyond a heading or the question's own words, or is neither as close as QUOTE_FLOOR nor holds two of
     the question's terms. What an answer quotes: the sentence that holds the answer is rarely the one that shares
-    most words with the question."""
+    most words with the question.
+
+    `follow_up`: when `question` is a follow-up put together with the question before it (what was searched), the
+    follow-up's own words. A sentence's closeness is then the geometric mean of its closeness to both: the passage
+    was found for the conversation, but the sentence must answer what the follow-up adds ("what about on a
+    Sunday?" after "what's the number to book transport?")."""
     headings = {h.strip().lower() for h in hit.section.split(" > ")} if hit.section else set()
     heading = hit.section.split(" > ")[-1].strip()
-    asked = set(question_terms(question))
+    asked = set(question_terms(question)) | (set(question_terms(follow_up)) if follow_up else set())
     candidates, heading_lines = [], []  # (start, end, how many of the question's terms the sentence holds)
     for start, end in sentence_spans(hit.text):
         sentence = hit.text[start:end]
@@ -309,7 +316,11 @@ def closest_sentences(embedder, question: str, hit: Hit, count: int = 1) -> list
     cache = caches(embedder).sentences
     texts = [hit.text[start:end][:SENTENCE_CHARS] for start, end, _shared in candidates]
     vectors = cache.vectors(texts + [f"{heading}: {t}" for t in texts] if heading else texts)
-    closeness = vectors @ cache.vectors([question])[0]
+    asked_vectors = cache.vectors([question, follow_up] if follow_up else [question])
+    # Close to both (a geometric mean): the one closest to the conversation as a whole is about its first question.
+    closeness = (
+        np.sqrt(np.clip(vectors @ asked_vectors.T, 0.0, None).prod(axis=1)) if follow_up else vectors @ asked_vectors[0]
+    )
     if heading:
         closeness = np.maximum(closeness[: len(texts)], closeness[len(texts) :])
     # Close in meaning, or holding two of the question's own terms (a table row).

@@ -232,7 +232,8 @@ class Answerer:
         texts = await asyncio.to_thread(self.retriever.document_texts, {h.document_id for h in hits})
         retrieval = {"retrieval_duration": time.perf_counter_ns() - started}
         if record is None:
-            events = self._extractive(supporting, texts, searched, retrieved)
+            follow_up = question if searched != question else None
+            events = self._extractive(supporting, texts, searched, retrieved, follow_up)
         else:
             events = self._generated(
                 record, question, supporting, texts, searched, retrieved, history, options, access.requester
@@ -253,18 +254,25 @@ class Answerer:
         return support(self.retriever, question, hits, scope, self.settings)
 
     def _quotes(
-        self, hits: list[Hit], texts: dict[str, str], searched: str, numbers: list[int] | None = None
+        self,
+        hits: list[Hit],
+        texts: dict[str, str],
+        searched: str,
+        numbers: list[int] | None = None,
+        follow_up: str | None = None,
     ) -> tuple[list[str], list[Citation]]:
         """What the passages that answer the question say (at most three passages), quoted and cited once each: the
-        sentence closest in meaning to the question (`answerability.closest_sentences`); for the first passage,
-        from there to the next closest too when both fit in QUOTE_SPAN characters. `numbers`: each passage's
-        citation number (default: 1, 2, 3 in the order quoted)."""
+        sentence closest in meaning to the question (`answerability.closest_sentences`, which also weighs a
+        follow-up's own words); for the first passage, from there to the next closest too when both fit in
+        QUOTE_SPAN characters. `numbers`: each passage's citation number (default: 1, 2, 3 in the order quoted)."""
         citations: list[Citation] = []
         lines: list[str] = []
         for position, hit in enumerate(hits):
             if len(citations) == EXTRACTIVE_PASSAGES:
                 break
-            closest = closest_sentences(self.retriever.embedder, searched, hit, 1 if citations else 2)
+            closest = closest_sentences(
+                self.retriever.embedder, searched, hit, 1 if citations else 2, follow_up=follow_up
+            )
             if not closest:
                 continue
             begin, end = closest[0]
@@ -280,8 +288,11 @@ class Answerer:
             lines.append(f'[{number}] "{quote}"')
         return lines, citations
 
-    async def _extractive(self, hits: list[Hit], texts: dict[str, str], searched: str, retrieved: list[str]):
-        lines, citations = await asyncio.to_thread(self._quotes, hits, texts, searched)  # embeds: off the loop
+    async def _extractive(
+        self, hits: list[Hit], texts: dict[str, str], searched: str, retrieved: list[str], follow_up: str | None
+    ):
+        # Embeds: off the loop.
+        lines, citations = await asyncio.to_thread(self._quotes, hits, texts, searched, None, follow_up)
         answer = "\n".join([NO_MODEL_NOTE, "", *lines]) if citations else NOT_FOUND
         yield Token(answer)
         mode = "extractive" if citations else "not_found"
@@ -308,6 +319,7 @@ class Answerer:
         options = dict(options or {})
         options.setdefault("num_predict", self.settings.answer_max_tokens)
         options.setdefault("temperature", 0.1)
+        follow_up = question if searched != question else None
         used = await asyncio.to_thread(self._fit_passages, record, question, hits, options)
         request = GenerationRequest(
             model=record.name.display,
@@ -353,7 +365,7 @@ class Answerer:
         flags += [Flag(0, "a sentence the model wrote is supported by no passage; it was not shown")] * dropped
         mode = "generated"
         if not citations:
-            lines, citations = await asyncio.to_thread(self._quotes, used, texts, searched)
+            lines, citations = await asyncio.to_thread(self._quotes, used, texts, searched, None, follow_up)
             answer = "\n".join([FALLBACK_NOTE, "", *lines]) if citations else NOT_FOUND
             mode = "extractive" if citations else "not_found"
             yield Token(answer)
@@ -362,7 +374,7 @@ class Answerer:
             # (a small model leaves out the very number or name that was asked for). Numbered as the passages
             # are, so [n] names one passage throughout; a passage's quote replaces the model's citation of it.
             numbers = list(range(1, len(used) + 1))
-            lines, quoted = await asyncio.to_thread(self._quotes, used, texts, searched, numbers)
+            lines, quoted = await asyncio.to_thread(self._quotes, used, texts, searched, numbers, follow_up)
             if quoted:
                 block = "\n".join(["", "", QUOTES_NOTE, *lines])
                 answer += block
