@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -172,13 +172,13 @@ def document_chunks(engine: Engine, actor: Actor, document: Document) -> list[Ch
 
 # --- uploading ----------------------------------------------------------------------------------
 def _record(engine: Engine, actor: Actor, action: str, target: str | None, outcome: str = "ok", **details) -> None:
-    """An `upload` or `delete` record. These name no client address (their details are compared exactly)."""
-    replace(actor, address=None).record(engine, action, target=target, outcome=outcome, **details)
+    """An `upload` or `delete` record (with the client address of a web request, as every use case's)."""
+    actor.record(engine, action, target=target, outcome=outcome, **details)
 
 
 def _refuse(engine: Engine, actor: Actor, action: str, target: str | None, error: Forbidden) -> Forbidden:
     """Record a refused upload or delete (outcome `denied`, the reason given) and mark the error audited."""
-    return replace(actor, address=None).refuse(engine, action, error, target=target)
+    return actor.refuse(engine, action, error, target=target)
 
 
 @dataclass(frozen=True)

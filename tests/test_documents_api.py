@@ -232,6 +232,8 @@ def test_documents_follow_grants_walls_and_acls_and_are_audited(server, uploads)
         ("m-reader", "denied"),
         ("m-editor", "ok"),
     ]
-    assert deletes[-1]["details"] == {"collection": "matrix", "filename": "policy.md"}
+    # The client address is kept, as in every other record of a web request.
+    assert deletes[-1]["details"] == {"collection": "matrix", "filename": "policy.md", "address": "127.0.0.1"}
+    assert all(r["details"].get("address") == "127.0.0.1" for r in deletes + [queued])
     verify = run_cli(server.home, "audit", "verify")
     assert verify.stdout.startswith("OK: ")
