@@ -3,7 +3,8 @@ a real status code, framed as NDJSON (Ollama) or SSE (OpenAI).
 
 A stream's first event is awaited before the response starts, so an unknown model, a full queue or
 a load failure is answered with its own status code. An error after that is sent as the stream's
-last item (`{"error": ...}`), which is how Ollama and OpenAI clients expect it.
+last item (`{"error": ...}`), which is how Ollama and OpenAI clients expect it. A stream is closed, down
+to the generation and its place on a runner, as soon as its response ends, the client gone included.
 """
 
 from __future__ import annotations
