@@ -231,12 +231,12 @@ class Answerer:
             return
         texts = await asyncio.to_thread(self.retriever.document_texts, {h.document_id for h in hits})
         retrieval = {"retrieval_duration": time.perf_counter_ns() - started}
+        follow_up = question if searched != question else None  # a follow-up searched with the question before it
         if record is None:
-            follow_up = question if searched != question else None
             events = self._extractive(supporting, texts, searched, retrieved, follow_up)
         else:
             events = self._generated(
-                record, question, supporting, texts, searched, retrieved, history, options, access.requester
+                record, question, supporting, texts, searched, follow_up, retrieved, history, options, access.requester
             )
         async with aclosing(events):
             async for event in events:
@@ -292,7 +292,7 @@ class Answerer:
         self, hits: list[Hit], texts: dict[str, str], searched: str, retrieved: list[str], follow_up: str | None
     ):
         # Embeds: off the loop.
-        lines, citations = await asyncio.to_thread(self._quotes, hits, texts, searched, None, follow_up)
+        lines, citations = await asyncio.to_thread(self._quotes, hits, texts, searched, follow_up=follow_up)
         answer = "\n".join([NO_MODEL_NOTE, "", *lines]) if citations else NOT_FOUND
         yield Token(answer)
         mode = "extractive" if citations else "not_found"
@@ -306,6 +306,7 @@ class Answerer:
         hits: list[Hit],
         texts: dict[str, str],
         searched: str,
+        follow_up: str | None,
         retrieved: list[str],
         history: list[dict[str, str]] | None,
         options: dict[str, Any] | None,
@@ -319,7 +320,6 @@ class Answerer:
         options = dict(options or {})
         options.setdefault("num_predict", self.settings.answer_max_tokens)
         options.setdefault("temperature", 0.1)
-        follow_up = question if searched != question else None
         used = await asyncio.to_thread(self._fit_passages, record, question, hits, options)
         request = GenerationRequest(
             model=record.name.display,
@@ -365,7 +365,7 @@ class Answerer:
         flags += [Flag(0, "a sentence the model wrote is supported by no passage; it was not shown")] * dropped
         mode = "generated"
         if not citations:
-            lines, citations = await asyncio.to_thread(self._quotes, used, texts, searched, None, follow_up)
+            lines, citations = await asyncio.to_thread(self._quotes, used, texts, searched, follow_up=follow_up)
             answer = "\n".join([FALLBACK_NOTE, "", *lines]) if citations else NOT_FOUND
             mode = "extractive" if citations else "not_found"
             yield Token(answer)
@@ -374,7 +374,7 @@ class Answerer:
             # (a small model leaves out the very number or name that was asked for). Numbered as the passages
             # are, so [n] names one passage throughout; a passage's quote replaces the model's citation of it.
             numbers = list(range(1, len(used) + 1))
-            lines, quoted = await asyncio.to_thread(self._quotes, used, texts, searched, numbers, follow_up)
+            lines, quoted = await asyncio.to_thread(self._quotes, used, texts, searched, numbers, follow_up=follow_up)
             if quoted:
                 block = "\n".join(["", "", QUOTES_NOTE, *lines])
                 answer += block
