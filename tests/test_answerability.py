@@ -311,6 +311,33 @@ def test_a_follow_up_quotes_the_sentence_that_answers_what_it_adds(world):
     assert quoted(follow_up=follow_up) == weekend
 
 
+def test_an_e_mails_header_lines_are_not_quoted_but_a_table_row_is(world):
+    """The "From:" and "Subject:" lines hold the names and subject a question repeats, so they are the closest
+    "sentences" to it; the body sentence holds the answer. A table row that starts with a "Date" column is not a
+    header line."""
+    embedder = world.answerer.retriever.embedder
+    text = (
+        "Subject: Litigation hold - Pellworth v Carraway\n"
+        "From: Imogen Ashdown <i.ashdown@harrow-vale.example>\n"
+        "To: Tobias Reeve <t.reeve@harrow-vale.example>\n"
+        "Date: 2025-03-10T09:12:00+00:00\n\n"
+        "Tobias, please send me the final custodian list by 12:00 on Wednesday 12 March.\n\n"
+        "From: Tobias Reeve <t.reeve@harrow-vale.example>\n"
+        "The list is attached."
+    )
+    hit = Hit("c:0", "d", "lawfirm", "Hold notice", "hold.eml", None, "", text, 0, len(text), 1.0)
+    question = "By when did Imogen Ashdown ask Tobias Reeve for the custodian list?"
+    quoted = [text[slice(*span)] for span in closest_sentences(embedder, question, hit, count=2)]
+    assert quoted[0] == "Tobias, please send me the final custodian list by 12:00 on Wednesday 12 March."
+    assert not any(line.startswith(("Subject:", "From:", "To:", "Date:")) for line in quoted)
+
+    row = "Date: 2025-03-03; Fee earner: Tobias Reeve; Activity: Draft hold notice; Value (GBP): 884.00"
+    table = f"Date | Fee earner | Activity | Value (GBP)\n{row}"
+    hit = Hit("c:0", "d", "lawfirm", "Time entries", "time.csv", None, "", table, 0, len(table), 1.0)
+    quoted = closest_sentences(embedder, "What was Tobias Reeve's time entry of 3 March worth?", hit)
+    assert [table[slice(*span)] for span in quoted] == [row]
+
+
 def test_a_question_reads_the_documents_its_caller_may_read_once(world):
     """The search and the refusal check share one scope: the permitted documents are one query per question, not
     one per search and per question term."""

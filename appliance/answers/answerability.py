@@ -39,6 +39,7 @@ ever reach this module, and the counts come through the keyword index with the c
 from __future__ import annotations
 
 import math
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -77,6 +78,9 @@ PASSAGE_WORDS = 400  # distinct words of a passage compared with the question's 
 QUOTE_FLOOR = 0.25
 SENTENCE_HEADING_WORDS = 6  # content words from which a heading reads as a sentence, not a title
 SENTENCE_CHARS = 600  # a longer "sentence" (a table row, a list without full stops) is cut to this
+# An e-mail's header line, its own or a quoted earlier message's; a table row ("Date: 2025-03-07; Hours: 1.7")
+# has its cells joined by semicolons and is not one.
+MAIL_HEADER = re.compile(r"(?:Subject|From|To|Cc|Bcc|Sent|Date):[^;\n]*", re.IGNORECASE)
 
 # The calibrated score: sigmoid(BIAS + sum of WEIGHTS[name] * signal), a logistic regression fitted on
 # retrieved passages labelled "from a document that answers the question" or not, each of four sources weighing
@@ -287,7 +291,8 @@ def closest_sentences(
     """Where, in the passage's text, the `count` sentences closest in meaning to the question are (each alone or
     under its heading, as `passage_sentences` compares them), closest first; none when no sentence says
     anything beyond a heading or the question's own words, or is neither as close as QUOTE_FLOOR nor holds two of
-    the question's terms. What an answer quotes: the sentence that holds the answer is rarely the one that shares
+    the question's terms. Short titles and an e-mail's header lines (MAIL_HEADER) are quoted only from a passage
+    that has nothing else. What an answer quotes: the sentence that holds the answer is rarely the one that shares
     most words with the question.
 
     `follow_up`: when `question` is a follow-up put together with the question before it (what was searched), the
@@ -306,7 +311,8 @@ def closest_sentences(
         # A heading as long as a sentence is one: the parser takes any short line without a full stop for a
         # heading ("Order dynamic (air) mattresses from the Equipment Library on extension 4862").
         title = sentence.lower().rstrip(".:") in headings and words < SENTENCE_HEADING_WORDS
-        lines = heading_lines if title else candidates
+        # An e-mail's "From:"/"Subject:" lines hold the names and subject a question repeats, not its answer.
+        lines = heading_lines if title or MAIL_HEADER.fullmatch(sentence) else candidates
         lines.append((start, end, len(asked & held)))
     # A title repeated at the top of a passage says nothing, unless the passage is nothing but titles (lines
     # without full stops that the parser took for headings).
