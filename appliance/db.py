@@ -7,6 +7,8 @@ that the migrations produce exactly the tables declared here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -342,6 +344,27 @@ def migrate(engine: Engine) -> None:
 
 def session(engine: Engine) -> Session:
     return Session(engine, expire_on_commit=False)
+
+
+@contextmanager
+def serialized(engine: Engine, key: int) -> Iterator[Session]:
+    """A session whose one transaction holds a lock that every server process sharing the database respects:
+    on SQLite the database's write lock (BEGIN IMMEDIATE), on PostgreSQL the transaction advisory lock `key`.
+    For a check-then-write that must not interleave with another process's (a thread lock covers one process).
+    Commits when the block ends, rolls back if it raises."""
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        elif engine.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(key)})")
+        with Session(bind=connection, expire_on_commit=False) as db:
+            try:
+                yield db
+                db.flush()
+            except BaseException:
+                connection.rollback()
+                raise
+            connection.commit()
 
 
 class AuditRecord(SQLModel, table=True):

@@ -22,7 +22,6 @@ by signing in to an account of their own).
 from __future__ import annotations
 
 import hmac
-import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,14 +29,15 @@ from typing import Any
 
 import pyotp
 from sqlalchemy.engine import Engine
+from sqlmodel import select
 
 from appliance.access import audit, rbac, users
 from appliance.config import OidcSettings, WebSettings
-from appliance.db import LoginThrottle, User, session, utcnow
+from appliance.db import LoginThrottle, User, serialized, session, utcnow
 from appliance.errors import BadRequest, Forbidden, TooManyRequests, Unauthorized
 
 TOTP_PERIOD = 30
-_setup_lock = threading.Lock()
+SETUP_LOCK = 0x41505053  # PostgreSQL advisory lock key held while first-run setup checks and writes ("APPS")
 MAX_LOCK_S = 86_400
 WRONG_SIGN_IN = "Wrong user name or password, or the account is disabled."
 WRONG_CODE = "That code is not right."
@@ -257,29 +257,34 @@ def first_admin(
 ) -> SignIn:
     """First-run setup: the administrator, who enrols TOTP next. Once an administrator exists it is refused
     (Forbidden, audited, naming the `requester`: who sent the request, "-" for nobody signed in); two
-    passwords that differ, a weak password or a bad name are BadRequest (Conflict for a taken name)."""
-    with _setup_lock:  # two first-run forms sent at once create one administrator (in this process)
-        return _first_admin(engine, address, name, password, repeated, requester)
-
-
-def _first_admin(
-    engine: Engine, address: str, name: str, password: str, repeated: str, requester: tuple[str, int | None]
-) -> SignIn:
+    passwords that differ, a weak password or a bad name are BadRequest."""
     if not setup_open(engine):
-        actor, actor_id = requester
-        message = closed_setup_message(engine)
-        reason = "an administrator exists" if message == ADMIN_EXISTS else "accounts exist"
-        _record(engine, address, actor, "setup", actor_id=actor_id, outcome="denied", reason=reason)
-        error = Forbidden(message)
-        error.audited = True
-        raise error
+        _refuse_setup(engine, address, requester)
     if password != repeated:
         raise BadRequest("The two passwords differ.")
     users.check_password_strength(password)
-    user = users.add_user(engine, name, "admin", password)
+    user = users.new_user(name, "admin", password)  # checked and hashed before the lock is taken
+    # Two first-run forms sent at once, to one server process or to two sharing the database, create one
+    # administrator: whether an account exists is read and the administrator written under one lock.
+    with serialized(engine, SETUP_LOCK) as db:
+        taken = db.exec(select(User.id).limit(1)).first() is not None
+        if not taken:
+            db.add(user)
+    if taken:
+        _refuse_setup(engine, address, requester)
     assert user.id is not None
     _record(engine, address, user.name, "setup", actor_id=user.id, target=f"user:{user.name}", role="admin")
     return SignIn(user, "enrol")
+
+
+def _refuse_setup(engine: Engine, address: str, requester: tuple[str, int | None]) -> None:
+    actor, actor_id = requester
+    message = closed_setup_message(engine)
+    reason = "an administrator exists" if message == ADMIN_EXISTS else "accounts exist"
+    _record(engine, address, actor, "setup", actor_id=actor_id, outcome="denied", reason=reason)
+    error = Forbidden(message)
+    error.audited = True
+    raise error
 
 
 # --- through the organisation's identity provider ------------------------------------------------------------

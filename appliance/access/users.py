@@ -42,7 +42,8 @@ def _hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def add_user(engine: Engine, name: str, role: str, password: str | None = None) -> User:
+def new_user(name: str, role: str, password: str | None = None) -> User:
+    """A user checked and with its password hashed, not yet stored (BadRequest for a bad name, role or password)."""
     if not _USER_NAME.match(name):
         raise BadRequest("user name must be 1-64 letters, digits or _.@- and start with a letter or digit")
     if name.lower() in OPERATOR_NAMES:
@@ -51,10 +52,14 @@ def add_user(engine: Engine, name: str, role: str, password: str | None = None) 
         raise BadRequest(f"role must be one of {', '.join(ROLES)}")
     if password is not None and len(password) < 8:
         raise BadRequest("password must be at least 8 characters")
+    return User(name=name, role=role, password_hash=_hasher.hash(password) if password else None)
+
+
+def add_user(engine: Engine, name: str, role: str, password: str | None = None) -> User:
+    user = new_user(name, role, password)
     with session(engine) as db:
         if db.exec(select(User).where(User.name == name)).first():
             raise Conflict(f"user '{name}' already exists")
-        user = User(name=name, role=role, password_hash=_hasher.hash(password) if password else None)
         db.add(user)
         db.commit()
         db.refresh(user)
