@@ -163,6 +163,7 @@ def test_terms_are_weighed_on_the_documents_the_caller_may_read(world):
     found = support(retriever, question, hits, hospital_scope, world.answerer.settings)
     assert hits and found.hits == [] and max(found.coverage.values()) < 0.5
     assert found.reason.startswith("closest passage '") and "score" in found.reason
+    assert found.closest in hits and found.reason.startswith(f"closest passage '{found.closest.title}'")
 
 
 def ask(answerer: Answerer, question: str, collection: str) -> AnswerDone:

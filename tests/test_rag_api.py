@@ -173,6 +173,11 @@ def test_an_unanswerable_question_is_refused_without_asking_the_model(world):
     assert status == 200 and lines[-1]["retrieved"]  # passages were found; none answers
     assert (lines[-1]["mode"], lines[-1]["model"], lines[-1]["grounded"]) == ("not_found", None, False)
     assert lines[-1]["answer"] == NOT_FOUND and lines[-1]["citations"] == []
+    # Why, and where the closest passage is (a place the asker may open, never its text).
+    closest = lines[-1]["closest"]
+    assert closest["chunk_id"] in lines[-1]["retrieved"] and closest["document_id"] in _document_ids(world, "hospital")
+    assert set(closest) == {"chunk_id", "document_id", "title", "page", "section", "start", "end"}
+    assert lines[-1]["reason"].startswith(f"closest passage '{closest['title']}'")
     with world.server.http(world.alice) as http:
         chat = {"model": "rag/hospital", "messages": [{"role": "user", "content": question}], "stream": False}
         reply = http.post("/api/chat", json=chat).json()

@@ -215,6 +215,15 @@ def test_a_streamed_answer_links_its_citation_to_the_highlighted_passage(admin):
     admin.locator("#conversation-list .del").first.click()
     expect(admin.locator("#conversation-list li")).to_have_count(0)
     expect(admin.locator("#thread .message")).to_have_count(0)
+    # A refusal says why and links the passage that came closest, which opens highlighted like a citation.
+    _ask(admin, "How many operating theatres does St. Brigid's General Hospital have?")
+    refused = admin.locator(".message.assistant").last
+    expect(refused.locator(".note").first).to_have_text("No passage you may read answers this.")
+    expect(refused.locator(".note.reason")).to_contain_text("closest passage '")
+    closest = refused.locator(".note.closest a")
+    assert re.match(r"/documents/[0-9a-f]{64}\?chunk=", closest.get_attribute("href"))
+    closest.click()
+    expect(admin.locator("mark#passage")).to_be_visible()
 
 
 def test_a_grant_then_its_revocation_change_what_the_reader_gets(app, admin):

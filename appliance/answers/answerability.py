@@ -119,6 +119,7 @@ class Support:
     coverage: dict[str, float]  # chunk id -> share of the question's weight the passage holds
     reason: str = ""
     scores: dict[str, float] = field(default_factory=dict)  # chunk id -> calibrated score (calibrated only)
+    closest: Hit | None = None  # refused: the passage the reason names, for the asker to check
 
 
 def question_terms(text: str) -> dict[str, str]:
@@ -358,9 +359,8 @@ def support(
     best = max(hits, key=lambda h: h.similarity if h.similarity is not None else -1.0)
     if best.similarity is None or best.similarity < settings.min_similarity:
         similarity = f"{best.similarity:.2f}" if best.similarity is not None else "none"
-        return Support(
-            [], {}, f"closest passage {passage_name(best)}, similarity {similarity} < {settings.min_similarity:.2f}"
-        )
+        reason = f"closest passage {passage_name(best)}, similarity {similarity} < {settings.min_similarity:.2f}"
+        return Support([], {}, reason, closest=best)
     total, holding = document_frequencies(retriever, terms, scope)
     common = common_terms(total, holding)
     if len(common) == len(terms) or not without_names(question, common_terms(total, holding, NAME_SHARE)):
@@ -375,7 +375,7 @@ def support(
         return Support(supporting, covered, "", scores)
     top = max(found, key=lambda e: e.score)
     reason = f"closest passage {passage_name(top.hit)}, score {top.score:.2f} < {settings.refusal_min_score:.2f}"
-    return Support([], covered, reason, scores)
+    return Support([], covered, reason, scores, closest=top.hit)
 
 
 def _lexical(
@@ -407,4 +407,4 @@ def _lexical(
         f"closest passage {passage_name(top)} holds {covered[top.chunk_id]:.2f} of the question's terms "
         f"< {settings.min_coverage:.2f}"
     )
-    return Support([], covered, reason)
+    return Support([], covered, reason, closest=top)

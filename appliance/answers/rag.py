@@ -94,6 +94,8 @@ class AnswerDone:
     # Why the question was refused (mode not_found): titles, section headings and scores, never passage text. It
     # is shown to the asker, who may read those passages; not logged (a heading is document text).
     reason: str = ""
+    # With the reason, where it names one: that passage's place (no text), so the asker can open and judge it.
+    closest: dict[str, Any] | None = None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -106,12 +108,26 @@ class AnswerDone:
             "question": self.question,
             "done_reason": self.done_reason,
             "reason": self.reason,
+            "closest": self.closest,
             "prompt_cache_count": self.timings.get("prompt_cache_count", 0),
             "timings": self.timings,  # nanoseconds (Ollama's convention) and token counts
         }
 
     def sources(self) -> str:
         return sources_block(self.citations)
+
+
+def passage_place(hit: Hit) -> dict[str, Any]:
+    """Where a passage is, as a citation says it (document, title, page, section, offsets), without its text."""
+    return {
+        "chunk_id": hit.chunk_id,
+        "document_id": hit.document_id,
+        "title": hit.title,
+        "page": hit.page,
+        "section": hit.section,
+        "start": hit.start,
+        "end": hit.end,
+    }
 
 
 def passage_block(number: int, hit: Hit) -> str:
@@ -225,8 +241,19 @@ class Answerer:
         if not supporting:
             yield Token(NOT_FOUND)
             retrieval = {"retrieval_duration": time.perf_counter_ns() - started}
+            closest = found.closest
             yield AnswerDone(
-                NOT_FOUND, [], [], False, "not_found", None, retrieved, searched, retrieval, reason=found.reason
+                NOT_FOUND,
+                [],
+                [],
+                False,
+                "not_found",
+                None,
+                retrieved,
+                searched,
+                retrieval,
+                reason=found.reason,
+                closest=passage_place(closest) if closest else None,
             )
             return
         texts = await asyncio.to_thread(self.retriever.document_texts, {h.document_id for h in hits})

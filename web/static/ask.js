@@ -81,7 +81,20 @@
   function showAnswer(message, final) {
     renderAnswer(message.p, final.answer || "", final.citations);
     renderSources(message.box, final.citations);
-    if (final.mode === "not_found") message.box.appendChild(el("p", "note", "No passage you may read answers this."));
+    if (final.mode === "not_found") showRefusal(message.box, final);
+  }
+
+  /* A refusal says why, and links the passage that came closest, for the asker to open and judge. */
+  function showRefusal(box, final) {
+    box.appendChild(el("p", "note", "No passage you may read answers this."));
+    if (final.closest) {
+      var closest = el("p", "note closest", "Closest passage, judged not to answer it: ");
+      var link = el("a", "source", label(final.closest));
+      link.href = citationUrl(final.closest);
+      closest.appendChild(link);
+      box.appendChild(closest);
+    }
+    if (final.reason) box.appendChild(el("p", "note reason", "Why: " + final.reason));
   }
 
   function chosenCollections() {
