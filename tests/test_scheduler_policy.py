@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -17,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from appliance.cluster.coordinator import Cluster
 from appliance.config import SchedulerSettings
 from appliance.errors import Busy, InsufficientMemory, RunnerFailed
 from appliance.inference.engine import merge_options
@@ -575,6 +579,34 @@ def test_a_model_loading_slowly_does_not_hold_up_requests_for_a_loaded_model(sto
 
     _run(scheduler, scenario)
     assert len(runners.made) == 3
+
+
+def test_probing_the_workers_for_a_sharded_load_does_not_hold_up_requests_for_other_models(
+    store, runners, tiny_gguf, tmp_path
+):
+    """A paired worker that does not answer takes PROBE_TIMEOUT_S (5 s) to give up on. The probe runs without
+    the scheduler's lock: meanwhile a request for another model loads it and is served."""
+    a, b = _model(store, "a", tiny_gguf), _model(store, "b", tiny_gguf)
+    cluster = Cluster(tmp_path / "cluster")
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # connections wait in its backlog; it never speaks
+        cluster.directory.mkdir(parents=True)
+        worker = {"address": f"127.0.0.1:{silent.getsockname()[1]}", "node_id": "silent", "paired_at": time.time()}
+        (cluster.directory / "nodes.json").write_text(json.dumps([worker]))
+        scheduler = Scheduler(SchedulerSettings(num_parallel=1), store, HARDWARE, cluster, runner_factory=runners)
+
+        async def scenario():
+            sharded = asyncio.create_task(_generate(scheduler, a, {"num_nodes": 1}))
+            await asyncio.sleep(0.3)  # it is probing the silent worker by now
+            async with asyncio.timeout(3):  # not served before the probe ends: the test fails here
+                events = await _generate(scheduler, b)
+            assert events[-1]["event"] == "done" and not sharded.done()
+            with pytest.raises(
+                InsufficientMemory, match=r"only 0 of the 1 paired workers can be used \(127.0.0.1:\d+ unreachable"
+            ):
+                await sharded
+            assert [m.slot for m in scheduler.loaded()] == [(b.name.display, False)]
+
+        _run(scheduler, scenario)
 
 
 def test_requests_for_a_model_that_is_loading_wait_for_that_load_and_share_its_runner(store, runners, tiny_gguf):

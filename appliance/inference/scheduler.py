@@ -331,47 +331,63 @@ class Scheduler:
         slot = (record.name.display, embedding)
         key = self._runner_key(record, options, embedding)
         n_ctx = self._num_ctx(record, options)
-        async with self._changed:
-            while True:
-                current = self._models.get(slot)
-                if current is not None and current.key == key and current.n_ctx >= n_ctx and current.runner.alive:
-                    current.unload_requested = False  # a new request's keep_alive decides again
-                    current.users += 1
-                    return current
-                if current is not None and current.users == 0:
-                    self._unload_locked(current)  # changed model or options, or a dead runner
-                    continue
-                if current is not None or slot in self._loading:
-                    # A reload waits for the current users; any request for a slot that is loading waits
-                    # for that load (and then shares its runner, or waits for its users like a reload).
-                    await self._changed.wait()
-                    continue
-                if any(stop.slot == slot for stop in self._stopping.values()):
-                    await self._changed.wait()  # a reload starts once the runner it replaces has exited
-                    continue
-                config, size = self._load_config(record, options, embedding)
-                sharded = self._wants_sharding(options, embedding, size)
-                if sharded:
-                    holders = [m for m in self._models.values() if m.placement]
-                    if any(m.users for m in holders) or any(load.sharded for load in self._loading.values()):
-                        await self._changed.wait()  # the workers serve one sharded model at a time
+        # The workers' status for a sharded load. Probing them can take seconds (PROBE_TIMEOUT_S for one that
+        # does not answer), so it happens with the lock released, and again after any wait (it may be stale).
+        statuses: list | None = None
+        while True:
+            probe = False
+            async with self._changed:
+                while True:
+                    current = self._models.get(slot)
+                    if current is not None and current.key == key and current.n_ctx >= n_ctx and current.runner.alive:
+                        current.unload_requested = False  # a new request's keep_alive decides again
+                        current.users += 1
+                        return current
+                    if current is not None and current.users == 0:
+                        self._unload_locked(current)  # changed model or options, or a dead runner
                         continue
-                    for holder in holders:
-                        self._unload_locked(holder)
-                    if any(stop.sharded for stop in self._stopping.values()):
-                        await self._changed.wait()  # the workers are free once the old runner has exited
+                    if current is not None or slot in self._loading:
+                        # A reload waits for the current users; any request for a slot that is loading waits
+                        # for that load (and then shares its runner, or waits for its users like a reload).
+                        await self._changed.wait()
+                        statuses = None
                         continue
-                    config, size = await self._shard(record, options, config)
-                if size > self.memory_budget:
-                    raise InsufficientMemory(
-                        f"model requires more memory ({size / 2**30:.1f} GiB) than the appliance may use "
-                        f"({self.memory_budget / 2**30:.1f} GiB, APPLIANCE_MAX_MEMORY_BYTES)"
-                    )
-                if not self._make_room(size):
-                    await self._changed.wait()
-                    continue
-                load = self._loading[slot] = _Loading(slot, size, sharded)
+                    if any(stop.slot == slot for stop in self._stopping.values()):
+                        await self._changed.wait()  # a reload starts once the runner it replaces has exited
+                        statuses = None
+                        continue
+                    config, size = self._load_config(record, options, embedding)
+                    sharded = self._wants_sharding(options, embedding, size)
+                    if sharded:
+                        holders = [m for m in self._models.values() if m.placement]
+                        if any(m.users for m in holders) or any(load.sharded for load in self._loading.values()):
+                            await self._changed.wait()  # the workers serve one sharded model at a time
+                            statuses = None
+                            continue
+                        for holder in holders:
+                            self._unload_locked(holder)
+                        if any(stop.sharded for stop in self._stopping.values()):
+                            await self._changed.wait()  # the workers are free once the old runner has exited
+                            statuses = None
+                            continue
+                        if statuses is None:
+                            probe = True
+                            break
+                        config, size = await self._shard(record, options, config, statuses)
+                    if size > self.memory_budget:
+                        raise InsufficientMemory(
+                            f"model requires more memory ({size / 2**30:.1f} GiB) than the appliance may use "
+                            f"({self.memory_budget / 2**30:.1f} GiB, APPLIANCE_MAX_MEMORY_BYTES)"
+                        )
+                    if not self._make_room(size):
+                        await self._changed.wait()
+                        statuses = None
+                        continue
+                    load = self._loading[slot] = _Loading(slot, size, sharded)
+                    break
+            if not probe:
                 break
+            statuses = await self._probe_workers(options)
         return await self._load(load, key, record, config)
 
     def _wants_sharding(self, options: dict[str, Any], embedding: bool, size: int) -> bool:
@@ -381,18 +397,32 @@ class Scheduler:
             return True
         return size > self.memory_budget and self.cluster is not None and bool(self.cluster.nodes())
 
-    async def _shard(self, record: ModelRecord, options: dict[str, Any], config: dict) -> tuple[dict, int]:
-        """Plan the split over this machine and the usable workers; the config a sharded runner needs."""
-        num_nodes = int(options.get("num_nodes") or 0)
+    async def _probe_workers(self, options: dict[str, Any]) -> list:
+        """The paired workers' status, probed without the lock (BadRequest when none is paired)."""
         if self.cluster is None or not self.cluster.nodes():
             raise BadRequest(
-                f"num_nodes {num_nodes} asks for sharding, but no worker is paired "
+                f"num_nodes {int(options.get('num_nodes') or 0)} asks for sharding, but no worker is paired "
                 "(pair one with `appliance cluster pair HOST:PORT --code CODE`)"
             )
+        return await asyncio.to_thread(self.cluster.probe_all)
+
+    async def _shard(
+        self, record: ModelRecord, options: dict[str, Any], config: dict, statuses: list
+    ) -> tuple[dict, int]:
+        """Plan the split over this machine and the usable workers (`statuses`, just probed); the config a sharded
+        runner needs."""
+        assert self.cluster is not None  # _probe_workers made sure
+        num_nodes = int(options.get("num_nodes") or 0)
         in_use = sum(m.size for m in self._models.values() if m.users) + self._reserved()
         info = self.store.gguf_info(record.model_digest)
         plan, usable = await asyncio.to_thread(
-            self.cluster.plan, info, config["n_ctx"], config["n_parallel"], self.memory_budget - in_use, num_nodes
+            self.cluster.plan,
+            info,
+            config["n_ctx"],
+            config["n_parallel"],
+            self.memory_budget - in_use,
+            num_nodes,
+            statuses,
         )
         config = {**config, "cluster": self.cluster.shard_config(plan, usable), "n_gpu_layers": plan.n_gpu_layers}
         log.info(
