@@ -249,6 +249,10 @@ def counted(rows: list[dict]) -> dict[str, tuple[int, int]]:
             sum(r["expected"] in r["cited"] and len(r["cited"]) > 1 for r in answered),
             len(answerable),
         ),
+        "refused_closest_expected": (
+            sum(r["refused"] and r["closest"] == r["expected"] for r in answerable),
+            len(answerable),
+        ),
         "on_topic_refused": (sum(r["refused"] for r in on_topic), len(on_topic)),
         "off_topic_refused": (sum(r["refused"] for r in off_topic), len(off_topic)),
     }
@@ -305,6 +309,11 @@ def test_an_answer_row_maps_citations_to_files_and_attachments_to_their_email():
     assert wrong["fact_found"] is True and not wrong["correct"]  # the fact, from the wrong document
     refused = answer_row(item, done("not_found"), sources, "extractive")
     assert refused["refused"] and refused["cited"] == [] and refused["fact_found"] is False and not refused["correct"]
+    assert refused["closest"] is None  # no passage named
+    near = done("not_found")
+    near.reason, near.closest = "closest passage 'hold.eml', score 0.31 < 0.40", {"document_id": "d-attach"}
+    near_row = answer_row(item, near, sources, "extractive")
+    assert near_row["closest"] == "mail/hold.eml" and near_row["reason"] == near.reason and not near_row["correct"]
     unanswerable = {"id": "u", "kind": "off_topic", "question": "Who?", "document": None, "answer": None}
     answered = answer_row(unanswerable, done("extractive", ("d-mail", "Ms O'Neil.")), sources, "extractive")
     assert answered["fact_found"] is None and answered["cited_expected"] is None and not answered["correct"]
@@ -312,6 +321,7 @@ def test_an_answer_row_maps_citations_to_files_and_attachments_to_their_email():
     assert metrics["cited_expected"] == {"count": 1, "total": 3, "share": pytest.approx(1 / 3)}
     assert metrics["wrong_document"]["count"] == 1 and metrics["answerable_refused"]["count"] == 1
     assert metrics["fact_found"]["count"] == 2
+    assert answer_metrics([right, near_row])["refused_closest_expected"] == {"count": 1, "total": 2, "share": 0.5}
     assert metrics["off_topic_refused"] == {"count": 0, "total": 1, "share": 0.0}
     assert metrics["on_topic_refused"] == {"count": 0, "total": 0, "share": None}
 

@@ -70,6 +70,13 @@ def cmd_eval(services: Services, args) -> int:
             f"{counts['follow_ups']} follow-ups"
         )
         print(evaluation.answer_table(report["answers"]))
+        for mode, summary in report["answers"]["modes"].items():
+            refused, near = summary["metrics"]["answerable_refused"], summary["metrics"]["refused_closest_expected"]
+            if refused["count"]:
+                print(
+                    f"{mode}: {near['count']} of the {refused['count']} answerable questions refused link a passage "
+                    "of the expected document as the closest"
+                )
         misses = evaluation.answer_misses(report["answers"])
         if misses:
             print("\nwrong answers:")

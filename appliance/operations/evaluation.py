@@ -643,12 +643,10 @@ def answer_row(
         correct = bool(cited_expected) and fact_found is not False
     else:
         correct = refused
-    reason = None
-    for name in ("refusal_reason", "reason", "refusal"):  # the AnswerDone may say why it refused (not yet)
-        value = getattr(done, name, None)
-        if isinstance(value, str) and value:
-            reason = value
-            break
+    reason = (done.reason or None) if done else None
+    # A refusal names the passage that came closest: the file it is in, as `cited` names files.
+    closest = done.closest if done and refused else None
+    closest_file = sources.get(closest["document_id"], closest["document_id"]) if closest else None
     return {
         "id": item["id"],
         "kind": item["kind"],
@@ -668,6 +666,7 @@ def answer_row(
         "correct": correct,
         "answer": done.answer if done else None,
         "reason": reason,
+        "closest": closest_file,
         "flags": [f.reason for f in done.flags] if done else [],
         "seconds": round(seconds, 3),
         "error": error,
@@ -689,6 +688,8 @@ def answer_metrics(rows: list[dict]) -> dict[str, dict]:
         "answerable_refused": _count(answerable, lambda r: r["refused"]),
         # not in the table: answers citing the expected document and another one besides
         "also_cited_other": _count(answerable, lambda r: bool(r["cited_expected"]) and len(r["cited"]) > 1),
+        # not in the table: refused, but the passage the refusal links is in the expected document
+        "refused_closest_expected": _count(answerable, lambda r: r["refused"] and r["closest"] == r["expected"]),
         "on_topic_refused": _count([r for r in rows if r["kind"] == "on_topic"], lambda r: r["refused"]),
         "off_topic_refused": _count([r for r in rows if r["kind"] == "off_topic"], lambda r: r["refused"]),
     }
