@@ -125,7 +125,11 @@ def test_a_request_keeps_its_own_num_ctx_on_a_larger_runner(reload_server):
     client.generate(model="tiny-long", prompt="hi", options={"num_ctx": 8192, "num_predict": 1})
     pid = _ps(reload_server)["tiny-long:latest"]["runner"]["pid"]
     prompt = " ".join(f"word{i}" for i in range(400))
-    reply = client.generate(model="tiny-long", prompt=prompt, raw=True, options={"num_ctx": 256, "num_predict": 4})
+    # Greedy: a random-weight model that samples may draw its end-of-text token before the 4th token.
+    greedy = {"temperature": 0, "seed": 1, "repeat_penalty": 1.0}
+    reply = client.generate(
+        model="tiny-long", prompt=prompt, raw=True, options={"num_ctx": 256, "num_predict": 4, **greedy}
+    )
     assert _ps(reload_server)["tiny-long:latest"]["runner"]["pid"] == pid
     assert 0 < reply.prompt_eval_count < 256
     assert reply.eval_count == 4
