@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 
+import pytest
 from starlette.requests import ClientDisconnect
 
 from web.responses import ndjson_response, primed, sse_response
@@ -40,26 +41,18 @@ async def _serve_until_the_client_leaves(response, chunks_before_leaving: int) -
     return sent
 
 
-def test_a_client_that_leaves_closes_the_ndjson_stream_and_its_source():
+@pytest.mark.parametrize(
+    ("respond", "sends"),
+    [(ndjson_response, 3), (lambda items: sse_response(items, lambda text: {"error": text}), 2)],
+    ids=["ndjson", "sse"],
+)
+def test_a_client_that_leaves_closes_the_stream_and_its_source(respond, sends):
     log: list[str] = []
 
     async def scenario():
-        items = await primed(_source(log))
-        response = ndjson_response(items)
-        await _serve_until_the_client_leaves(response, 3)
+        response = respond(await primed(_source(log)))
+        await _serve_until_the_client_leaves(response, sends)
         # The response is still referenced here: only an explicit close, not the garbage collector, ran it.
-        assert log == ["closed"]
-        assert response is not None
-
-    asyncio.run(scenario())
-
-
-def test_a_client_that_leaves_closes_the_sse_stream_and_its_source():
-    log: list[str] = []
-
-    async def scenario():
-        response = sse_response(await primed(_source(log)), lambda text: {"error": text})
-        await _serve_until_the_client_leaves(response, 2)
         assert log == ["closed"]
         assert response is not None
 
