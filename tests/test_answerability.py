@@ -357,3 +357,29 @@ def test_a_question_reads_the_documents_its_caller_may_read_once(world):
         event.remove(engine, "before_cursor_execute", record)
     assert done.mode == "extractive"
     assert sum("SELECT d.id FROM document AS d" in s for s in statements) == 1
+
+
+def test_a_question_that_names_a_date_or_number_quotes_the_row_that_holds_it(world):
+    """An embedding hardly tells one date from another: the time entry of the date the question names is quoted,
+    in whatever form the question writes it, not the fee earner's row that is only closest in meaning."""
+    embedder = world.answerer.retriever.embedder
+    rows = [
+        "Date: 2025-03-07; Fee earner: Tobias Reeve; Activity: Prepare custodian interview questions; Value (GBP): 442.00",
+        "Date: 2025-03-03; Fee earner: Imogen Ashdown; Activity: Call with the client; Value (GBP): 558.00",
+        "Date: 2025-03-03; Fee earner: Tobias Reeve; Activity: Draft hold notice; Value (GBP): 884.00",
+        "Date: 2025-03-04; Fee earner: Tobias Reeve; Activity: Review custodian list; Value (GBP): 390.00",
+    ]
+    table = "Date | Fee earner | Activity | Value (GBP)\n" + "\n".join(rows)
+    hit = Hit("c:0", "d", "lawfirm", "Time entries", "time.csv", None, "", table, 0, len(table), 1.0)
+
+    def quoted(question: str) -> str:
+        return table[slice(*closest_sentences(embedder, question, hit)[0])]
+
+    for question in (
+        "What was the value of Tobias Reeve's time entry of 3 March 2025?",
+        "how much was tobias's entry on March 3rd worth",
+        "Tobias Reeve, 03/03/2025: value?",
+    ):
+        assert quoted(question) == rows[2], question
+    assert quoted("What did Tobias Reeve do on 4 March?") == rows[3]
+    assert quoted("Which entry was worth 558?") == rows[1]

@@ -49,6 +49,7 @@ import numpy as np
 from sqlalchemy import func
 from sqlmodel import select
 
+from appliance.answers import identifiers
 from appliance.answers.citations import STOPWORDS, content_words, sentence_spans, sentences
 from appliance.config import RetrievalSettings
 from appliance.db import Document, session
@@ -292,9 +293,11 @@ def closest_sentences(
     """Where, in the passage's text, the `count` sentences closest in meaning to the question are (each alone or
     under its heading, as `passage_sentences` compares them), closest first; none when no sentence says
     anything beyond a heading or the question's own words, or is neither as close as QUOTE_FLOOR nor holds two of
-    the question's terms. Short titles and an e-mail's header lines (MAIL_HEADER) are quoted only from a passage
-    that has nothing else. What an answer quotes: the sentence that holds the answer is rarely the one that shares
-    most words with the question.
+    the question's terms nor a date or number it names. Short titles and an e-mail's header lines (MAIL_HEADER)
+    are quoted only from a passage that has nothing else. What an answer quotes: the sentence that holds the
+    answer is rarely the one that shares most words with the question. When the question names dates or numbers
+    ("the entry of 3 March 2025"), the sentences that hold more of them come first, whatever form they are
+    written in ("2025-03-03"; `identifiers`): an embedding hardly tells one date from another.
 
     `follow_up`: when `question` is a follow-up put together with the question before it (what was searched), the
     follow-up's own words. A sentence's closeness is then the geometric mean of its closeness to both: the passage
@@ -303,7 +306,9 @@ def closest_sentences(
     headings = {h.strip().lower() for h in hit.section.split(" > ")} if hit.section else set()
     heading = hit.section.split(" > ")[-1].strip()
     asked = set(question_terms(question)) | (set(question_terms(follow_up)) if follow_up else set())
-    candidates, heading_lines = [], []  # (start, end, how many of the question's terms the sentence holds)
+    pointed = identifiers.pointers(f"{question} {follow_up}" if follow_up else question)
+    # (start, end, how many of the question's terms the sentence holds, how many of its dates and numbers)
+    candidates, heading_lines = [], []
     for start, end in sentence_spans(hit.text):
         sentence = hit.text[start:end]
         held, words = question_terms(sentence).keys(), len(content_words(sentence))
@@ -314,14 +319,15 @@ def closest_sentences(
         title = sentence.lower().rstrip(".:") in headings and words < SENTENCE_HEADING_WORDS
         # An e-mail's "From:"/"Subject:" lines hold the names and subject a question repeats, not its answer.
         lines = heading_lines if title or MAIL_HEADER.fullmatch(sentence) else candidates
-        lines.append((start, end, len(asked & held)))
+        named = pointed.held_by(identifiers.pointers(sentence)) if pointed else 0
+        lines.append((start, end, len(asked & held), named))
     # A title repeated at the top of a passage says nothing, unless the passage is nothing but titles (lines
     # without full stops that the parser took for headings).
     candidates = candidates or heading_lines
     if not candidates:
         return []
     cache = caches(embedder).sentences
-    texts = [hit.text[start:end][:SENTENCE_CHARS] for start, end, _shared in candidates]
+    texts = [hit.text[start:end][:SENTENCE_CHARS] for start, end, *_held in candidates]
     vectors = cache.vectors(texts + [f"{heading}: {t}" for t in texts] if heading else texts)
     asked_vectors = cache.vectors([question, follow_up] if follow_up else [question])
     # Close to both (a geometric mean): the one closest to the conversation as a whole is about its first question.
@@ -330,9 +336,14 @@ def closest_sentences(
     )
     if heading:
         closeness = np.maximum(closeness[: len(texts)], closeness[len(texts) :])
-    # Close in meaning, or holding two of the question's own terms (a table row).
-    closest = np.argsort(-closeness, kind="stable")[:count]
-    return [candidates[i][:2] for i in closest if closeness[i] >= QUOTE_FLOOR or candidates[i][2] >= 2]
+    # Those holding more of the question's dates and numbers first, then the closest in meaning.
+    closest = sorted(range(len(candidates)), key=lambda i: (-candidates[i][3], -closeness[i]))[:count]
+    # Close in meaning, or holding two of the question's own terms (a table row) or a date or number it names.
+    return [
+        candidates[i][:2]
+        for i in closest
+        if closeness[i] >= QUOTE_FLOOR or candidates[i][2] >= 2 or candidates[i][3] > 0
+    ]
 
 
 def calibrated_score(signals: dict[str, float]) -> float:
