@@ -364,7 +364,7 @@ def test_a_question_that_names_a_date_or_number_quotes_the_row_that_holds_it(wor
     in whatever form the question writes it, not the fee earner's row that is only closest in meaning."""
     embedder = world.answerer.retriever.embedder
     rows = [
-        "Date: 2025-03-07; Fee earner: Tobias Reeve; Activity: Prepare custodian interview questions; Value (GBP): 442.00",
+        "Date: 2025-03-07; Fee earner: Tobias Reeve; Activity: Prepare interview questions; Value (GBP): 442.00",
         "Date: 2025-03-03; Fee earner: Imogen Ashdown; Activity: Call with the client; Value (GBP): 558.00",
         "Date: 2025-03-03; Fee earner: Tobias Reeve; Activity: Draft hold notice; Value (GBP): 884.00",
         "Date: 2025-03-04; Fee earner: Tobias Reeve; Activity: Review custodian list; Value (GBP): 390.00",
