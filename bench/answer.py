@@ -144,7 +144,7 @@ class Bench:
         if not supporting:
             return None
         options = {"num_predict": max_tokens}
-        used = self.answerer._fit_passages(self.record, item["question"], supporting, options)
+        used, _n_ctx = self.answerer._fit_passages(self.record, item["question"], supporting, options)
         request = GenerationRequest(
             model=self.record.name.display, messages=self.answerer.messages(item["question"], used, None)
         )

@@ -12,7 +12,7 @@ import pytest
 
 from appliance.access.rbac import add_grant, add_group, add_member, add_wall
 from appliance.access.users import add_user, create_key
-from appliance.answers.rag import FALLBACK_NOTE, NOT_FOUND, SYSTEM_PROMPT
+from appliance.answers.rag import CONTEXT_NOTE, FALLBACK_NOTE, NOT_FOUND, SYSTEM_PROMPT
 from appliance.db import create_db_engine
 from tests.conftest import Server, launch_server, run_cli, stop_server
 
@@ -140,6 +140,19 @@ def test_admin_role_alone_reads_nothing(world):
 def test_bad_questions_get_clear_errors(world, body, fragment):
     status, [error] = _ask(world, world.alice, **body)
     assert status in (400, 404) and fragment in error["error"]
+    world.server.assert_alive()
+
+
+def test_a_context_too_small_for_any_passage_still_answers_with_verified_quotes(world):
+    """Whatever the model, the reader gets a verified quote or "Not found": when not even the best passage fits
+    the context the request allows, the passages are quoted (and the note says why), never an error."""
+    question = {"question": "How long are maternity records kept?", "collections": ["hospital"], "stream": False}
+    status, [final] = _ask(world, world.alice, **question, options={"num_ctx": 64})
+    assert status == 200 and final["done"] is True
+    assert final["mode"] == "extractive" and final["model"] == "tiny-long:latest" and final["grounded"] is True
+    assert final["answer"].startswith(CONTEXT_NOTE.format(model="tiny-long:latest", tokens=64))
+    assert final["citations"] and all(c["verified"] for c in final["citations"])
+    assert any("twenty-five (25) years after the birth" in c["quote"] for c in final["citations"])
     world.server.assert_alive()
 
 

@@ -40,6 +40,10 @@ FALLBACK_NOTE = (
     "The model's answer could not be verified against the documents, so these are the passages that answer the "
     "question, quoted as they stand:"
 )
+CONTEXT_NOTE = (
+    "The passages do not fit the model's context ({model}, {tokens} tokens), so these are the passages that answer "
+    "the question, quoted as they stand:"
+)
 
 SYSTEM_PROMPT = """You answer questions for the staff of an organisation, using only the passages from its \
 documents that come with each question.
@@ -347,7 +351,19 @@ class Answerer:
         options = dict(options or {})
         options.setdefault("num_predict", self.settings.answer_max_tokens)
         options.setdefault("temperature", 0.1)
-        used = await asyncio.to_thread(self._fit_passages, record, question, hits, options)
+        used, n_ctx = await asyncio.to_thread(self._fit_passages, record, question, hits, options)
+        if not used:  # the model cannot read even the best passage: the reader still gets the verified quotes
+            log.warning("no passage fits %s's context (%d tokens): answered with quotes", record.name.display, n_ctx)
+            lines, citations = await asyncio.to_thread(self._quotes, hits, texts, searched, follow_up=follow_up)
+            note = CONTEXT_NOTE.format(model=record.name.display, tokens=n_ctx)
+            answer = "\n".join([note, "", *lines]) if citations else NOT_FOUND
+            yield Token(answer)
+            mode = "extractive" if citations else "not_found"
+            reason = "" if citations else "no sentence of the passages that answer it could be quoted"
+            yield AnswerDone(
+                answer, citations, [], bool(citations), mode, record.name.display, retrieved, searched, reason=reason
+            )
+            return
         request = GenerationRequest(
             model=record.name.display,
             messages=self.messages(question, used, history),
@@ -433,8 +449,11 @@ class Answerer:
         messages.append({"role": "user", "content": user_message(question, blocks)})
         return messages
 
-    def _fit_passages(self, record: ModelRecord, question: str, hits: list[Hit], options: dict[str, Any]) -> list[Hit]:
-        """As many passages, best first, as the model's context holds beside the prompt and the answer."""
+    def _fit_passages(
+        self, record: ModelRecord, question: str, hits: list[Hit], options: dict[str, Any]
+    ) -> tuple[list[Hit], int]:
+        """As many passages, best first, as the model's context holds beside the prompt and the answer (none when
+        not even the best one fits), and that context's size in tokens."""
         info = self.engine.store.gguf_info(record.model_digest)
         n_ctx = int(options.get("num_ctx") or record.parameters.get("num_ctx") or self.num_ctx_default)
         if info.context_length:
@@ -449,11 +468,7 @@ class Answerer:
                 break
             used.append(hit)
             budget -= cost
-        if not used:
-            raise BadRequest(
-                f"the question leaves no room for passages in {record.name.display}'s context ({n_ctx} tokens)"
-            )
-        return used
+        return used, n_ctx
 
     @staticmethod
     def rewrite_messages(question: str, history: list[dict[str, str]]) -> list[dict[str, str]]:
