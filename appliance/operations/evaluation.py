@@ -486,10 +486,10 @@ def evaluate_questions(
     for mode in answers:
         if mode not in ANSWER_MODES:
             raise BadRequest(f"answer mode '{mode}' is not one of {', '.join(ANSWER_MODES)}")
-    if model:
-        if "generated" not in answers:
-            raise BadRequest("a model writes generated answers only: ask for them (--mode generated or both)")
-        _model_store(settings, model)  # not installed: a clear error now, not after the documents are indexed
+    if model and "generated" not in answers:
+        raise BadRequest("a model writes generated answers only: ask for them (--mode generated or both)")
+    # A model that is not installed: a clear error now, not after the documents are indexed.
+    own_model = (_model_store(settings, model), model) if model else None
     root = path.parent
     answerable = [q for q in selected if q["kind"] == "answerable"]
     answerable = answerable[:limit] if limit else answerable
@@ -529,15 +529,7 @@ def evaluate_questions(
             asked = selected[:limit] if limit else selected
             report["answers"] = answer_report(
                 {
-                    mode: answer_questions(
-                        scoped,
-                        retriever,
-                        asked,
-                        sources,
-                        mode,
-                        progress,
-                        (_model_store(settings, model), model) if model else None,
-                    )
+                    mode: answer_questions(scoped, retriever, asked, sources, mode, progress, own_model)
                     for mode in answers
                 },
                 asked,
