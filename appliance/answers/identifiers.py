@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from appliance.retrieval.keyword_search import tokens
+
 NUMBER_DIGITS = 3
 
 MONTHS = {
@@ -45,7 +47,6 @@ _ISO = re.compile(r"(?<!\d)(\d{4})-(\d{1,2})-(\d{1,2})(?!\d)")
 _DAY_MONTH = re.compile(rf"(?<![\w/])(\d{{1,2}}){_ORDINAL}(?:\s+of)?\s+{_MONTH}(?:,?\s+(\d{{4}}))?(?![\w/])", re.I)
 _MONTH_DAY = re.compile(rf"(?<![\w/]){_MONTH}\s+(\d{{1,2}}){_ORDINAL}(?:,?\s+(\d{{4}}))?(?![\w/])", re.I)
 _SLASHED = re.compile(r"(?<![\d/])(\d{1,2})/(\d{1,2})/(\d{4}|\d{2})(?![\d/])")
-_WORD = re.compile(r"[^\W_]+")
 
 
 @dataclass(frozen=True)
@@ -112,5 +113,5 @@ def pointers(text: str) -> Pointers:
         pieces += [text[last:start], " "]
         last = end
     rest = "".join([*pieces, text[last:]])
-    numbers = frozenset(w.lower() for w in _WORD.findall(rest) if sum(c.isdigit() for c in w) >= NUMBER_DIGITS)
+    numbers = frozenset(w.lower() for w in tokens(rest) if sum(c.isdigit() for c in w) >= NUMBER_DIGITS)
     return Pointers(tuple(found), numbers)

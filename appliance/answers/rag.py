@@ -320,15 +320,24 @@ class Answerer:
         return lines, citations
 
     async def _extractive(
-        self, hits: list[Hit], texts: dict[str, str], searched: str, retrieved: list[str], follow_up: str | None
+        self,
+        hits: list[Hit],
+        texts: dict[str, str],
+        searched: str,
+        retrieved: list[str],
+        follow_up: str | None,
+        note: str = NO_MODEL_NOTE,
+        model: str | None = None,
     ):
+        """The passages' own sentences, quoted under `note` (why there is no model's sentence), or "Not found".
+        `model`: the model that was to write the answer, if any."""
         # Embeds: off the loop.
         lines, citations = await asyncio.to_thread(self._quotes, hits, texts, searched, follow_up=follow_up)
-        answer = "\n".join([NO_MODEL_NOTE, "", *lines]) if citations else NOT_FOUND
+        answer = "\n".join([note, "", *lines]) if citations else NOT_FOUND
         yield Token(answer)
         mode = "extractive" if citations else "not_found"
         reason = "" if citations else "no sentence of the passages that answer it could be quoted"
-        yield AnswerDone(answer, citations, [], bool(citations), mode, None, retrieved, searched, reason=reason)
+        yield AnswerDone(answer, citations, [], bool(citations), mode, model, retrieved, searched, reason=reason)
 
     async def _generated(
         self,
@@ -354,15 +363,9 @@ class Answerer:
         used, n_ctx = await asyncio.to_thread(self._fit_passages, record, question, hits, options)
         if not used:  # the model cannot read even the best passage: the reader still gets the verified quotes
             log.warning("no passage fits %s's context (%d tokens): answered with quotes", record.name.display, n_ctx)
-            lines, citations = await asyncio.to_thread(self._quotes, hits, texts, searched, follow_up=follow_up)
             note = CONTEXT_NOTE.format(model=record.name.display, tokens=n_ctx)
-            answer = "\n".join([note, "", *lines]) if citations else NOT_FOUND
-            yield Token(answer)
-            mode = "extractive" if citations else "not_found"
-            reason = "" if citations else "no sentence of the passages that answer it could be quoted"
-            yield AnswerDone(
-                answer, citations, [], bool(citations), mode, record.name.display, retrieved, searched, reason=reason
-            )
+            async for event in self._extractive(hits, texts, searched, retrieved, follow_up, note, record.name.display):
+                yield event
             return
         request = GenerationRequest(
             model=record.name.display,
